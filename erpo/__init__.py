@@ -1,0 +1,9 @@
+"""erpo: fused logits kernels and a lean trainer for entropy-regulated RL of language models."""
+from erpo._kernels_path import ensure_kernels_package
+
+ensure_kernels_package()
+
+from erpo.ops.logprobs_entropy import logprobs_and_entropy  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["logprobs_and_entropy"]

@@ -1,0 +1,188 @@
+"""`logprobs_and_entropy`: per-token log-prob of the target and entropy of softmax(logits / T), fused.
+
+The forward is one pass over V per row and keeps only the logits and two floats per row (lse, entropy) for
+the backward, which is one more pass writing dlogits (optionally into the logits' own storage). Nothing of
+size [N, V] in float32 is ever materialised.
+
+The two passes are registered as torch.library custom ops, so `torch.compile(fullgraph=True)` sees opaque
+ops (with shape functions) instead of trying to trace Triton, and one autograd.Function ties them together.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from erpo.ops import backends
+from erpo.ops.row_layout import contiguous_layout_like, row_layout
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _flat_targets(targets: Tensor) -> Tensor:
+    flat = targets.reshape(-1)
+    return flat if flat.dtype in (torch.int32, torch.int64) else flat.long()
+
+
+def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """The one host sync allowed on the hot path (skipped with check_targets=False)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target id {int(targets[index])} at flat position {index} is out of range [0, {vocab}) "
+            f"(and is not ignore_index={ignore_index})"
+        )
+
+
+@torch.library.custom_op("erpo::logprobs_entropy_fwd", mutates_args=())
+def _fwd_op(
+    logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int, backend: str, check_targets: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    flat_targets = _flat_targets(targets)
+    if check_targets:
+        _check_target_range(flat_targets, logits.shape[-1], ignore_index)
+    logp, entropy, lse = backends.load(backend).forward(row_layout(logits), flat_targets, inv_temperature, ignore_index)
+    shape = targets.shape
+    return logp.view(shape), entropy.view(shape), lse.view(shape)
+
+
+@_fwd_op.register_fake
+def _(logits, targets, inv_temperature, ignore_index, backend, check_targets):
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    make = lambda: logits.new_empty(targets.shape, dtype=out_dtype)  # noqa: E731
+    return make(), make(), make()
+
+
+def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    layout = row_layout(logits)
+    grad_layout = layout if grad_out is logits else contiguous_layout_like(layout, grad_out)
+    backends.load(backend).backward(
+        layout, _flat_targets(targets), lse.reshape(-1), entropy.reshape(-1),
+        None if grad_logp is None else grad_logp.reshape(-1).contiguous(),
+        None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
+        inv_temperature, ignore_index, grad_layout,
+    )
+
+
+@torch.library.custom_op("erpo::logprobs_entropy_bwd", mutates_args=())
+def _bwd_op(
+    logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
+    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+    inv_temperature: float, ignore_index: int, backend: str,
+) -> Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(grad, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend)
+    return grad
+
+
+@_bwd_op.register_fake
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("erpo::logprobs_entropy_bwd_inplace", mutates_args=("logits",))
+def _bwd_inplace_op(
+    logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
+    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+    inv_temperature: float, ignore_index: int, backend: str,
+) -> None:
+    _backward_into(logits, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend)
+
+
+class LogprobsEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets):
+        logp, entropy, lse = _fwd_op(logits, targets, inv_temperature, ignore_index, backend, check_targets)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.inv_temperature = inv_temperature
+        ctx.ignore_index = ignore_index
+        ctx.inplace_grad = inplace_grad
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend)
+        if ctx.inplace_grad:
+            _bwd_inplace_op(logits, *args)
+            return (logits,) + (None,) * 6
+        return (_bwd_op(logits, *args),) + (None,) * 6
+
+
+def _validate(logits, targets, temperature, backend, inplace_grad) -> str:
+    if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError(f"logits and targets must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
+            f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if logits.device != targets.device:
+        raise ValueError(f"logits are on {logits.device} but targets on {targets.device}")
+    if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    resolved = backends.resolve(backend, logits.is_cuda)
+    allowed = FLOAT_DTYPES + ((torch.float64,) if resolved == "torch" else ())
+    if logits.dtype not in allowed:
+        raise TypeError(
+            f"logits dtype {logits.dtype} is not supported by backend={resolved!r}; "
+            f"supported: {', '.join(str(d) for d in allowed)}"
+        )
+    if inplace_grad and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace_grad=True writes the gradient into the logits' storage, which is impossible for a leaf "
+            "tensor that requires grad (its .grad would alias its data); use inplace_grad=False"
+        )
+    backends.check_available(resolved, logits.is_cuda)
+    return resolved
+
+
+def logprobs_and_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    inplace_grad: bool = False,
+    backend: str = "auto",
+    check_targets: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-prob of `targets` and entropy of softmax(logits / temperature), without [N, V] temporaries.
+
+    Args:
+        logits: `[..., V]` bf16, fp16 or fp32 (fp64 on the torch backend). Rows may be strided
+            (e.g. `hidden_logits[:, :-1, :]`): no copy is made.
+        targets: integer ids of shape `[...]`; `ignore_index` rows give logp = entropy = 0 and zero gradient.
+        temperature: divides the logits (a runtime value: no recompilation per value).
+        inplace_grad: write dlogits into the logits' own storage during backward (halves peak memory).
+            Safe only when nothing reads these logits after the backward starts: not the caller, and not
+            another autograd node that saved them (that case is caught: autograd raises "modified by an
+            inplace operation" because the op bumps the logits' version). Not allowed on leaf tensors.
+        backend: "auto" (triton on CUDA tensors, torch on CPU), "torch", "triton" or "cuda".
+        check_targets: validate target ids are in [0, V) (one host sync); pass False on a hot path whose
+            targets are known good.
+
+    Returns:
+        (logp, entropy), float32 (float64 for float64 logits), shape `[...]`, differentiable w.r.t. logits.
+        A row with NaN or +inf logits, or only -inf, gives non-finite outputs for that row only; `-inf`
+        entries in an otherwise finite row are a masked vocabulary (p = 0, zero gradient).
+    """
+    resolved = _validate(logits, targets, temperature, backend, inplace_grad)
+    inv_temperature = 1.0 / float(temperature)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return LogprobsEntropyFunction.apply(
+            logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets
+        )
+    # Inference (old-policy / reference log-probs): nothing is saved for a backward.
+    logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets)
+    return logp, entropy

@@ -1,0 +1,107 @@
+"""Chunked pure-torch backend of the fused op: the CPU path and the reference the kernels are tested against.
+
+Memory plan: rows are processed in chunks of at most CHUNK_ELEMENTS elements (16 MiB in float32), so the
+float32 temporaries never exceed a few chunks however large `[N, V]` is. Chunks are views of the logits
+(never a copy of the whole tensor, also for strided rows). The forward keeps per row only lse and entropy;
+the backward recomputes p from them and writes the gradient chunk by chunk into one buffer in the logits'
+dtype (or into the logits themselves). Accumulation is float32, float64 for float64 logits.
+"""
+import torch
+
+from erpo.ops.row_layout import RowLayout
+
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(layout: RowLayout, tensor: torch.Tensor):
+    """Yield (flat_row_slice, view) with view of shape [rows, V] or [k, inner, V], rows in flat order."""
+    vocab, inner = layout.vocab, layout.inner
+    outer = layout.n_rows // inner if inner else 0
+    rows3d = torch.as_strided(tensor, (outer, inner, vocab), (layout.stride_outer, layout.stride_inner, 1))
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    if inner >= step:
+        for o in range(outer):
+            for i in range(0, inner, step):
+                j = min(i + step, inner)
+                yield slice(o * inner + i, o * inner + j), rows3d[o, i:j]
+    else:
+        per = max(1, step // inner)
+        for o in range(0, outer, per):
+            p = min(o + per, outer)
+            yield slice(o * inner, p * inner), rows3d[o:p]
+
+
+def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
+    """Return flat (logp, entropy, lse), each [N], float32 (float64 for float64 logits)."""
+    logits = layout.tensor
+    cdt = _compute_dtype(logits.dtype)
+    logp = torch.empty(layout.n_rows, dtype=cdt, device=logits.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    for rows, chunk in _chunks(layout, logits):
+        x = chunk.to(cdt) * inv_temperature
+        tgt = targets[rows].view(chunk.shape[:-1])
+        ignored = tgt == ignore_index
+        row_max = x.amax(dim=-1, keepdim=True)
+        # A finite shift keeps x - max from being -inf - -inf = NaN for rows of -inf; such a row still ends
+        # non-finite through log(0), as documented.
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        shifted = x - shift
+        e = torch.exp(shifted)
+        denom = e.sum(dim=-1)
+        # e * shifted is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
+        weighted = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=-1)
+        log_denom = torch.log(denom)
+        row_lse = shift.squeeze(-1) + log_denom
+        row_entropy = log_denom - weighted / denom
+        target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
+        row_logp = target_x - row_lse
+        # NaN or +inf in a row must surface in that row's outputs, never be hidden.
+        bad = (torch.isnan(x) | torch.isposinf(x)).any(dim=-1)
+        nan = torch.full_like(row_lse, float("nan"))
+        zero = torch.zeros_like(row_lse)
+        logp[rows] = torch.where(ignored, zero, torch.where(bad, nan, row_logp)).reshape(-1)
+        entropy[rows] = torch.where(ignored, zero, torch.where(bad, nan, row_entropy)).reshape(-1)
+        lse[rows] = row_lse.reshape(-1)
+    return logp, entropy, lse
+
+
+def backward(
+    layout: RowLayout,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp,
+    grad_entropy,
+    inv_temperature: float,
+    ignore_index: int,
+    grad_layout: RowLayout,
+) -> None:
+    """Write dlogits = (g_logp (onehot - p) - g_ent p (x - E_p[x])) / T into grad_layout.tensor."""
+    logits = layout.tensor
+    cdt = _compute_dtype(logits.dtype)
+    out_chunks = _chunks(grad_layout, grad_layout.tensor)
+    for (rows, chunk), (_, out) in zip(_chunks(layout, logits), out_chunks):
+        shape = chunk.shape[:-1]
+        x = chunk.to(cdt) * inv_temperature
+        tgt = targets[rows].view(shape)
+        ignored = (tgt == ignore_index).unsqueeze(-1)
+        row_lse = lse[rows].to(cdt).view(shape).unsqueeze(-1)
+        p = torch.exp(x - row_lse)
+        grad = torch.zeros_like(x)
+        if grad_logp is not None:
+            g = grad_logp[rows].to(cdt).view(shape).unsqueeze(-1)
+            grad -= g * p
+            safe_tgt = torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1)
+            grad.scatter_add_(-1, safe_tgt, g)
+        if grad_entropy is not None:
+            # dH/dx_j = p_j (E_p[x] - x_j) with E_p[x] = lse - H: no log p, so p = 0 gives 0, never 0 * -inf.
+            mean_x = row_lse - entropy[rows].to(cdt).view(shape).unsqueeze(-1)
+            term = p * torch.where(torch.isneginf(x), torch.zeros_like(x), x - mean_x)
+            grad -= grad_entropy[rows].to(cdt).view(shape).unsqueeze(-1) * term
+        grad = torch.where(ignored, torch.zeros_like(grad), grad * inv_temperature)
+        out.copy_(grad)
