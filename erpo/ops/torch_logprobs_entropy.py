@@ -19,8 +19,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunks(layout: RowLayout, tensor: torch.Tensor):
     """Yield (flat_row_slice, view) with view of shape [rows, V] or [k, inner, V], rows in flat order."""
+    if layout.n_rows == 0:
+        return
     vocab, inner = layout.vocab, layout.inner
-    outer = layout.n_rows // inner if inner else 0
+    outer = layout.n_rows // inner
     rows3d = torch.as_strided(tensor, (outer, inner, vocab), (layout.stride_outer, layout.stride_inner, 1))
     step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     if inner >= step:
