@@ -4,6 +4,9 @@ from erpo._kernels_path import ensure_kernels_package
 ensure_kernels_package()
 
 from erpo.ops.logprobs_entropy import logprobs_and_entropy  # noqa: E402
+from erpo.losses import LossConfig, LossResult, PolicyLoss, advantages, make_controller, policy_loss  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["logprobs_and_entropy"]
+__all__ = [
+    "logprobs_and_entropy", "policy_loss", "LossConfig", "LossResult", "PolicyLoss", "advantages", "make_controller",
+]

@@ -1,0 +1,8 @@
+"""Policy losses of erpo (GRPO family, ERPO, entropy-control methods) on top of the fused logp/entropy op."""
+from erpo.losses import advantages
+from erpo.losses.config import LossConfig
+from erpo.losses.controllers import make_controller
+from erpo.losses.module import PolicyLoss
+from erpo.losses.policy_loss import LossResult, policy_loss
+
+__all__ = ["LossConfig", "LossResult", "PolicyLoss", "advantages", "make_controller", "policy_loss"]

@@ -1,0 +1,191 @@
+"""Check a batch and flatten it to [N] tokens (padded [B, L] or packed [N] layout).
+
+Padded: logits [B, L, V]; targets, mask, old_logp (ref_logp) [B, L]; advantages [B] or rewards + group_ids [B].
+Packed: logits [N, V]; targets, mask, old_logp (ref_logp), seq_ids [N] (response index in [0, S),
+        nondecreasing: each response's tokens contiguous); advantages [S] or rewards + group_ids [S].
+Shape and dtype problems raise at once (no device work). Value problems (NaN rewards, mask not 0/1, a valid
+token with the ignore id, no valid token, ...) are collected into one flag vector and read back with a
+single host sync, only when config.check_inputs is True.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from erpo.losses.config import LossConfig
+
+IGNORE_INDEX = -100
+KNOWN_KEYS = {"targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids"}
+
+
+@dataclass
+class FlatBatch:
+    targets: Tensor  # same shape as logits[..., 0]; invalid tokens set to IGNORE_INDEX (the op skips them)
+    valid: Tensor  # [N] bool
+    seq: Tensor  # [N] long
+    n_seqs: int
+    padded_len: Optional[int]  # L of the padded layout, None when packed
+    old: Tensor  # [N] float, 0 on invalid tokens
+    ref: Optional[Tensor]
+    advantages: Optional[Tensor]  # [S]
+    rewards: Optional[Tensor]  # [S]
+    group_ids: Optional[Tensor]  # [S]
+
+
+def _as_dict(batch) -> dict:
+    if isinstance(batch, dict):
+        return batch
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    raise TypeError(f"batch must be a dict (or a dataclass) of tensors, got {type(batch).__name__}")
+
+
+def _tensor(batch: dict, key: str, required: bool, why: str = "") -> Optional[Tensor]:
+    value = batch.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"batch is missing {key!r}{why}")
+        return None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_shape(key: str, tensor: Tensor, shape, what: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"batch[{key!r}] has shape {tuple(tensor.shape)} but must be {what} {tuple(shape)}")
+
+
+def _check_float(key: str, tensor: Tensor) -> None:
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"batch[{key!r}] must be a float tensor, got {tensor.dtype}")
+
+
+def _check_int(key: str, tensor: Tensor) -> None:
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"batch[{key!r}] must hold integers, got {tensor.dtype}")
+
+
+def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+    batch = _as_dict(batch)
+    unknown = set(k for k, v in batch.items() if v is not None) - KNOWN_KEYS
+    if unknown:
+        raise ValueError(f"batch has unknown keys {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, L, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    packed = logits.dim() == 2
+    token_shape = tuple(logits.shape[:-1])
+    device = logits.device
+    layout = "packed [N]" if packed else "padded [B, L]"
+
+    targets = _tensor(batch, "targets", True)
+    mask = _tensor(batch, "mask", True)
+    old = _tensor(batch, "old_logp", True)
+    ref = _tensor(batch, "ref_logp", False)
+    for key, tensor in (("targets", targets), ("mask", mask), ("old_logp", old), ("ref_logp", ref)):
+        if tensor is not None:
+            _check_shape(key, tensor, token_shape, f"logits.shape[:-1] ({layout}):")
+            if tensor.device != device:
+                raise ValueError(f"batch[{key!r}] is on {tensor.device} but logits on {device}")
+    _check_int("targets", targets)
+    _check_float("old_logp", old)
+    if ref is not None:
+        _check_float("ref_logp", ref)
+    if mask.dtype.is_complex:
+        raise TypeError(f"batch['mask'] must be bool or 0/1 numbers, got {mask.dtype}")
+
+    advantages = _tensor(batch, "advantages", False)
+    rewards = _tensor(batch, "rewards", False)
+    group_ids = _tensor(batch, "group_ids", False)
+    if advantages is None and rewards is None:
+        raise ValueError("batch needs 'advantages' [B], or 'rewards' [B] with 'group_ids' [B]")
+    if advantages is not None and rewards is not None:
+        raise ValueError("batch has both 'advantages' and 'rewards': give one (advantages win nothing here)")
+    if rewards is not None and group_ids is None:
+        raise ValueError("batch gives 'rewards' but no 'group_ids': advantages are computed per group")
+    if config.method == "erpo" and group_ids is None:
+        raise ValueError("method 'erpo' needs batch['group_ids'] [B]: the entropy gate normalizes within groups")
+    if config.needs_ref and ref is None:
+        why = []
+        if config.kl_coef > 0:
+            why.append(f"kl_coef={config.kl_coef} (KL to the reference)")
+        if config.method == "erpo" and config.eta != 0:
+            why.append(f"eta={config.eta} (ERPO's progress signal uses ref log-probs; set eta=0 without a reference)")
+        raise ValueError(f"batch has no 'ref_logp' but the config needs it: {', '.join(why)}")
+
+    if packed:
+        seq_ids = _tensor(batch, "seq_ids", True, " (packed [N, V] logits need per-token response ids)")
+        _check_shape("seq_ids", seq_ids, token_shape, "logits.shape[:-1] (packed [N]):")
+        _check_int("seq_ids", seq_ids)
+        seq = seq_ids.to(device=device, dtype=torch.long)
+        per_seq = advantages if advantages is not None else rewards
+        if per_seq.dim() != 1:
+            raise ValueError(f"advantages/rewards must be [S] (one per response), got {tuple(per_seq.shape)}")
+        n_seqs = per_seq.shape[0]
+        padded_len = None
+        if config.agg == "seq-mean-token-sum-norm" and config.max_len is None:
+            raise ValueError("agg 'seq-mean-token-sum-norm' on packed sequences needs LossConfig.max_len (L_max)")
+    else:
+        if batch.get("seq_ids") is not None:
+            raise ValueError("batch['seq_ids'] is for packed [N, V] logits; padded [B, L, V] rows are the responses")
+        n_seqs, padded_len = token_shape
+        seq = torch.arange(n_seqs, device=device).repeat_interleave(padded_len)
+
+    for key, tensor in (("advantages", advantages), ("rewards", rewards), ("group_ids", group_ids)):
+        if tensor is not None:
+            _check_shape(key, tensor, (n_seqs,), "one value per response:")
+            if tensor.device != device:
+                raise ValueError(f"batch[{key!r}] is on {tensor.device} but logits on {device}")
+    if advantages is not None:
+        _check_float("advantages", advantages)
+    if rewards is not None:
+        _check_float("rewards", rewards)
+    if group_ids is not None:
+        _check_int("group_ids", group_ids)
+
+    flat_mask = mask.reshape(-1)
+    valid = flat_mask if flat_mask.dtype == torch.bool else flat_mask != 0
+    flat_targets = targets.reshape(-1)
+    if config.check_inputs:
+        _check_values(config, logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq if packed else None, n_seqs)
+    masked_targets = torch.where(valid, flat_targets, torch.full_like(flat_targets, IGNORE_INDEX)).view(targets.shape)
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(valid.shape, dtype=compute, device=device)
+    old_flat = torch.where(valid, old.reshape(-1).to(compute), zeros)
+    ref_flat = None if ref is None else torch.where(valid, ref.reshape(-1).to(compute), zeros)
+    return FlatBatch(
+        targets=masked_targets, valid=valid, seq=seq, n_seqs=n_seqs, padded_len=padded_len,
+        old=old_flat, ref=ref_flat, advantages=advantages, rewards=rewards, group_ids=group_ids,
+    )
+
+
+def _check_values(config, logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq, n_seqs):
+    """All value checks, one host sync."""
+    checks = []  # (flag tensor: True = bad, message)
+    if flat_mask.dtype != torch.bool:
+        checks.append(((flat_mask != 0) & (flat_mask != 1), "batch['mask'] must hold only 0 and 1"))
+    checks.append((valid.sum() == 0, "batch has no valid token (mask is all 0): nothing to learn from"))
+    checks.append(
+        (valid & (flat_targets == IGNORE_INDEX), f"batch['targets'] has the ignore id {IGNORE_INDEX} where mask is 1 (mask/targets mismatch)")
+    )
+    vocab = logits.shape[-1]
+    checks.append((valid & ((flat_targets < 0) | (flat_targets >= vocab)), f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
+    checks.append((valid & ~torch.isfinite(old.reshape(-1)), "batch['old_logp'] is NaN or inf on a valid token"))
+    if ref is not None:
+        checks.append((valid & ~torch.isfinite(ref.reshape(-1)), "batch['ref_logp'] is NaN or inf on a valid token"))
+    if advantages is not None:
+        checks.append((~torch.isfinite(advantages), "batch['advantages'] has NaN or inf"))
+    if rewards is not None:
+        checks.append((~torch.isfinite(rewards), "batch['rewards'] has NaN or inf"))
+    if seq is not None:
+        checks.append(((seq < 0) | (seq >= n_seqs), f"batch['seq_ids'] has an id outside [0, {n_seqs})"))
+        if seq.numel() > 1:
+            checks.append((seq[1:] < seq[:-1], "batch['seq_ids'] must be nondecreasing (each response's tokens contiguous)"))
+    flags = torch.stack([flag.any() for flag, _ in checks]).tolist()
+    for bad, (_, message) in zip(flags, checks):
+        if bad:
+            raise ValueError(message)

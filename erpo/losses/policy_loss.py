@@ -1,0 +1,123 @@
+"""`policy_loss(logits, batch, config)`: the public entry of erpo's policy losses.
+
+One call = the fused op's forward over [N, V] (logp, H) -> [N]-sized method logic on the device ->
+the per-token kernel -> aggregation. `.backward()` then runs the per-token coefficients into the fused
+op's backward, the only other pass over V. Metrics are detached 0-d tensors: nothing syncs with the host
+except the optional input checks (config.check_inputs, one sync).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from erpo.losses import advantages as advantages_lib
+from erpo.losses.aggregation import token_weights
+from erpo.losses.batch import prepare
+from erpo.losses.config import LossConfig
+from erpo.losses.methods import Tokens, token_advantages
+from erpo.losses.segments import dense_ids
+from erpo.losses.token_loss import TokenParams, token_loss
+from erpo.ops.logprobs_entropy import logprobs_and_entropy
+
+
+@dataclass
+class LossResult:
+    loss: Tensor  # 0-d, differentiable w.r.t. the logits
+    metrics: dict  # name -> detached 0-d tensor
+
+
+def resolve_backend(backend: str, is_cuda: bool) -> str:
+    if backend == "auto":
+        return "triton" if is_cuda else "torch"
+    return backend
+
+
+def token_params(config: LossConfig) -> TokenParams:
+    return TokenParams(
+        eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
+        dual_clip_c=config.dual_clip_c, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
+        entropy_coef=config.entropy_coef, no_clip=config.method == "kl_cov",
+    )
+
+
+def _seq_advantages(config: LossConfig, flat, metrics: dict) -> Tensor:
+    if flat.advantages is not None:
+        return flat.advantages
+    result = advantages_lib.compute(config.adv_estimator, flat.rewards, flat.group_ids)
+    metrics["degenerate_groups"] = result.n_degenerate_groups
+    metrics["degenerate_frac"] = result.degenerate.float().mean()
+    return result.advantages
+
+
+def _valid_mean(values: Tensor, valid: Tensor, n_valid: Tensor) -> Tensor:
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / n_valid
+
+
+def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None) -> LossResult:
+    """The policy loss of `config.method` on one batch; see docs/losses.md for the batch layouts.
+
+    `generator` drives Clip-Cov's random pick; without one a generator seeded with config.seed is used,
+    so a call is reproducible (pass your own, e.g. PolicyLoss's, to draw fresh picks each step).
+    """
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
+    flat = prepare(logits, batch, config)
+    backend = resolve_backend(config.backend, logits.is_cuda)
+    logp, entropy = logprobs_and_entropy(
+        logits, flat.targets, temperature=config.temperature, backend=backend, check_targets=config.check_inputs,
+    )
+    logp, entropy = logp.reshape(-1), entropy.reshape(-1)
+    dtype = logp.dtype
+    metrics: dict = {}
+    seq_adv = _seq_advantages(config, flat, metrics).to(dtype)
+    tokens = Tokens(
+        seq=flat.seq, valid=flat.valid, n_seqs=flat.n_seqs, logp=logp.detach(), entropy=entropy.detach(),
+        old=flat.old, ref=flat.ref, seq_adv=seq_adv,
+        group=None if flat.group_ids is None else dense_ids(flat.group_ids.to(flat.seq.device)),
+    )
+    if config.method == "clip_cov" and generator is None:
+        generator = torch.Generator(device=logits.device).manual_seed(config.seed)
+    shaping = token_advantages(config, tokens, generator)
+
+    ref_for_kl = flat.ref if config.kl_coef > 0 else None
+    per_token, clip_low, clip_high = token_loss(
+        logp, entropy, flat.old, shaping.adv.contiguous(), ref_for_kl, shaping.klcov_w, token_params(config), backend,
+    )
+    max_len = config.max_len if config.max_len is not None else flat.padded_len
+    weights = token_weights(config.agg, flat.valid, flat.seq, flat.n_seqs, max_len or 1, dtype)
+    if shaping.keep is not None:
+        weights = weights * shaping.keep
+    n_valid = flat.valid.sum()
+    # Invalid tokens carry weight 0 and finite terms; a NaN on a valid token propagates into the loss.
+    loss = (per_token * weights).sum()
+    loss = loss + torch.where(n_valid > 0, 0.0, float("nan")).to(dtype)  # no valid token: NaN, never finite
+
+    with torch.no_grad():
+        valid = flat.valid
+        ratio = torch.exp(tokens.logp - flat.old)
+        log_back = flat.old - tokens.logp
+        metrics.update({
+            "entropy": _valid_mean(tokens.entropy, valid, n_valid),
+            "clip_frac_low": (clip_low & valid).sum() / n_valid,
+            "clip_frac_high": (clip_high & valid).sum() / n_valid,
+            "ratio_mean": _valid_mean(ratio, valid, n_valid),
+            "approx_kl": _valid_mean(torch.exp(log_back) - log_back - 1, valid, n_valid),
+            "masked_frac": (
+                (shaping.masked & valid).sum() / n_valid if shaping.masked is not None else torch.zeros((), device=logp.device)
+            ),
+            "n_valid_tokens": n_valid,
+            "adv_token_mean": _valid_mean(shaping.adv, valid, n_valid),
+            "nonfinite_tokens": (valid & ~torch.isfinite(per_token.detach())).sum(),
+        })
+        if ref_for_kl is not None:
+            diff = tokens.logp - flat.ref
+            if config.kl_estimator == "k1":
+                kl = diff
+            elif config.kl_estimator == "k2":
+                kl = 0.5 * diff * diff
+            else:
+                kl = torch.exp(-diff) + diff - 1
+            metrics["kl_ref"] = _valid_mean(kl, valid, n_valid)
+        metrics.update(shaping.metrics)
+    return LossResult(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
