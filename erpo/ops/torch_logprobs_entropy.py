@@ -1,8 +1,8 @@
 """Chunked pure-torch backend of the fused op: the CPU path and the reference the kernels are tested against.
 
-Memory plan: rows are processed in chunks of at most CHUNK_ELEMENTS elements (16 MiB in float32), so the
-float32 temporaries never exceed a few chunks however large `[N, V]` is. Chunks are views of the logits
-(never a copy of the whole tensor, also for strided rows). The forward keeps per row only lse and entropy;
+Memory plan: rows are processed in chunks of at most CHUNK_ELEMENTS elements (4 MiB in float32) with two
+chunk-sized float32 buffers reused in place, so the temporaries stay near 10 MiB however large `[N, V]` is.
+Chunks are views of the logits (never a copy of the whole tensor, also for strided rows). The forward keeps per row only lse and entropy;
 the backward recomputes p from them and writes the gradient chunk by chunk into one buffer in the logits'
 dtype (or into the logits themselves). Accumulation is float32, float64 for float64 logits.
 """
@@ -10,7 +10,7 @@ import torch
 
 from erpo.ops.row_layout import RowLayout
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,30 +45,30 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
     for rows, chunk in _chunks(layout, logits):
-        x = chunk.to(cdt) * inv_temperature
         tgt = targets[rows].view(chunk.shape[:-1])
         ignored = tgt == ignore_index
+        x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
         row_max = x.amax(dim=-1, keepdim=True)
-        # A finite shift keeps x - max from being -inf - -inf = NaN for rows of -inf; such a row still ends
+        # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
+        bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(-1)
+        # A finite shift keeps x - max from being -inf - -inf for rows of -inf; such a row still ends
         # non-finite through log(0), as documented.
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        shifted = x - shift
-        e = torch.exp(shifted)
-        denom = e.sum(dim=-1)
-        # e * shifted is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
-        weighted = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=-1)
-        log_denom = torch.log(denom)
-        row_lse = shift.squeeze(-1) + log_denom
-        row_entropy = log_denom - weighted / denom
+        x.sub_(shift)
         target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
-        row_logp = target_x - row_lse
-        # NaN or +inf in a row must surface in that row's outputs, never be hidden.
-        bad = (torch.isnan(x) | torch.isposinf(x)).any(dim=-1)
-        nan = torch.full_like(row_lse, float("nan"))
-        zero = torch.zeros_like(row_lse)
-        logp[rows] = torch.where(ignored, zero, torch.where(bad, nan, row_logp)).reshape(-1)
-        entropy[rows] = torch.where(ignored, zero, torch.where(bad, nan, row_entropy)).reshape(-1)
-        lse[rows] = row_lse.reshape(-1)
+        e = torch.exp(x)
+        denom = e.sum(dim=-1)
+        # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
+        x.masked_fill_(torch.isneginf(x), 0.0)
+        weighted = e.mul_(x).sum(dim=-1)
+        log_denom = torch.log(denom)
+        nan = torch.full_like(log_denom, float("nan"))
+        zero = torch.zeros_like(log_denom)
+        row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
+        row_logp = torch.where(bad, nan, target_x - log_denom)
+        logp[rows] = torch.where(ignored, zero, row_logp).reshape(-1)
+        entropy[rows] = torch.where(ignored, zero, row_entropy).reshape(-1)
+        lse[rows] = (shift.squeeze(-1) + log_denom).reshape(-1)
     return logp, entropy, lse
 
 
@@ -89,21 +89,24 @@ def backward(
     out_chunks = _chunks(grad_layout, grad_layout.tensor)
     for (rows, chunk), (_, out) in zip(_chunks(layout, logits), out_chunks):
         shape = chunk.shape[:-1]
-        x = chunk.to(cdt) * inv_temperature
+
+        def per_row(values):
+            return values[rows].to(cdt).view(shape).unsqueeze(-1)
+
         tgt = targets[rows].view(shape)
         ignored = (tgt == ignore_index).unsqueeze(-1)
-        row_lse = lse[rows].to(cdt).view(shape).unsqueeze(-1)
-        p = torch.exp(x - row_lse)
-        grad = torch.zeros_like(x)
-        if grad_logp is not None:
-            g = grad_logp[rows].to(cdt).view(shape).unsqueeze(-1)
-            grad -= g * p
-            safe_tgt = torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1)
-            grad.scatter_add_(-1, safe_tgt, g)
+        row_lse = per_row(lse)
+        x = chunk.to(cdt, copy=True).mul_(inv_temperature)
+        p = torch.sub(x, row_lse).exp_()
         if grad_entropy is not None:
             # dH/dx_j = p_j (E_p[x] - x_j) with E_p[x] = lse - H: no log p, so p = 0 gives 0, never 0 * -inf.
-            mean_x = row_lse - entropy[rows].to(cdt).view(shape).unsqueeze(-1)
-            term = p * torch.where(torch.isneginf(x), torch.zeros_like(x), x - mean_x)
-            grad -= grad_entropy[rows].to(cdt).view(shape).unsqueeze(-1) * term
-        grad = torch.where(ignored, torch.zeros_like(grad), grad * inv_temperature)
+            x.sub_(row_lse - per_row(entropy)).masked_fill_(torch.isneginf(x), 0.0)
+            grad = x.mul_(p).mul_(-per_row(grad_entropy))
+        else:
+            grad = x.zero_()
+        if grad_logp is not None:
+            g_logp = per_row(grad_logp)
+            grad.sub_(p.mul_(g_logp))
+            grad.scatter_add_(-1, torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1), g_logp)
+        grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
         out.copy_(grad)
