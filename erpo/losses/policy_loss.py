@@ -41,10 +41,10 @@ def token_params(config: LossConfig) -> TokenParams:
     )
 
 
-def _seq_advantages(config: LossConfig, flat, metrics: dict) -> Tensor:
+def _seq_advantages(config: LossConfig, flat, metrics: dict, dtype: torch.dtype) -> Tensor:
     if flat.advantages is not None:
-        return flat.advantages
-    result = advantages_lib.compute(config.adv_estimator, flat.rewards, flat.group_ids)
+        return flat.advantages.to(dtype)
+    result = advantages_lib.compute(config.adv_estimator, flat.rewards.to(dtype), flat.group_ids)
     metrics["degenerate_groups"] = result.n_degenerate_groups
     metrics["degenerate_frac"] = result.degenerate.float().mean()
     return result.advantages
@@ -70,7 +70,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     logp, entropy = logp.reshape(-1), entropy.reshape(-1)
     dtype = logp.dtype
     metrics: dict = {}
-    seq_adv = _seq_advantages(config, flat, metrics).to(dtype)
+    seq_adv = _seq_advantages(config, flat, metrics, dtype)
     tokens = Tokens(
         seq=flat.seq, valid=flat.valid, n_seqs=flat.n_seqs, logp=logp.detach(), entropy=entropy.detach(),
         old=flat.old, ref=flat.ref, seq_adv=seq_adv,
