@@ -1,0 +1,5 @@
+import sys
+
+from erpo.cli import main
+
+sys.exit(main())

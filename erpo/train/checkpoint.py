@@ -1,0 +1,159 @@
+"""Checkpoints: written atomically, verified before they are loaded.
+
+Layout of `RUN_DIR/checkpoints/step_000100/`:
+    model/            `save_pretrained` output (config + model.safetensors) and the tokenizer: loadable on its own
+    trainer_state.pt  optimizer, LR scheduler, loss controller, sampler position, step, RNG states of every rank
+    train_config.json the run's config
+    MANIFEST.json     sha256 of every file above; written last
+
+Everything is written into `.tmp-step_000100-<pid>/` and renamed into place, so a killed writer leaves only
+a temp directory (ignored and cleaned up), never a half checkpoint under the final name. Loading checks the
+manifest and every hash: a missing manifest (partial copy) or a changed file is an error that names it.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+MANIFEST = "MANIFEST.json"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    out = []
+    for folder, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(folder, n), root) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict, keep: int = 0) -> str:
+    """Write checkpoint `step` atomically; delete the oldest beyond `keep` (0 = keep all). Returns its path."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = os.path.join(root, f".tmp-step_{step:06d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    hf_logging.disable_progress_bar()  # no per-save "Writing model shards" bar over the training progress
+    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(train_config, handle, indent=2, sort_keys=True)
+    manifest = {"step": step, "files": {f: _sha256(os.path.join(tmp, f)) for f in _files(tmp)}}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if os.path.exists(final):  # a re-save of the same step (e.g. the end of a resumed run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in list_steps(run_dir)[:-keep]:
+            shutil.rmtree(os.path.join(root, f"step_{old:06d}"), ignore_errors=True)
+    return final
+
+
+def list_steps(run_dir: str) -> list[int]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(STEP_DIR.match, os.listdir(root)) if m)
+
+
+def clean_temp(run_dir: str) -> None:
+    """Remove temp directories left by a writer that was killed."""
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".tmp-step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory, or a run directory (then its latest checkpoint)."""
+    if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        return path
+    steps = list_steps(path)
+    if not steps:
+        raise CheckpointError(f"--resume {path!r}: no checkpoint found (expected {path}/checkpoints/step_NNNNNN/)")
+    return os.path.join(path, "checkpoints", f"step_{steps[-1]:06d}")
+
+
+def verify(path: str) -> dict:
+    """Check the manifest and every hash; return the manifest. Raises CheckpointError naming the problem."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(
+            f"checkpoint {path!r} is partial: it has no {MANIFEST} (its writing never finished); "
+            "resume from an earlier checkpoint"
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST} is corrupt ({err})") from None
+    for name, digest in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint {path!r} is incomplete: {name} is missing")
+        if _sha256(full) != digest:
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: {name} does not match its sha256 in {MANIFEST}")
+    extra = set(_files(path)) - set(files)
+    if extra:
+        raise CheckpointError(f"checkpoint {path!r} has files not in its manifest: {sorted(extra)}")
+    return manifest
+
+
+def load_trainer_state(path: str) -> dict:
+    """The trainer state of a verified checkpoint (tensors and plain Python values only: weights_only)."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))

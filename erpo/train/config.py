@@ -1,0 +1,196 @@
+"""Training configuration: one flat dataclass, loaded from YAML/TOML and overridden by command-line flags.
+
+Precedence: dataclass defaults < config file < flags. Every field is a flag (`--group-size 8`); loss knobs
+(`erpo.LossConfig(**knobs)`) go in `loss_args` (`--loss-arg gamma=5`). An unknown key is an error naming it.
+"""
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # What to train on
+    model: str = _f("tiny", "policy: 'tiny' (built-in 132k-param Llama, no download), a local path, or a hub name")
+    tokenizer: str = _f("", "tokenizer path or name; empty = same as model")
+    data: str = _f("tiny:add1", "training prompts: 'tiny:add1' (built-in task), a .jsonl file or a saved `datasets` dir")
+    eval_data: str = _f("", "held-out prompts (same formats); empty = `eval_holdout` rows split off `data`")
+    eval_holdout: int = _f(0, "rows held out of `data` for eval when `eval_data` is empty (0 with the built-in task: it evaluates on all 100 problems)")
+    prompt_field: str = _f("prompt", "field holding the prompt in each row")
+    answer_field: str = _f("answer", "field holding the reference answer in each row")
+    chat_template: bool = _f(True, "render prompts with the tokenizer's chat template when it has one")
+    reward: str = _f("exact_match", "'exact_match', 'math_verify', or a Python function 'module:function'(completion, answer, row) -> float")
+    reward_timeout: float = _f(5.0, "seconds one reward call may take before it is scored 0 and reported (0 = no limit)")
+    score_truncated: bool = _f(False, "score responses cut at max_new_tokens without EOS (else they get reward 0)")
+    # Rollouts
+    rollout: str = _f("hf", "rollout backend: 'hf' (transformers generate) or 'vllm'")
+    prompts_per_step: int = _f(16, "prompts sampled per step (per process under torchrun)")
+    group_size: int = _f(16, "completions per prompt (G)")
+    max_new_tokens: int = _f(5, "longest response in tokens")
+    temperature: float = _f(1.0, "sampling temperature; the loss uses the same one")
+    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off; the loss assumes the full distribution)")
+    # Loss and updates
+    loss: str = _f("grpo", "policy-loss method: grpo, dapo, dr_grpo, erpo, high_entropy_mask, clip_cov, kl_cov, repo, repo_r, adapo")
+    loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
+    ref_model: str = _f("auto", "reference model for KL / ERPO progress: 'auto' (a frozen copy of the initial policy when the loss needs one), 'none', 'init', or a path")
+    ppo_epochs: int = _f(1, "optimizer passes over each rollout batch (1 = on-policy)")
+    micro_batch_groups: int = _f(0, "groups per forward/backward micro-batch, gradients accumulated (0 = whole batch)")
+    lr: float = _f(5e-4, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta2: float = _f(0.99, "AdamW beta2 (beta1 = 0.9)")
+    lr_schedule: str = _f("constant", "'constant', 'linear' or 'cosine' decay to 0 after warm-up")
+    lr_warmup_steps: int = _f(0, "linear LR warm-up steps")
+    grad_clip: float = _f(1.0, "max gradient norm (0 = no clipping; the norm is still checked for NaN/inf)")
+    on_nonfinite: str = _f("skip", "NaN/inf loss or gradient: 'skip' the update (and report it) or 'stop' the run")
+    max_nonfinite: int = _f(5, "consecutive skipped updates after which the run stops anyway")
+    # Schedule and output
+    steps: int = _f(600, "RL steps (one rollout batch each)")
+    seed: int = _f(0, "seed of data order, sampling and model init")
+    sft_warmup_steps: int = _f(40, "supervised warm-up steps before RL (built-in task only)")
+    out_dir: str = _f("", "run directory (metrics, checkpoints, plots); empty = runs/<date-time>")
+    resume: str = _f("", "continue from a run directory (its latest checkpoint) or one checkpoint directory")
+    save_every: int = _f(100, "checkpoint every K steps (and at the end; 0 = only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (oldest deleted; 0 = keep all)")
+    eval_every: int = _f(100, "evaluate pass@1 on the held-out prompts every K steps (and at the end; 0 = never)")
+    eval_temperature: float = _f(0.0, "eval sampling temperature (0 = greedy)")
+    progress: bool = _f(True, "show the rich progress bar (rank 0)")
+    plots: bool = _f(True, "write PNG plots of the metrics at the end")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
+    bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
+    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+
+    def validate(self) -> None:
+        positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "steps", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_groups", "save_every", "eval_every", "keep_checkpoints", "eval_holdout",
+                     "sft_warmup_steps", "lr_warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"config: temperature must be > 0 (the loss divides by it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"config: top_p must be in (0, 1], got {self.top_p}")
+        choices = {"rollout": ("hf", "vllm"), "lr_schedule": ("constant", "linear", "cosine"),
+                   "on_nonfinite": ("skip", "stop"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.grad_clip < 0 or self.reward_timeout < 0 or self.eval_temperature < 0:
+            raise ValueError("config: lr must be > 0; grad_clip, reward_timeout, eval_temperature must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{where}: unknown config key {key!r}{hint}; `erpo train --help` lists them all")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = _TYPES[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is dict and value is None:
+        return {}
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def load_file(path: str) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of checked keys."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        if path.endswith(".toml"):
+            data = tomllib.loads(raw.decode("utf-8"))
+        elif path.endswith((".yaml", ".yml", ".json")):
+            data = yaml.safe_load(raw) or {}
+        else:
+            raise ValueError(f"config file {path!r}: use a .yaml, .yml, .toml or .json file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"config file {path!r} does not parse: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of keys, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise _unknown(str(key), f"config file {path!r}")
+        out[name] = _coerce(name, value, f"config file {path!r}")
+    return out
+
+
+def parse_loss_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--loss-arg expects key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)  # YAML typing: 0.2 -> float, true -> bool, x -> str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are SUPPRESS so only the flags given override the file."""
+    parser.add_argument("--config", help="YAML or TOML file of config keys (flags override it)")
+    for name, fld in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+        help_text = f"{fld.metadata['help']} [default: {default!r}]"
+        kind = _TYPES[name]
+        if name == "loss_args":
+            parser.add_argument("--loss-arg", dest="loss_args", action="append", metavar="KEY=VALUE",
+                                default=argparse.SUPPRESS, help=help_text)
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper())
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_file(args.config) if getattr(args, "config", None) else {}
+    for name in FIELDS:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            if name == "loss_args":
+                value = {**values.get("loss_args", {}), **dict(parse_loss_arg(t) for t in value)}
+            values[name] = value
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def from_dict(values: dict, where: str = "config") -> TrainConfig:
+    for key in values:
+        if key not in FIELDS:
+            raise _unknown(key, where)
+    config = TrainConfig(**{k: _coerce(k, v, where) for k, v in values.items()})
+    config.validate()
+    return config
+
+
+def save(config: TrainConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config.to_dict(), handle, indent=2, sort_keys=True)

@@ -1,0 +1,75 @@
+"""Metrics: appended to RUN_DIR/metrics.jsonl (one JSON object per step or eval) and shown live in a rich
+progress bar. On resume the log is cut back to the checkpoint's step, so it never holds a step twice."""
+import json
+import math
+import os
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# (metric key, short label, format) shown in the progress bar, in this order
+LIVE = (
+    ("reward", "R", ".3f"), ("entropy", "H", ".3f"), ("cdp_rate", "cdp", ".2f"), ("clip_frac_low", "clip-", ".3f"),
+    ("clip_frac_high", "clip+", ".3f"), ("approx_kl", "kl", ".4f"), ("response_len", "len", ".2f"),
+    ("tokens_per_s", "tok/s", ".0f"), ("eval_pass@1", "eval", ".3f"),
+)
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class MetricsLog:
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            kept = [line for line in read(path) if line.get("step", 0) <= resume_step]
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(line) + "\n" for line in kept)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+def read(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class LiveProgress:
+    """A rich progress bar whose description carries the latest metrics; a no-op when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.shown: dict = {}
+        if enabled:
+            self.progress = Progress(
+                TextColumn("[bold]erpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total, completed=start, metrics="")
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def update(self, step: int, metrics: dict) -> None:
+        self.shown.update({k: metrics[k] for k, _, _ in LIVE if k in metrics})
+        if self.enabled:
+            text = " ".join(f"{label} {_plain(self.shown[k]):{fmt}}" for k, label, fmt in LIVE if k in self.shown
+                            and isinstance(_plain(self.shown[k]), (int, float)))
+            self.progress.update(self.task, completed=step, metrics=text)
+
+    def log(self, message: str) -> None:
+        (self.progress.console if self.enabled else self.console).print(message, highlight=False)

@@ -1,0 +1,341 @@
+"""The training loop: GRPO-style RL from verifiable rewards with erpo's fused policy losses.
+
+One step: sample prompts -> G completions each -> rewards -> group advantages -> old (and reference)
+log-probs with the fused op's no-grad path -> `erpo.policy_loss` -> AdamW step (clipped, scheduled,
+accumulated over micro-batches of whole groups) -> loss-controller step -> weights synced to the rollout
+engine -> metrics, eval, checkpoint. Read top to bottom; the parts live in the sibling modules.
+"""
+import math
+import os
+import time
+
+import torch
+
+import erpo
+from erpo.losses import LossConfig, advantages as advantages_lib, make_controller, policy_loss
+from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
+from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
+from erpo.train.config import TrainConfig, save as save_config
+from erpo.train.evaluate import evaluate
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    if "temperature" in cfg.loss_args or "method" in cfg.loss_args:
+        raise ValueError("set `temperature` and `loss` as top-level config keys, not in loss_args "
+                         "(rollouts and loss must share the temperature)")
+    try:
+        return LossConfig(method=cfg.loss, temperature=cfg.temperature, **cfg.loss_args)
+    except TypeError as err:
+        raise ValueError(f"loss_args: {err}") from None
+
+
+def lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        progress = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def response_logits(model, batch: dict, rows: slice, autocast: bool):
+    """Logits predicting each response token, [n, R, V]: only the last R + 1 positions are computed."""
+    width_r = batch["targets"].shape[1]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                    position_ids=batch["position_ids"][rows], logits_to_keep=width_r + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+@torch.no_grad()
+def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool) -> torch.Tensor:
+    """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks."""
+    out = []
+    for start in range(0, batch["targets"].shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logits = response_logits(model, batch, rows, autocast)
+        logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
+        out.append(logp)
+    return torch.cat(out)
+
+
+def micro_weight(agg: str, mask: torch.Tensor, rows: slice) -> float:
+    """The micro-batch's share of the batch loss, so accumulated micro-batch losses add up to it."""
+    if agg == "token-mean":
+        return float(mask[rows].sum() / mask.sum())
+    if agg == "seq-mean-token-mean":  # averaged over responses with at least one valid token
+        has = mask.sum(-1) > 0
+        return float(has[rows].sum() / has.sum())
+    return mask[rows].shape[0] / mask.shape[0]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dist = distributed.setup(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = self.dist.device
+        self.autocast = self.device.type == "cuda" and cfg.bf16
+        self.loss_cfg = loss_config(cfg)
+        self.reward_fn = rewards_lib.resolve(cfg.reward)
+
+        resume = checkpoint.resolve(cfg.resume) if cfg.resume else None
+        if resume:
+            checkpoint.verify(resume)  # before anything is loaded from it
+        self.run_dir = self._run_dir(resume)
+
+        initial = None
+        if resume:
+            policy, self.tokenizer = model_lib.load_policy(os.path.join(resume, "model"), "", cfg.seed, 0)
+        else:
+            policy, self.tokenizer = model_lib.load_policy(cfg.model, cfg.tokenizer, cfg.seed, cfg.sft_warmup_steps)
+            initial = policy
+        self.ref = model_lib.load_reference(cfg.ref_model, self.loss_cfg.needs_ref, cfg.model, cfg.seed,
+                                            cfg.sft_warmup_steps, initial)
+        self.policy = policy.to(self.device)
+        if self.ref is not None:
+            self.ref.to(self.device)
+        if self.loss_cfg.needs_ref and self.ref is None:
+            raise ValueError("the loss needs reference log-probs but ref_model gave none")
+
+        self.rows, self.eval_rows = self._data()
+        self.sampler = data.PromptSampler(len(self.rows), cfg.seed)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.controller = make_controller(self.loss_cfg)
+        self.loss_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
+        self.model = distributed.wrap(self.policy, self.dist)
+        self.engine = self._engine()
+        self.step = 0
+        self.nonfinite_streak = 0
+
+        # Every random draw of training (sampling, Clip-Cov picks) comes from here on; resuming restores it.
+        checkpoint.seed_all(cfg.seed * 1000 + self.dist.rank)
+        if resume:
+            self._load(resume)
+        if self.dist.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "train_config.json"))
+            checkpoint.clean_temp(self.run_dir)
+        self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), self.step if resume else None) \
+            if self.dist.is_main else None
+        if self.dist.is_main and not resume and os.path.exists(self.log.path):
+            os.remove(self.log.path)
+
+    # --- setup helpers -----------------------------------------------------------------------------
+    def _run_dir(self, resume):
+        if self.cfg.out_dir:
+            return self.cfg.out_dir
+        if resume:  # .../RUN/checkpoints/step_N -> RUN
+            return os.path.dirname(os.path.dirname(os.path.normpath(resume)))
+        stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
+        return os.path.join("runs", stamp)
+
+    def _data(self):
+        cfg = self.cfg
+        rows = data.load(cfg.data, cfg.prompt_field, cfg.answer_field)
+        if cfg.eval_data:
+            return rows, data.load(cfg.eval_data, cfg.prompt_field, cfg.answer_field)
+        if cfg.eval_holdout:
+            return data.split_holdout(rows, cfg.eval_holdout, cfg.seed)
+        if cfg.data == tiny_task.DATA_NAME:
+            return rows, rows  # the task has only 100 problems: eval greedy accuracy on all of them
+        return rows, []
+
+    def _engine(self):
+        if self.cfg.rollout == "hf":
+            return rollout_lib.HFRollout(self.policy, self.tokenizer)
+        path = os.path.join(self.run_dir, "vllm_init")
+        if self.dist.is_main:
+            self.policy.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        distributed.barrier(self.dist)
+        return rollout_lib.VLLMRollout(path, self.tokenizer, seed=self.cfg.seed + self.dist.rank)
+
+    def _load(self, path: str) -> None:
+        state = checkpoint.load_trainer_state(path)
+        if state["world"] != self.dist.world:
+            raise ValueError(f"checkpoint {path!r} was written by {state['world']} processes, this run has {self.dist.world}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.loss_generator.set_state(state["loss_generator"][self.dist.rank])
+        checkpoint.set_rng_state(state["rng"][self.dist.rank])
+        self.step = state["step"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+
+    def _save(self) -> None:
+        rng = distributed.gather(checkpoint.rng_state(), self.dist)
+        generators = distributed.gather(self.loss_generator.get_state(), self.dist)
+        if self.dist.is_main:
+            state = {
+                "step": self.step, "world": self.dist.world, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "controller": None if self.controller is None else self.controller.state_dict(),
+                "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
+            }
+            checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
+                            keep=self.cfg.keep_checkpoints)
+        distributed.barrier(self.dist)
+
+    # --- one step ----------------------------------------------------------------------------------
+    def rollout(self):
+        """Sample this rank's prompts and G completions each; score them."""
+        cfg, d = self.cfg, self.dist
+        picked = self.sampler.next_batch(cfg.prompts_per_step * d.world)[d.rank :: d.world]
+        rows = [self.rows[i] for i in picked]
+        prompts = [data.encode_prompt(self.tokenizer, r["prompt"], cfg.chat_template) for r in rows]
+        out = self.engine.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        sample_rows = [r for r in rows for _ in range(cfg.group_size)]
+        scores, problems = rewards_lib.score(self.reward_fn, texts, sample_rows, cfg.reward_timeout)
+        scores = [s if done or cfg.score_truncated else 0.0 for s, done in zip(scores, out.finished)]
+        return out, scores, problems
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        loss_cfg = self.controller.apply(self.loss_cfg) if self.controller is not None else self.loss_cfg
+        start = time.perf_counter()
+        out, scores, problems = self.rollout()
+        batch = rollout_lib.pack(out, self.tokenizer.pad_token_id, self.device)
+        n = batch["targets"].shape[0]
+        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        group_ids = torch.arange(n, device=self.device) // cfg.group_size
+        adv = advantages_lib.compute(loss_cfg.adv_estimator, rewards, group_ids)
+        group_chunk = (cfg.micro_batch_groups or cfg.prompts_per_step) * cfg.group_size
+        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast)
+        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast) \
+            if loss_cfg.needs_ref else None
+
+        sums, nonfinite, grad_norm = {}, False, 0.0
+        micro_rows = [slice(s, s + group_chunk) for s in range(0, n, group_chunk)]
+        self.model.train()
+        for _ in range(cfg.ppo_epochs):
+            for index, rows in enumerate(micro_rows):
+                sync = index == len(micro_rows) - 1
+                context = self.model.no_sync() if self.dist.enabled and not sync else _nullcontext()
+                with context:
+                    logits = response_logits(self.model, batch, rows, self.autocast)
+                    micro = {"targets": batch["targets"][rows], "mask": batch["mask"][rows],
+                             "old_logp": old_logp[rows], "advantages": adv.advantages[rows],
+                             "group_ids": group_ids[rows]}
+                    if ref_logp is not None:
+                        micro["ref_logp"] = ref_logp[rows]
+                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
+                    weight = micro_weight(loss_cfg.agg, batch["mask"], rows)
+                    (result.loss * weight).backward()
+                share = weight / cfg.ppo_epochs
+                sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach()) * share
+                for key, value in result.metrics.items():
+                    if value.is_floating_point() or key.startswith("n_"):
+                        sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key.startswith("n_") else share)
+            grad_norm, nonfinite = self._optimizer_step(sums["loss"])
+        self.scheduler.step()
+        self.step += 1
+
+        shared = distributed.mean({**sums, "reward": float(rewards.mean())}, self.dist)
+        if self.controller is not None and not nonfinite:
+            self.controller.step(shared)  # reads the batch's mean entropy (averaged over ranks)
+        self.engine.sync_weights(self.policy)
+        elapsed = time.perf_counter() - start
+        lengths = [len(r) for r in out.response_ids]
+        record = {
+            "step": self.step, **shared, "reward_std": float(rewards.std()) if n > 1 else 0.0,
+            "response_len": sum(lengths) / len(lengths), "truncated_frac": 1 - sum(out.finished) / n,
+            "degenerate_groups": int(adv.n_degenerate_groups), "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0], "nonfinite": int(nonfinite), "reward_errors": len(problems),
+            "step_time": elapsed, "tokens_per_s": sum(lengths) * self.dist.world / elapsed,
+        }
+        return record, problems
+
+    def _optimizer_step(self, loss_value: float):
+        """Clip and step, unless the loss or the gradient is NaN/inf (then skip, and report it)."""
+        cfg = self.cfg
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        bad = distributed.mean({"bad": float(not (math.isfinite(norm) and math.isfinite(loss_value)))}, self.dist)
+        nonfinite = bad["bad"] > 0
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            where = f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
+                    f"(loss {loss_value}, grad norm {norm})"
+            if cfg.on_nonfinite == "stop" or self.nonfinite_streak >= cfg.max_nonfinite:
+                raise NonFiniteError(f"{where}; stopping (on_nonfinite={cfg.on_nonfinite!r}, "
+                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite})")
+            self._report(f"[yellow]{where}: update skipped[/]")
+            return norm, True
+        self.nonfinite_streak = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, False
+
+    def _report(self, message: str) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress.log(message)
+        else:
+            print(message)
+
+    def _report_problems(self, problems: list[dict]) -> None:
+        for p in problems[:3]:
+            self._report(f"[yellow]step {self.step}: reward failed ({p['error']}) and scored 0 for prompt "
+                         f"{p['prompt'][:80]!r}, completion {p['completion'][:80]!r}[/]")
+        if len(problems) > 3:
+            self._report(f"[yellow]step {self.step}: {len(problems) - 3} more reward failures[/]")
+
+    def run_eval(self) -> dict:
+        if not self.eval_rows:
+            return {}
+        cfg = self.cfg
+        return evaluate(self.engine, self.tokenizer, self.eval_rows, self.reward_fn, chat_template=cfg.chat_template,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                        reward_timeout=cfg.reward_timeout, score_truncated=cfg.score_truncated)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        cfg, main = self.cfg, self.dist.is_main
+        history = []
+        with metrics_lib.LiveProgress(cfg.steps, self.step, cfg.progress and main) as self.progress:
+            if main:
+                self._report(f"run dir {self.run_dir}; loss {self.loss_cfg.method}; world {self.dist.world}; "
+                             f"device {self.device}")
+            while self.step < cfg.steps:
+                record, problems = self.train_step()
+                self._report_problems(problems)
+                last = self.step == cfg.steps
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last) and main:
+                    record.update(self.run_eval())
+                if main:
+                    self.log.write(record)
+                    self.progress.update(self.step, record)
+                history.append(record)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                    self._save()
+        if main and cfg.plots:
+            plots.plot_run(self.run_dir)
+        distributed.cleanup(self.dist)
+        return history
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    return Trainer(cfg).train()
