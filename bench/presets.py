@@ -1,0 +1,44 @@
+"""The shape sweeps. CPU shapes are small enough that the default sweep takes minutes on two cores; the GPU
+sweep is the issue's: N in 1k..32k tokens, V of Llama-2 (32000), Llama-3 (128256) and Qwen2 (151936)."""
+from dataclasses import dataclass, field
+
+from bench.inputs import Shape
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    shapes: tuple
+    repeats: int  # timed calls per case (at least 3 are always taken)
+    max_seconds: float  # per case: stop adding timed calls after this, once 3 are in
+    isolate: str  # "case": a fresh worker per case (clean CPU peak RSS); "shape": one per shape
+    skip: dict = field(default_factory=dict)  # case name -> reason it is left out of this preset
+    timeout_s: float = 900.0  # per worker
+    threads: int = 0  # torch CPU threads in the workers (0: torch's default, one per core)
+
+
+def _grid(ns, vs, dtypes):
+    return tuple(Shape(n, v, d) for d in dtypes for v in vs for n in ns)
+
+
+PRESETS = {
+    "quick": Preset(
+        "quick",
+        shapes=_grid((64, 256), (1000,), ("float32",)) + _grid((64,), (1000,), ("bfloat16",)),
+        repeats=3, max_seconds=1.0, isolate="shape",
+        skip={"naive-compiled": "not in --quick: torch.compile takes ~25 s per graph on this CPU"},
+        timeout_s=300.0, threads=1,  # one thread: tiny shapes, and no stalls on a busy CI machine
+    ),
+    "cpu": Preset(
+        "cpu",
+        shapes=_grid((512, 1024, 2048, 4096), (32000,), ("float32",))
+        + _grid((1024,), (128256,), ("float32",))
+        + _grid((1024, 4096), (32000,), ("bfloat16",)),
+        repeats=5, max_seconds=12.0, isolate="case",
+    ),
+    "gpu": Preset(
+        "gpu",
+        shapes=_grid((1024, 4096, 16384, 32768), (32000, 128256, 151936), ("bfloat16", "float32")),
+        repeats=20, max_seconds=5.0, isolate="shape", timeout_s=1800.0,
+    ),
+}
