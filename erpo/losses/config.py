@@ -41,6 +41,7 @@ BASE_DEFAULTS = dict(
     temperature=1.0,
     backend="auto",
     check_inputs=True,
+    inplace_grad=False,
     # ERPO (section 3 of the spec; erpo's constants)
     gamma=5.0,
     gate="redistribute",
@@ -123,6 +124,7 @@ class LossConfig:
     temperature: Optional[float] = None  # logits are divided by it in the fused op
     backend: Optional[str] = None  # auto (triton on CUDA, torch on CPU) | torch | triton
     check_inputs: Optional[bool] = None  # validate the batch values (one host sync per call)
+    inplace_grad: Optional[bool] = None  # fused op writes dlogits into the logits' storage (see logprobs_and_entropy)
     # --- ERPO (erpo's reading of arXiv 2603.28204) ---
     gamma: Optional[float] = None  # gate sharpness: w = sigmoid(gamma * group z-score of entropy)
     gate: Optional[str] = None  # redistribute | amplify | none
@@ -169,7 +171,7 @@ class LossConfig:
         _choice("gate", self.gate, GATE_MODES)
         _choice("backend", self.backend, BACKENDS)
         _choice("kl_cov_anneal", self.kl_cov_anneal, ANNEAL_SCHEDULES)
-        for name in ("dual_clip", "check_inputs"):
+        for name in ("dual_clip", "check_inputs", "inplace_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in (

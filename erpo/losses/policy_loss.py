@@ -66,6 +66,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     backend = resolve_backend(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend, check_targets=config.check_inputs,
+        inplace_grad=config.inplace_grad,
     )
     logp, entropy = logp.reshape(-1), entropy.reshape(-1)
     dtype = logp.dtype

@@ -265,3 +265,15 @@ def test_packed_batch_errors(make_batch):
     flat["seq_ids"] = torch.tensor([0, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="max_len"):
         erpo.policy_loss(logits.reshape(-1, 5), flat, erpo.LossConfig(method="dr_grpo"))
+
+
+def test_inplace_grad_knob_gives_the_same_gradient(make_batch):
+    logits, batch = make_batch()
+    weight = torch.tensor(1.5, requires_grad=True)
+    grads = []
+    for inplace in (False, True):
+        weight.grad = None
+        scaled = logits * weight  # a non-leaf, as model logits are
+        erpo.policy_loss(scaled, batch, erpo.LossConfig(method="dapo", inplace_grad=inplace)).loss.backward()
+        grads.append(weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
