@@ -82,7 +82,7 @@ template <int N>
 ERPO_HD void state_add(SoftmaxState& s, const float (&x)[N]) {
   float local_max = neg_inf();
   int bad = 0;
-#pragma unroll
+  ERPO_UNROLL
   for (int i = 0; i < N; ++i) {
     bad |= is_poison(x[i]) ? 1 : 0;
     if (is_live(x[i])) local_max = fmaxf(local_max, x[i]);
@@ -90,7 +90,7 @@ ERPO_HD void state_add(SoftmaxState& s, const float (&x)[N]) {
   s.bad |= bad;
   if (local_max > s.m) s = state_rebase(s, local_max);
   if (s.m == -INFINITY) return;  // nothing finite yet
-#pragma unroll
+  ERPO_UNROLL
   for (int i = 0; i < N; ++i) {
     if (is_live(x[i])) {
       const float shifted = x[i] - s.m;
