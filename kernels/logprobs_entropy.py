@@ -65,7 +65,9 @@ def logprobs_entropy_fwd_kernel(
         lse = shift + log_denom
         row_bad = tl.max(bad, axis=0) > 0
         entropy = tl.where(row_bad, float("nan"), log_denom - tl.sum(w, axis=0) / denom)
-        target_x = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+        # An out-of-range id (possible only with check_targets=False) gives NaN, never a read outside the row.
+        in_range = (target >= 0) & (target < vocab)
+        target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32) * inv_temperature
         logp = tl.where(row_bad, float("nan"), target_x - lse)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)

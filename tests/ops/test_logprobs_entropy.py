@@ -369,3 +369,10 @@ class TestBadInput:
         logp, _ = erpo.logprobs_and_entropy(self.logits, self.targets, check_targets=False)
         ref_logp, _ = reference(self.logits, self.targets)
         assert rel_err(logp, ref_logp, 1.0) < VALUE_RTOL
+
+    def test_unchecked_out_of_range_target_never_reads_outside_the_row(self):
+        """With the check skipped, a bad id must still not read foreign memory: the kernel gives NaN."""
+        targets = self.targets.clone()
+        targets[1] = 10_000
+        logp, _ = erpo.logprobs_and_entropy(self.logits, targets, check_targets=False, backend="triton")
+        assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
