@@ -20,9 +20,9 @@ import math
 import pytest
 import torch
 
-import erpo_host_shim as hs
 from erpo.ops import torch_logprobs_entropy
 from erpo.ops.row_layout import contiguous_layout_like, row_layout
+from tests.csrc import host_shim as hs
 
 EPS32 = 2.0 ** -24
 IGNORE = -100
