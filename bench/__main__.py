@@ -44,7 +44,7 @@ def parse(argv):
 
 def _shapes(preset, args):
     if not (args.n or args.v or args.dtypes):
-        return preset.shapes
+        return None  # the preset's own shapes (and its loss shapes)
     ns = args.n or sorted({s.n_tokens for s in preset.shapes})
     vs = args.v or sorted({s.vocab for s in preset.shapes})
     dtypes = args.dtypes.split(",") if args.dtypes else sorted({s.dtype for s in preset.shapes})

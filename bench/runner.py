@@ -27,12 +27,14 @@ MEMORY_RESOLUTION = {"cpu": 1 << 20, "cuda": 1}
 AGREEMENT_RTOL = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 1e-2}
 
 
-def plan(shapes, device: str, selected=None, kinds=("op", "loss"), preset_skip=None) -> list:
+def plan(shapes, device: str, selected=None, kinds=("op", "loss"), preset_skip=None, loss_shapes=None) -> list:
     """Every item of the sweep, as dicts; items that cannot run here carry status "skipped" and a reason."""
     preset_skip = preset_skip or {}
     items = []
     for shape in shapes:
         for kind in kinds:
+            if kind == "loss" and loss_shapes is not None and shape not in loss_shapes:
+                continue
             for mode in cases.MODES[kind]:
                 for method in cases.LOSS_METHODS if kind == "loss" else (None,):
                     for case in cases.CASES:
@@ -42,7 +44,8 @@ def plan(shapes, device: str, selected=None, kinds=("op", "loss"), preset_skip=N
                             continue
                         item = {"case": case.name, "kind": kind, "method": method, "mode": mode, "device": device,
                                 **asdict(shape)}
-                        reason = preset_skip.get(case.name) or cases.skip_reason(case, device)
+                        reason = (preset_skip.get(f"{case.name}:{kind}") or preset_skip.get(case.name)
+                                  or cases.skip_reason(case, device))
                         if reason:
                             item.update(status="skipped", reason=reason)
                         items.append(item)
@@ -180,14 +183,16 @@ def environment(device: str) -> dict:
 
 
 def run_sweep(preset, device: str, selected=None, kinds=("op", "loss"), shapes=None, log=print) -> dict:
-    shapes = shapes or preset.shapes
+    """Run the preset's sweep (or `shapes`, which then also take the loss cases)."""
+    loss_shapes = None if shapes else preset.loss_shapes
+    shapes = shapes or tuple(dict.fromkeys(preset.shapes + (preset.loss_shapes or ())))
     meta = environment(device)
     if preset.threads:
         torch.set_num_threads(preset.threads)  # the copy bandwidth is measured with the workers' thread count
     meta.update(preset=preset.name, repeats=preset.repeats, isolate=preset.isolate, seed=SEED,
                 loadavg_start=os.getloadavg(), torch_threads=torch.get_num_threads())
     copy_start = measure.copy_bandwidth(device)
-    items = plan(shapes, device, selected, kinds, preset.skip)
+    items = plan(shapes, device, selected, kinds, preset.skip, loss_shapes)
     groups = worker_groups(items, preset.isolate)
     results = [it for it in items if "status" in it]
     started = time.perf_counter()
