@@ -2,9 +2,10 @@
 // CUDA build of torch and nvcc exist (see setup.py). Python calls it from erpo/ops/cuda_logprobs_entropy.py
 // with a RowLayout's tensor and strides; this file checks what the kernels cannot (devices, dtypes, that the
 // rows lie inside the tensor's storage) and launches on torch's current stream.
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "logprobs_entropy.h"
 
