@@ -3,6 +3,7 @@
 Runs the sweep, prints the markdown table and writes results.json, results.md and the plots to --out
 (default bench/results/<preset>, or bench/results/gpu-<device> for the GPU preset)."""
 import argparse
+import json
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ def parse(argv):
     p.add_argument("--isolate", choices=("case", "shape"), default=None,
                    help="a fresh worker per case (clean CPU peak RSS) or per shape (faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: all cores)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge into --out's existing results.json (re-measured rows replaced): run a sweep in pieces")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -80,6 +83,10 @@ def main(argv=None) -> int:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sweep = runner.run_sweep(preset, device, selected, kinds, _shapes(preset, args), log=log)
+    previous = os.path.join(out, "results.json")
+    if args.merge and os.path.exists(previous):
+        with open(previous) as f:
+            sweep = runner.merge(json.load(f), sweep)
     table = report.markdown(sweep)
     print(table)
     report.write_json(sweep, os.path.join(out, "results.json"))

@@ -43,6 +43,6 @@ PRESETS = {
     "gpu": Preset(
         "gpu",
         shapes=_grid((1024, 4096, 16384, 32768), (32000, 128256, 151936), ("bfloat16", "float32")),
-        repeats=20, max_seconds=5.0, isolate="shape", timeout_s=1800.0,
+        repeats=10, max_seconds=3.0, isolate="shape", timeout_s=1800.0,
     ),
 }

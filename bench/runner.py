@@ -134,6 +134,34 @@ def derive(results: list, peak_bandwidth: float) -> None:
         r["agrees_with_naive"] = r["checksum_rel_diff"] <= AGREEMENT_RTOL.get(r["dtype"], 3e-2)
 
 
+def row_key(r: dict) -> tuple:
+    return (r["case"], r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"])
+
+
+def merge(previous: dict, sweep: dict) -> dict:
+    """Rows of `previous` (an earlier results.json of the same device) not re-measured in `sweep`, plus the
+    rows of `sweep`, ratios re-derived; lets a long sweep run in pieces (e.g. one dtype per command)."""
+    if previous["meta"]["device_name"] != sweep["meta"]["device_name"]:
+        raise SystemExit(f"--merge: {previous['meta']['device_name']!r} results cannot be merged with "
+                         f"{sweep['meta']['device_name']!r} ones; use another --out")
+    fresh = {row_key(r) for r in sweep["results"]}
+    rows = [r for r in previous["results"] if row_key(r) not in fresh] + sweep["results"]
+    for r in rows:
+        for k in ("vs_naive", "speedup_vs_naive", "memory_ratio_vs_naive", "checksum_rel_diff", "agrees_with_naive"):
+            r.pop(k, None)
+    derive(rows, sweep["meta"]["peak_bandwidth_Bps"])
+    _sort(rows)
+    runs = previous["meta"].get("runs", [{k: v for k, v in previous["meta"].items() if k != "runs"}])
+    meta = {**sweep["meta"], "runs": runs + [sweep["meta"]]}
+    return {"meta": meta, "results": rows}
+
+
+def _sort(results: list) -> None:
+    order = {name: i for i, name in enumerate(cases.BY_NAME)}
+    results.sort(key=lambda r: (r["kind"] == "loss", r["method"] or "", r["mode"], r["dtype"], r["vocab"],
+                                r["n_tokens"], order[r["case"]]))
+
+
 def _git(*args) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -210,7 +238,5 @@ def run_sweep(preset, device: str, selected=None, kinds=("op", "loss"), shapes=N
         peak_bandwidth_source=source, loadavg_end=os.getloadavg(), sweep_seconds=time.perf_counter() - started,
     )
     derive(results, peak)
-    order = {name: i for i, name in enumerate(cases.BY_NAME)}
-    results.sort(key=lambda r: (r["kind"] == "loss", r["method"] or "", r["mode"], r["dtype"], r["vocab"], r["n_tokens"],
-                                order[r["case"]]))
+    _sort(results)
     return {"meta": meta, "results": results}

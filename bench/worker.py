@@ -100,7 +100,7 @@ def run_case(item: dict, inputs: Inputs, device: str, repeats: int, max_seconds:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+    return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
 
 
 def main(spec: dict) -> None:

@@ -104,3 +104,19 @@ def test_gpu_preset_refuses_cpu_with_a_clear_message():
     proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "gpu"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_merge_replaces_remeasured_rows_and_rederives():
+    first = _sweep([_row("naive", 0.010, 3 << 30), _row("erpo-triton", 0.005, 1 << 20)])
+    runner.derive(first["results"], 3.35e12)
+    second = _sweep([_row("erpo-triton", 0.002, 1 << 20), _row("naive", 0.008, 1 << 30, n=4096)])
+    runner.derive(second["results"], 3.35e12)
+    merged = runner.merge(json.loads(json.dumps(first)), second)
+    rows = {(r["case"], r["n_tokens"]): r for r in merged["results"]}
+    assert len(merged["results"]) == 3
+    assert rows[("erpo-triton", 1024)]["speedup_vs_naive"] == pytest.approx(5.0)  # new time, old naive
+    assert len(merged["meta"]["runs"]) == 2
+    other = _sweep([])
+    other["meta"]["device_name"] = "NVIDIA H200"
+    with pytest.raises(SystemExit, match="cannot be merged"):
+        runner.merge(first, other)
