@@ -42,10 +42,10 @@ ERPO_HD float exp_elem(float x) {
 #endif
 }
 
-// Explicit comparisons (not isnan/isinf) keep one spelling for host and device; never build with fast-math,
-// which would fold them away.
-ERPO_HD bool is_poison(float x) { return x != x || x == INFINITY; }  // NaN or +inf: the row's outputs are NaN
-ERPO_HD bool is_live(float x) { return x > -INFINITY && x < INFINITY; }  // finite: takes part in the softmax
+// Plain comparisons (one instruction each; NaN compares false), the same on host and device. Never build
+// with fast-math, which assumes no NaN/inf and would fold them away.
+ERPO_HD bool is_poison(float x) { return !(x < INFINITY); }  // NaN or +inf: the row's outputs are NaN
+ERPO_HD bool is_live(float x) { return fabsf(x) < INFINITY; }  // finite: takes part in the softmax
 
 struct SoftmaxState {
   float m;  // largest finite x seen; -inf while none
@@ -242,12 +242,12 @@ ERPO_HD void thread_row_grad(const T* x_row, T* g_row, RowSplit split, int64_t v
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = first + u * threads;
       if (v < split.n_vec) {
-        const int64_t col = split.head + v * kVec;
+        const int64_t target_in_vec = target - (split.head + v * kVec);  // in [0, kVec) when the target is here
         Vec<T> out;
         ERPO_UNROLL
         for (int k = 0; k < kVec; ++k) {
           const float x = cv.to_float(buf[u].v[k]) * inv_t;
-          out.v[k] = cv.from_float(grad_elem<HAS_LOGP, HAS_ENT>(x, col + k == target, lse, mean_x, g_logp, g_ent, inv_t));
+          out.v[k] = cv.from_float(grad_elem<HAS_LOGP, HAS_ENT>(x, k == target_in_vec, lse, mean_x, g_logp, g_ent, inv_t));
         }
         g_body[v] = out;
       }
