@@ -1,5 +1,6 @@
 """The `erpo` command: `erpo train`, `erpo eval`, `erpo plot` (also `python -m erpo ...`)."""
 import argparse
+import os
 import sys
 
 
@@ -8,7 +9,7 @@ def _train(args) -> int:
     from erpo.train.trainer import train
 
     history = train(config_lib.from_args(args))
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":
         first, last = history[: min(25, len(history))], history[-min(25, len(history)):]
         mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
         print(f"mean reward: first {len(first)} steps {mean(first, 'reward'):.3f} -> last {len(last)} steps "
