@@ -151,7 +151,9 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
     valid = flat_mask if flat_mask.dtype == torch.bool else flat_mask != 0
     flat_targets = targets.reshape(-1)
     if config.check_inputs:
-        _check_values(config, logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq if packed else None, n_seqs)
+        _check_values(
+            logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq if packed else None, n_seqs
+        )
     masked_targets = torch.where(valid, flat_targets, torch.full_like(flat_targets, IGNORE_INDEX)).view(targets.shape)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     zeros = torch.zeros(valid.shape, dtype=compute, device=device)
@@ -163,17 +165,19 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
     )
 
 
-def _check_values(config, logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq, n_seqs):
+def _check_values(logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq, n_seqs):
     """All value checks, one host sync."""
     checks = []  # (flag tensor: True = bad, message)
     if flat_mask.dtype != torch.bool:
         checks.append(((flat_mask != 0) & (flat_mask != 1), "batch['mask'] must hold only 0 and 1"))
     checks.append((valid.sum() == 0, "batch has no valid token (mask is all 0): nothing to learn from"))
     checks.append(
-        (valid & (flat_targets == IGNORE_INDEX), f"batch['targets'] has the ignore id {IGNORE_INDEX} where mask is 1 (mask/targets mismatch)")
+        (valid & (flat_targets == IGNORE_INDEX),
+         f"batch['targets'] has the ignore id {IGNORE_INDEX} where mask is 1 (mask/targets mismatch)")
     )
     vocab = logits.shape[-1]
-    checks.append((valid & ((flat_targets < 0) | (flat_targets >= vocab)), f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
+    out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+    checks.append((out_of_range, f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
     checks.append((valid & ~torch.isfinite(old.reshape(-1)), "batch['old_logp'] is NaN or inf on a valid token"))
     if ref is not None:
         checks.append((valid & ~torch.isfinite(ref.reshape(-1)), "batch['ref_logp'] is NaN or inf on a valid token"))
@@ -184,7 +188,8 @@ def _check_values(config, logits, flat_mask, valid, flat_targets, old, ref, adva
     if seq is not None:
         checks.append(((seq < 0) | (seq >= n_seqs), f"batch['seq_ids'] has an id outside [0, {n_seqs})"))
         if seq.numel() > 1:
-            checks.append((seq[1:] < seq[:-1], "batch['seq_ids'] must be nondecreasing (each response's tokens contiguous)"))
+            unsorted = seq[1:] < seq[:-1]
+            checks.append((unsorted, "batch['seq_ids'] must be nondecreasing (each response's tokens contiguous)"))
     flags = torch.stack([flag.any() for flag, _ in checks]).tolist()
     for bad, (_, message) in zip(flags, checks):
         if bad:

@@ -189,7 +189,9 @@ class LossConfig:
         if self.eps_high < 0:
             raise ValueError(f"LossConfig.eps_high must be >= 0, got {self.eps_high}")
         if self.dual_clip_c <= 1:
-            raise ValueError(f"LossConfig.dual_clip_c must be > 1 (it bounds the loss of a < 0 tokens), got {self.dual_clip_c}")
+            raise ValueError(
+                f"LossConfig.dual_clip_c must be > 1 (it bounds the loss of a < 0 tokens), got {self.dual_clip_c}"
+            )
         if self.kl_coef < 0:
             raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
         if self.temperature <= 0:

@@ -96,7 +96,9 @@ def _covariance(a, logp, mask):
     return (a - valid_a.mean()) * (logp.detach() - valid_lp.mean())
 
 
-def naive_policy_loss(logits: Tensor, batch: dict, config: LossConfig, generator: Optional[torch.Generator] = None) -> LossResult:
+def naive_policy_loss(
+    logits: Tensor, batch: dict, config: LossConfig, generator: Optional[torch.Generator] = None
+) -> LossResult:
     targets, mask = batch["targets"], batch["mask"].bool()
     B, L = mask.shape
     logp, entropy = naive_logprobs_and_entropy(logits, torch.where(mask, targets, 0), config.temperature)
@@ -127,7 +129,11 @@ def naive_policy_loss(logits: Tensor, batch: dict, config: LossConfig, generator
     elif config.method == "clip_cov":
         cov = _covariance(a, logp, mask)
         clipped = -a * ratio_d.clamp(1 - config.eps_low, 1 + config.eps_high) > -a * ratio_d
-        candidates = [j for j in range(B * L) if mask.view(-1)[j] and config.clip_cov_lb < cov.view(-1)[j] < config.clip_cov_ub and not clipped.view(-1)[j]]
+        flat_cov, flat_mask, flat_clipped = cov.view(-1).tolist(), mask.view(-1).tolist(), clipped.view(-1).tolist()
+        candidates = [
+            j for j in range(B * L)
+            if flat_mask[j] and config.clip_cov_lb < flat_cov[j] < config.clip_cov_ub and not flat_clipped[j]
+        ]
         k = min(len(candidates), max(1, math.floor(config.clip_cov_ratio * n_valid)))
         if generator is None:
             generator = torch.Generator(device=logits.device).manual_seed(config.seed)
@@ -174,10 +180,11 @@ def naive_policy_loss(logits: Tensor, batch: dict, config: LossConfig, generator
     else:
         loss = per_token.sum() / (B * (config.max_len or L))
 
+    clips = config.method != "kl_cov"  # KL-Cov has no PPO clip
     metrics = {
         "entropy": entropy.detach()[mask].mean(),
-        "clip_frac_low": (mask & (a < 0) & (ratio_d < 1 - config.eps_low)).sum() / n_valid if config.method != "kl_cov" else zero,
-        "clip_frac_high": (mask & (a > 0) & (ratio_d > 1 + config.eps_high)).sum() / n_valid if config.method != "kl_cov" else zero,
+        "clip_frac_low": (mask & (a < 0) & (ratio_d < 1 - config.eps_low)).sum() / n_valid if clips else zero,
+        "clip_frac_high": (mask & (a > 0) & (ratio_d > 1 + config.eps_high)).sum() / n_valid if clips else zero,
         "ratio_mean": ratio_d[mask].mean(),
         "approx_kl": (torch.exp(old - lp) - (old - lp) - 1)[mask].mean(),
         "masked_frac": masked.sum() / n_valid,

@@ -98,6 +98,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
         valid = flat.valid
         ratio = torch.exp(tokens.logp - flat.old)
         log_back = flat.old - tokens.logp
+        zero = torch.zeros((), device=logp.device)
         metrics.update({
             "entropy": _valid_mean(tokens.entropy, valid, n_valid),
             "clip_frac_low": (clip_low & valid).sum() / n_valid,
@@ -105,7 +106,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
             "ratio_mean": _valid_mean(ratio, valid, n_valid),
             "approx_kl": _valid_mean(torch.exp(log_back) - log_back - 1, valid, n_valid),
             "masked_frac": (
-                (shaping.masked & valid).sum() / n_valid if shaping.masked is not None else torch.zeros((), device=logp.device)
+                (shaping.masked & valid).sum() / n_valid if shaping.masked is not None else zero
             ),
             "n_valid_tokens": n_valid,
             "adv_token_mean": _valid_mean(shaping.adv, valid, n_valid),

@@ -70,8 +70,15 @@ def test_method_matches_python_spec(method, knobs, make_batch):
 
 def test_clip_cov_matches_python_spec_with_its_keys(make_batch):
     logits, batch = make_batch(B=6, L=6, V=7, dtype=torch.float64, rewards=False, adv_scale=3.0)
-    # A band around 0 and r = 0.2 so that several candidates exist and several are zeroed.
-    config = erpo.LossConfig(method="clip_cov", clip_cov_lb=-0.5, clip_cov_ub=0.5, clip_cov_ratio=0.2, seed=11)
+    # Put the band (lb, ub) around the middle half of this batch's covariances so that several candidates
+    # exist, and r = 0.1 so that several of them are zeroed.
+    mask = batch["mask"]
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None])[..., 0][mask].tolist()
+    adv = batch["advantages"][:, None].expand(6, 6)[mask].tolist()
+    cov = sorted(covariance(adv, logp))
+    q1, q3 = len(cov) // 4, 3 * len(cov) // 4  # bounds halfway between two covariances: no token on a bound
+    lb, ub = (cov[q1] + cov[q1 + 1]) / 2, (cov[q3] + cov[q3 + 1]) / 2
+    config = erpo.LossConfig(method="clip_cov", clip_cov_lb=lb, clip_cov_ub=ub, clip_cov_ratio=0.1, seed=11)
     keys = torch.rand(36, generator=torch.Generator().manual_seed(11)).tolist()
     result = erpo.policy_loss(logits, batch, config)
     assert result.loss.item() == pytest.approx(expected_loss(config, logits, batch, keys), rel=RTOL)
