@@ -50,7 +50,7 @@ def cuda_extension() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     extension = CUDAExtension(
         name="erpo._C",
-        sources=["csrc/binding.cpp", "csrc/logprobs_entropy.cu"],
+        sources=["csrc/binding.cpp", "csrc/logprobs_entropy.cu", "csrc/policy_loss_token.cu"],
         include_dirs=[os.path.join(here, "csrc")],
         # Never --use_fast_math: the kernels' NaN/inf tests (x != x, x == inf) must not be folded away.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},

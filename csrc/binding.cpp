@@ -1,4 +1,4 @@
-// The torch binding of the CUDA launchers (logprobs_entropy.h), built as the extension `erpo._C` only where a
+// The torch binding of the CUDA launchers (logprobs_entropy.h, policy_loss_token.h), built as the extension `erpo._C` only where a
 // CUDA build of torch and nvcc exist (see setup.py). Python calls it from erpo/ops/cuda_logprobs_entropy.py
 // with a RowLayout's tensor and strides; this file checks what the kernels cannot (devices, dtypes, that the
 // rows lie inside the tensor's storage) and launches on torch's current stream.
@@ -8,6 +8,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "logprobs_entropy.h"
+#include "policy_loss_token.h"
 
 namespace {
 
@@ -110,6 +111,46 @@ void backward(const at::Tensor& logits, int64_t stride_outer, int64_t stride_inn
                "logprobs_entropy backward launch");
 }
 
+void check_token_array(const at::Tensor& t, const at::Tensor& like, const char* name, bool flags = false) {
+  check_cuda(t, like, name);
+  const bool dtype_ok = flags ? (t.scalar_type() == at::kChar || t.scalar_type() == at::kBool) : t.scalar_type() == at::kFloat;
+  TORCH_CHECK_TYPE(dtype_ok, "erpo._C: ", name, flags ? " must be int8 or bool" : " must be float32", ", got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == like.numel(), "erpo._C: ", name, " must be a contiguous tensor of ",
+              like.numel(), " elements, got shape ", t.sizes());
+}
+
+void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& old, const at::Tensor& adv,
+                       const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& klcov_w, at::Tensor& loss,
+                       at::Tensor& dlogp, at::Tensor& dentropy, at::Tensor& clip_low, at::Tensor& clip_high,
+                       double eps_low, double eps_high, double dual_clip_c, double kl_coef, double entropy_coef,
+                       bool no_clip, bool dual_clip, int64_t kl_estimator) {
+  TORCH_CHECK(logp.is_cuda(), "erpo._C: logp must be a CUDA tensor, got ", logp.device());
+  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "erpo._C: kl_estimator must be 1 (k1), 2 (k2) or 3 (k3), got ",
+              kl_estimator);
+  check_token_array(logp, logp, "logp");
+  check_token_array(entropy, logp, "entropy");
+  check_token_array(old, logp, "old_logp");
+  check_token_array(adv, logp, "advantages");
+  if (ref) check_token_array(*ref, logp, "ref_logp");
+  if (klcov_w) check_token_array(*klcov_w, logp, "klcov_w");
+  check_token_array(loss, logp, "loss");
+  check_token_array(dlogp, logp, "dlogp");
+  check_token_array(dentropy, logp, "dentropy");
+  check_token_array(clip_low, logp, "clip_low", true);
+  check_token_array(clip_high, logp, "clip_high", true);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  check_launch(erpo_policy_loss_token(
+                   logp.data_ptr<float>(), entropy.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(),
+                   ref ? ref->data_ptr<float>() : nullptr, klcov_w ? klcov_w->data_ptr<float>() : nullptr,
+                   loss.data_ptr<float>(), dlogp.data_ptr<float>(), dentropy.data_ptr<float>(),
+                   static_cast<int8_t*>(clip_low.data_ptr()), static_cast<int8_t*>(clip_high.data_ptr()), logp.numel(),
+                   static_cast<float>(eps_low), static_cast<float>(eps_high), static_cast<float>(dual_clip_c),
+                   static_cast<float>(kl_coef), static_cast<float>(entropy_coef), no_clip, dual_clip,
+                   static_cast<int>(kl_estimator), c10::cuda::getCurrentCUDAStream().stream()),
+               "policy_loss_token launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -123,4 +164,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_stride_outer"), py::arg("grad_stride_inner"), py::arg("targets"), py::arg("lse"),
         py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("n_rows"), py::arg("vocab"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("block_threads") = 0);
+  m.def("policy_loss_token", &policy_loss_token,
+        "per-token loss, dloss/dlogp, dloss/dH and clip flags into preallocated outputs (csrc/token_loss_math.h)",
+        py::arg("logp"), py::arg("entropy"), py::arg("old_logp"), py::arg("advantages"), py::arg("ref_logp"),
+        py::arg("klcov_w"), py::arg("loss"), py::arg("dlogp"), py::arg("dentropy"), py::arg("clip_low"),
+        py::arg("clip_high"), py::arg("eps_low"), py::arg("eps_high"), py::arg("dual_clip_c"), py::arg("kl_coef"),
+        py::arg("entropy_coef"), py::arg("no_clip"), py::arg("dual_clip"), py::arg("kl_estimator"));
 }

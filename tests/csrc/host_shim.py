@@ -30,6 +30,8 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.erpo_host_split_row.argtypes = [ctypes.c_uint64, ctypes.c_uint64, _i64, _int, _ptr]
     lib.erpo_host_split_row.restype = None
     lib.erpo_host_default_block_threads.argtypes = [_i64, _int]
+    lib.erpo_host_token_terms.argtypes = [_ptr] * 11 + [_i64, _f32, _f32, _f32, _f32, _f32, _int, _int, _int]
+    lib.erpo_host_token_terms.restype = None
     return lib
 
 
@@ -80,3 +82,20 @@ def split_row(lib, read_address, vocab, elem_size, write_address=0):
     out = (ctypes.c_int64 * 3)()
     lib.erpo_host_split_row(read_address, write_address, vocab, elem_size, out)
     return tuple(out)
+
+
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}  # as kernels/policy_loss.py
+
+
+def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params):
+    """The per-token policy-loss kernel's code on the host: (loss, dlogp, dentropy, clip_low, clip_high)."""
+    inputs = [None if t is None else t.to(torch.float32).contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
+    n = inputs[0].numel()
+    out = [torch.empty(n, dtype=torch.float32) for _ in range(3)]
+    flags = [torch.empty(n, dtype=torch.int8) for _ in range(2)]
+    lib.erpo_host_token_terms(
+        *(_ptr_or_none(t) for t in inputs), *(t.data_ptr() for t in out + flags), n,
+        params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef, params.entropy_coef,
+        int(params.no_clip), int(params.dual_clip), KL_CODES[params.kl_estimator],
+    )
+    return (*out, flags[0].bool(), flags[1].bool())
