@@ -98,7 +98,17 @@ def main():
     fig.savefig(args.out + ".png", dpi=110)
     header = ("| run | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in windows) + " | final greedy pass@1 |\n"
               "|---|" + "---|" * (len(windows) + 1))
-    table = ("Window means of sampled reward / entropy (nats per token) / response length (tokens, EOS included).\n\n"
+    import time
+
+    import torch
+    import transformers
+
+    provenance = (f"Measured {time.strftime('%Y-%m-%d')} on CPU (torch {torch.__version__}, transformers "
+                  f"{transformers.__version__}), float32, 1 thread per run; every run is `erpo train --loss METHOD "
+                  f"--seed S --steps {args.steps}` with the other options at their defaults (16 prompts x G=16, "
+                  "lr 5e-4, temperature 1). Reproduce: `python examples/compare_grpo_erpo.py`.\n\n")
+    table = (provenance + "Window means of sampled reward / entropy (nats per token) / response length (tokens, EOS "
+             "included); last column: greedy accuracy on all 100 problems at the last step.\n\n"
              + header + "\n" + "\n".join(rows) + "\n")
     with open(args.out + ".md", "w", encoding="utf-8") as handle:
         handle.write(table)
