@@ -48,7 +48,8 @@ if not (torch.version.cuda and torch.cuda.is_available()):
     sys.exit(1)
 print("GPU", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
 EOF
-python -m pip freeze 2>/dev/null | grep -iE '^(torch|triton|nvidia-|numpy|setuptools|ninja)' > "$OUT/pip_freeze.txt" || true
+python -m pip freeze 2>/dev/null | grep -iE '^(torch|triton|nvidia-|numpy|setuptools|ninja)' \
+    > "$OUT/pip_freeze.txt" || true
 
 step "2. build erpo._C"
 # --no-deps: keep the machine's torch and triton; --no-build-isolation: build against that torch.
@@ -63,7 +64,8 @@ fi
 step "3. test-suite on the GPU"
 # ERPO_BUILD_CUDA=0: tests that pip-install erpo elsewhere (tests/test_packaging.py) need not compile the
 # extension again; the one built in step 2 is what the tests import.
-ERPO_BUILD_CUDA=0 python -m pytest tests -ra -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
+ERPO_BUILD_CUDA=0 python -m pytest tests -ra -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
+    | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail 3 "tests (see $OUT/pytest.log)"
 python - <<'EOF' | tee -a "$OUT/pytest.log"
 import importlib.util

@@ -1,7 +1,7 @@
-// The torch binding of the CUDA launchers (logprobs_entropy.h, policy_loss_token.h), built as the extension `erpo._C` only where a
-// CUDA build of torch and nvcc exist (see setup.py). Python calls it from erpo/ops/cuda_logprobs_entropy.py
-// with a RowLayout's tensor and strides; this file checks what the kernels cannot (devices, dtypes, that the
-// rows lie inside the tensor's storage) and launches on torch's current stream.
+// The torch binding of the CUDA launchers (logprobs_entropy.h, policy_loss_token.h), built as the extension
+// `erpo._C` only where a CUDA build of torch and nvcc exist (see setup.py). Python calls it from
+// erpo/ops/cuda_logprobs_entropy.py with a RowLayout's tensor and strides; this file checks what the kernels
+// cannot (devices, dtypes, that the rows lie inside the tensor's storage) and launches on torch's current stream.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -113,7 +113,8 @@ void backward(const at::Tensor& logits, int64_t stride_outer, int64_t stride_inn
 
 void check_token_array(const at::Tensor& t, const at::Tensor& like, const char* name, bool flags = false) {
   check_cuda(t, like, name);
-  const bool dtype_ok = flags ? (t.scalar_type() == at::kChar || t.scalar_type() == at::kBool) : t.scalar_type() == at::kFloat;
+  const at::ScalarType type = t.scalar_type();
+  const bool dtype_ok = flags ? (type == at::kChar || type == at::kBool) : type == at::kFloat;
   TORCH_CHECK_TYPE(dtype_ok, "erpo._C: ", name, flags ? " must be int8 or bool" : " must be float32", ", got ",
                    t.scalar_type());
   TORCH_CHECK(t.is_contiguous() && t.numel() == like.numel(), "erpo._C: ", name, " must be a contiguous tensor of ",

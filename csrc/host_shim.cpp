@@ -1,4 +1,5 @@
-// Host (CPU) C API over softmax_row_math.h and token_loss_math.h, for the ctypes tests in tests/csrc. Built with plain g++:
+// Host (CPU) C API over softmax_row_math.h and token_loss_math.h, for the ctypes tests in tests/csrc.
+// Built with plain g++:
 //   g++ -std=c++17 -O2 -shared -fPIC -Icsrc csrc/host_shim.cpp -o libshim.so
 // The row functions run the kernels' own per-thread loops (thread_row_state, thread_row_grad,
 // thread_row_zero) for every emulated thread of a block, one after another, on the caller's memory, then
@@ -233,7 +234,9 @@ void erpo_host_split_row(uint64_t read_address, uint64_t write_address, int64_t 
   out[2] = s.tail_start;
 }
 
-int erpo_host_default_block_threads(int64_t vocab, int elem_size) { return erpo::default_block_threads(vocab, elem_size); }
+int erpo_host_default_block_threads(int64_t vocab, int elem_size) {
+  return erpo::default_block_threads(vocab, elem_size);
+}
 
 // The per-token policy-loss kernel's loop body over n tokens; ref / klcov_w may be NULL.
 void erpo_host_token_terms(const float* logp, const float* entropy, const float* old, const float* adv,
@@ -241,10 +244,12 @@ void erpo_host_token_terms(const float* logp, const float* entropy, const float*
                            int8_t* clip_low, int8_t* clip_high, int64_t n, float eps_low, float eps_high,
                            float dual_clip_c, float kl_coef, float entropy_coef, int no_clip, int dual_clip,
                            int kl_estimator) {
-  const erpo::TokenParams params{eps_low, eps_high, dual_clip_c, kl_coef, entropy_coef, no_clip, dual_clip, kl_estimator};
+  const erpo::TokenParams params{eps_low,      eps_high, dual_clip_c, kl_coef,
+                                 entropy_coef, no_clip,  dual_clip,   kl_estimator};
   for (int64_t i = 0; i < n; ++i) {
-    const erpo::TokenTerms t = erpo::token_terms(logp[i], entropy[i], old[i], adv[i], ref != nullptr, ref ? ref[i] : 0.0f,
-                                                 klcov_w != nullptr, klcov_w ? klcov_w[i] : 0.0f, params);
+    const erpo::TokenTerms t = erpo::token_terms(logp[i], entropy[i], old[i], adv[i], ref != nullptr,
+                                                 ref ? ref[i] : 0.0f, klcov_w != nullptr,
+                                                 klcov_w ? klcov_w[i] : 0.0f, params);
     loss[i] = t.loss;
     dlogp[i] = t.dlogp;
     dentropy[i] = t.dentropy;

@@ -247,7 +247,8 @@ ERPO_HD void thread_row_grad(const T* x_row, T* g_row, RowSplit split, int64_t v
         ERPO_UNROLL
         for (int k = 0; k < kVec; ++k) {
           const float x = cv.to_float(buf[u].v[k]) * inv_t;
-          out.v[k] = cv.from_float(grad_elem<HAS_LOGP, HAS_ENT>(x, k == target_in_vec, lse, mean_x, g_logp, g_ent, inv_t));
+          const float g = grad_elem<HAS_LOGP, HAS_ENT>(x, k == target_in_vec, lse, mean_x, g_logp, g_ent, inv_t);
+          out.v[k] = cv.from_float(g);
         }
         g_body[v] = out;
       }

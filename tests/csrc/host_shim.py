@@ -23,7 +23,8 @@ def build(out_dir: Path) -> ctypes.CDLL:
     if done.returncode != 0:
         raise RuntimeError(f"building the host shim failed ({' '.join(cmd)}):\n{done.stderr}")
     lib = ctypes.CDLL(str(library))
-    lib.erpo_host_rows_fwd.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _i64, _int]
+    lib.erpo_host_rows_fwd.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _i64,
+                                       _int]
     lib.erpo_host_rows_bwd.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                                        _i64, _i64, _f32, _i64, _int]
     lib.erpo_host_chunked_row.argtypes = [_ptr, _i64, _f32, _i64, _i64, _ptr, _i64, _int, _int, _ptr]

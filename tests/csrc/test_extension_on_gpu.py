@@ -86,11 +86,12 @@ def test_policy_loss_token_kernel_matches_twin(dual_clip, kl_estimator):
     ref = logp + torch.randn(n, device="cuda") * 0.3
     klcov = (torch.rand(n, device="cuda") < 0.2).float()
     params = TokenParams(0.2, 0.28, dual_clip, 3.0, 0.04, kl_estimator, 0.01, False)
-    out = [torch.empty(n, device="cuda") for _ in range(3)] + [torch.empty(n, device="cuda", dtype=torch.bool) for _ in range(2)]
+    out = [torch.empty(n, device="cuda") for _ in range(3)]
+    out += [torch.empty(n, device="cuda", dtype=torch.bool) for _ in range(2)]
     _C.policy_loss_token(logp, entropy, old, adv, ref, klcov, *out, params.eps_low, params.eps_high,
                          params.dual_clip_c, params.kl_coef, params.entropy_coef, params.no_clip, params.dual_clip,
                          {"k1": 1, "k2": 2, "k3": 3}[kl_estimator])
-    want = token_terms_torch(logp.double(), entropy.double(), old.double(), adv.double(), ref.double(), klcov.double(), params)
+    want = token_terms_torch(*(t.double() for t in (logp, entropy, old, adv, ref, klcov)), params)
     ratio = torch.exp(logp.double() - old.double())
     away = ((ratio - 0.8).abs() > 1e-4) & ((ratio - 1.28).abs() > 1e-4) & ((logp - old).abs() > 1e-4)
     if dual_clip:

@@ -178,7 +178,7 @@ def test_forward_nan_policy_matches_torch_backend(shim):
     got = hs.rows_fwd(shim, layout, targets, 1.0, IGNORE, 32)
     want = torch_logprobs_entropy.forward(layout, targets, 1.0, IGNORE)
     for name, g, w in zip(("logp", "entropy"), got, want):
-        assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{name}: NaN rows {torch.isnan(g)} vs torch {torch.isnan(w)}"
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{name}: NaN rows {torch.isnan(g)} vs {torch.isnan(w)}"
     logp, entropy, lse = got
     assert bool(torch.isnan(logp[[1, 2, 3]]).all() and torch.isnan(entropy[[1, 2, 3]]).all())
     assert bool(torch.isnan(lse[[1, 2]]).all()), "a poisoned row's lse is NaN, so its gradient is NaN too"
@@ -248,15 +248,17 @@ def test_backward_matches_float64_fp32(shim, mask, vocab, layout_kind):
     logits.reshape(-1, vocab)[:, :: max(1, vocab // 5)][1:] = -math.inf if vocab > 1 else 0.0  # some masked entries
     targets = random_targets(2, 3, vocab)
     rows = logits.reshape(-1, vocab)
-    finite_target = rows.gather(-1, torch.where(targets.reshape(-1) == IGNORE, 0, targets.reshape(-1))[:, None]).isfinite()
-    targets.reshape(-1)[~finite_target.squeeze(-1)] = IGNORE
+    flat_targets = targets.reshape(-1)
+    finite_target = rows.gather(-1, torch.where(flat_targets == IGNORE, 0, flat_targets)[:, None]).isfinite()
+    flat_targets[~finite_target.squeeze(-1)] = IGNORE  # a view: updates targets
     inv_t = 1.0 / pick((0.6, 1.5))  # never 1: a missing temperature factor must show
     threads = pick((32, 128))
     layout = row_layout(logits)
     _, entropy, lse = hs.rows_fwd(shim, layout, targets, inv_t, IGNORE, threads)
     g_logp, g_ent = _incoming(mask, layout.n_rows)
     grad = torch.full((2, 3, vocab), math.nan)  # every element must be written
-    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, inv_t, IGNORE, contiguous_layout_like(layout, grad), threads)
+    grad_layout = contiguous_layout_like(layout, grad)
+    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, inv_t, IGNORE, grad_layout, threads)
     want = reference_grad(rows, targets.reshape(-1), inv_t, g_logp, g_ent).view(2, 3, vocab)
     scale = 1 + torch.cat([g.abs() for g in (g_logp, g_ent) if g is not None] or [torch.zeros(1)]).max()
     tol = (row_tolerance(rows, inv_t) * scale * inv_t).view(2, 3, 1)
@@ -277,7 +279,8 @@ def test_backward_bf16(shim, mask, layout_kind):
     _, entropy, lse = hs.rows_fwd(shim, layout, targets, 1.0, IGNORE, 64)
     g_logp, g_ent = _incoming(mask, layout.n_rows)
     grad = torch.empty(2, 3, vocab, dtype=torch.bfloat16)
-    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 1.0, IGNORE, contiguous_layout_like(layout, grad), 64)
+    grad_layout = contiguous_layout_like(layout, grad)
+    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 1.0, IGNORE, grad_layout, 64)
     rows = logits.reshape(-1, vocab)
     want = reference_grad(rows, targets.reshape(-1), 1.0, g_logp, g_ent).view(2, 3, vocab)
     scale = 1 + torch.cat([g.abs() for g in (g_logp, g_ent) if g is not None]).max()
@@ -299,7 +302,8 @@ def test_inplace_backward_equals_separate_buffer(shim, dtype, layout_kind):
     _, entropy, lse = hs.rows_fwd(shim, layout, targets, 0.8, IGNORE, 64)
     g_logp, g_ent = _incoming("both", layout.n_rows)
     separate = torch.empty(2, 4, vocab, dtype=dtype)
-    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 0.8, IGNORE, contiguous_layout_like(layout, separate), 64)
+    separate_layout = contiguous_layout_like(layout, separate)
+    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 0.8, IGNORE, separate_layout, 64)
     hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 0.8, IGNORE, layout, 64)
     assert torch.equal(logits, separate)
 

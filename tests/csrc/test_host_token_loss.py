@@ -75,5 +75,6 @@ def test_nan_ratio_stays_nan(shim):
     """A NaN log-prob must reach the loss, never be replaced by a clip bound (fmaxf/fminf would do that)."""
     params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, False)
     logp = torch.tensor([float("nan"), -1.0])
-    got = hs.token_terms(shim, logp, torch.ones(2), torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0]), None, None, params)
+    old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
+    got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
     assert torch.isnan(got[0][0]) and torch.isfinite(got[0][1])

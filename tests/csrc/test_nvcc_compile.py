@@ -26,7 +26,10 @@ def _nvcc() -> str:
     if nvcc is None:
         if os.environ.get("ERPO_SKIP_NVCC") == "1":
             pytest.skip("nvcc not found and ERPO_SKIP_NVCC=1")
-        pytest.fail("nvcc not found on PATH: the CUDA sources cannot be compile-checked (set ERPO_SKIP_NVCC=1 to skip on purpose)")
+        pytest.fail(
+            "nvcc not found on PATH: the CUDA sources cannot be compile-checked "
+            "(set ERPO_SKIP_NVCC=1 to skip on purpose)"
+        )
     return nvcc
 
 
