@@ -21,7 +21,8 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _flat_targets(targets: Tensor) -> Tensor:
     flat = targets.reshape(-1)
-    return flat if flat.dtype in (torch.int32, torch.int64) else flat.long()
+    flat = flat if flat.dtype in (torch.int32, torch.int64) else flat.long()
+    return flat.contiguous()  # kernels read targets_ptr + row: a strided view (targets[::2]) must be copied
 
 
 def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:

@@ -140,6 +140,14 @@ def test_strided_rows_without_copy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_targets(backend):
+    """targets[::2] stays a strided view after reshape(-1): the kernels must not read it as contiguous."""
+    logits = make_logits((4, 50), torch.float32)
+    check_values_and_grads(logits, torch.randint(0, 50, (8,), device=DEVICE)[::2], backend)
+    check_values_and_grads(logits, torch.randint(0, 50, (4, 3), device=DEVICE, dtype=torch.int32)[:, 1], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_slice_and_unmergeable_layouts(backend):
     vocab_slice = make_logits((4, 3, 170), torch.float32)[..., :150]  # row stride 170, not V
     targets = torch.randint(0, 150, (4, 3), device=DEVICE)
