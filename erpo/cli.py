@@ -1,4 +1,4 @@
-"""The `erpo` command: `erpo train`, `erpo eval`, `erpo plot` (also `python -m erpo ...`)."""
+"""The `erpo` command: `erpo train`, `erpo eval`, `erpo plot`, `erpo bench` (also `python -m erpo ...`)."""
 import argparse
 import os
 import sys
@@ -47,6 +47,15 @@ def _plot(args) -> int:
     return 0
 
 
+def _bench(argv: list) -> int:
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        raise ValueError("`erpo bench` runs the benchmark suite of a source checkout: run it from the repository "
+                         "root (it forwards to `python -m bench`)") from None
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from erpo.train import config as config_lib
 
@@ -57,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a policy with RL from verifiable rewards. With no arguments: the built-in CPU task "
         "(1-2 digit addition, tiny Llama). Options come from --config FILE (YAML or TOML, same key names "
         "with underscores) and flags; flags win. Multi-process: torchrun --nproc-per-node N -m erpo train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter,
     )
     config_lib.add_arguments(train)
     train.set_defaults(run=_train)
@@ -74,16 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="an `erpo train` run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="output PNG (default RUN_DIR/metrics.png)")
     plot.set_defaults(run=_plot)
+
+    bench = sub.add_parser("bench", help="kernel and loss benchmarks (forwards to `python -m bench`, source checkout)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for `python -m bench` (try --help)")
+    bench.set_defaults(run=lambda args: _bench(args.bench_args))
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to `python -m bench`, options included
+        try:
+            return _bench(argv[1:])
+        except ValueError as err:
+            print(f"erpo bench: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError) as err:
-        if args.command == "train" and getattr(args, "debug", False):
-            raise
         print(f"erpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -311,6 +311,10 @@ class Trainer:
             if main:
                 self._report(f"run dir {self.run_dir}; loss {self.loss_cfg.method}; world {self.dist.world}; "
                              f"device {self.device}")
+            if cfg.eval_every and self.step == 0 and main:  # the "before" figure of a fresh run
+                before = {"step": 0, **self.run_eval()}
+                self.log.write(before)
+                self.progress.update(0, before)
             while self.step < cfg.steps:
                 record, problems = self.train_step()
                 self._report_problems(problems)

@@ -33,7 +33,8 @@ def full_run(tmp_path_factory):
 
 def test_train_smoke(full_run):
     run, result = full_run
-    rows = records(run)
+    before, *rows = records(run)
+    assert before["step"] == 0 and "eval_pass@1" in before and "reward" not in before  # eval before training
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= r["reward"] <= 1 and r["entropy"] > 0 and r["nonfinite"] == 0 for r in rows)
     assert "eval_pass@1" in rows[2] and "eval_pass@1" in rows[5] and "eval_pass@1" not in rows[0]
@@ -76,7 +77,7 @@ def test_kill_and_resume_gives_the_same_losses(full_run, tmp_path):
         for r in rows:
             for key in ("loss", "reward", "entropy", "grad_norm", "response_len", "eval_pass@1"):
                 assert r.get(key) == expected[r["step"]].get(key), (r["step"], key)  # bitwise: same ops, same order
-    assert [r["step"] for r in records(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records(killed)] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_corrupt_checkpoint_refused_by_cli(full_run, tmp_path):
@@ -106,9 +107,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert "world 2" in result.stderr  # the run banner (rank 0, on the console's stderr)
     assert result.stdout.count("mean reward") == 1  # the summary is printed by rank 0 only
     rows = records(run)
-    assert [r["step"] for r in rows] == [1, 2] and "eval_pass@1" in rows[-1]
-    # 2 ranks x 2 prompts x 4 samples, the tokens of both ranks counted
-    assert rows[0]["n_valid_tokens"] > 0
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_pass@1" in rows[-1]
+    assert rows[1]["n_valid_tokens"] > 0 and rows[1]["nonfinite"] == 0
     state = os.path.join(run, "checkpoints", "step_000002", "trainer_state.pt")
     import torch
 
