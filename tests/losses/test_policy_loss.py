@@ -19,8 +19,9 @@ def grad_of(loss_fn, logits, batch, config):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_value_and_logit_gradient_match_naive_float64(method, make_batch):
-    # Empty row 1, a group of size 1 (the last response: 7 responses in groups of 3) and random equal rewards.
+    # Empty row 1; groups of 3: one with distinct rewards, one with equal rewards, and a group of size 1.
     logits, batch = make_batch(B=7, L=6, V=13, group_size=3, dtype=torch.float64, empty_rows=(1,))
+    batch["rewards"] = torch.cat([torch.randperm(3).float(), torch.full((3,), 2.0), torch.rand(1)])
     config = erpo.LossConfig(method=method, backend="torch", **KNOBS.get(method, {}))
     got, g_got = grad_of(erpo.policy_loss, logits, batch, config)
     want, g_want = grad_of(naive_policy_loss, logits, batch, config)
