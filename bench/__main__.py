@@ -36,6 +36,8 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: all cores)")
     p.add_argument("--merge", action="store_true",
                    help="merge into --out's existing results.json (re-measured rows replaced): run a sweep in pieces")
+    p.add_argument("--pool", action="store_true",
+                   help="like --merge, but a row measured in both runs pools their timed samples (repeated sweeps)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -84,9 +86,9 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sweep = runner.run_sweep(preset, device, selected, kinds, _shapes(preset, args), log=log)
     previous = os.path.join(out, "results.json")
-    if args.merge and os.path.exists(previous):
+    if (args.merge or args.pool) and os.path.exists(previous):
         with open(previous) as f:
-            sweep = runner.merge(json.load(f), sweep)
+            sweep = runner.merge(json.load(f), sweep, pool=args.pool)
     table = report.markdown(sweep)
     print(table)
     report.write_json(sweep, os.path.join(out, "results.json"))

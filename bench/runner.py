@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -138,14 +139,28 @@ def row_key(r: dict) -> tuple:
     return (r["case"], r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"])
 
 
-def merge(previous: dict, sweep: dict) -> dict:
+def _pooled(old: dict, new: dict) -> dict:
+    """One row from two runs of the same item: all timed samples together, the median of the runs' peaks."""
+    if old.get("status") != "ok" or new.get("status") != "ok":
+        return new if new.get("status") == "ok" or old.get("status") != "ok" else old
+    peaks = old.get("peak_extra_bytes_runs", [old["peak_extra_bytes"]]) + [new["peak_extra_bytes"]]
+    row = {**new, **measure.summarize(old["times_s"] + new["times_s"])}
+    row.update(peak_extra_bytes=int(statistics.median(peaks)), peak_extra_bytes_runs=peaks,
+               runs=old.get("runs", 1) + 1)
+    return row
+
+
+def merge(previous: dict, sweep: dict, pool: bool = False) -> dict:
     """Rows of `previous` (an earlier results.json of the same device) not re-measured in `sweep`, plus the
-    rows of `sweep`, ratios re-derived; lets a long sweep run in pieces (e.g. one dtype per command)."""
+    rows of `sweep`, ratios re-derived; lets a long sweep run in pieces (e.g. one dtype per command).
+    With `pool`, a row measured in both runs keeps both runs' samples (repeated sweeps on a busy machine)."""
     if previous["meta"]["device_name"] != sweep["meta"]["device_name"]:
         raise SystemExit(f"--merge: {previous['meta']['device_name']!r} results cannot be merged with "
                          f"{sweep['meta']['device_name']!r} ones; use another --out")
+    old = {row_key(r): r for r in previous["results"]}
     fresh = {row_key(r) for r in sweep["results"]}
-    rows = [r for r in previous["results"] if row_key(r) not in fresh] + sweep["results"]
+    rows = [r for r in previous["results"] if row_key(r) not in fresh]
+    rows += [_pooled(old[row_key(r)], r) if pool and row_key(r) in old else r for r in sweep["results"]]
     for r in rows:
         for k in ("vs_naive", "speedup_vs_naive", "memory_ratio_vs_naive", "checksum_rel_diff", "agrees_with_naive"):
             r.pop(k, None)

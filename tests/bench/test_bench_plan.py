@@ -120,3 +120,14 @@ def test_merge_replaces_remeasured_rows_and_rederives():
     other["meta"]["device_name"] = "NVIDIA H200"
     with pytest.raises(SystemExit, match="cannot be merged"):
         runner.merge(first, other)
+
+
+def test_pool_keeps_the_samples_of_both_runs():
+    first = _sweep([_row("naive", 0.010, 3 << 30), _row("erpo-triton", 0.004, 1 << 20)])
+    second = _sweep([_row("naive", 0.012, 3 << 30), _row("erpo-triton", 0.002, 3 << 20)])
+    pooled = runner.merge(first, second, pool=True)
+    rows = {r["case"]: r for r in pooled["results"]}
+    assert sorted(rows["erpo-triton"]["times_s"]) == [0.002, 0.004] and rows["erpo-triton"]["runs"] == 2
+    assert rows["erpo-triton"]["median_s"] == pytest.approx(0.003)
+    assert rows["erpo-triton"]["peak_extra_bytes_runs"] == [1 << 20, 3 << 20]
+    assert rows["erpo-triton"]["speedup_vs_naive"] == pytest.approx(0.011 / 0.003)
