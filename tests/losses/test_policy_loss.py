@@ -19,10 +19,12 @@ def grad_of(loss_fn, logits, batch, config):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_value_and_logit_gradient_match_naive_float64(method, make_batch):
-    # Empty row 1; groups of 3: one with distinct rewards, one with equal rewards, and a group of size 1.
-    logits, batch = make_batch(B=7, L=6, V=13, group_size=3, dtype=torch.float64, empty_rows=(1,))
-    batch["rewards"] = torch.cat([torch.randperm(3).float(), torch.full((3,), 2.0), torch.rand(1)])
-    config = erpo.LossConfig(method=method, backend="torch", **KNOBS.get(method, {}))
+    # Empty row 1; two groups with distinct rewards, one with equal rewards, and a group of size 1.
+    logits, batch = make_batch(B=9, L=6, V=13, dtype=torch.float64, empty_rows=(1,))
+    batch["group_ids"] = torch.tensor([4, 4, 4, 0, 0, 0, 9, 9, 2])
+    batch["rewards"] = torch.cat([torch.randperm(3).float(), torch.rand(3) + 0.1, torch.full((2,), 2.0), torch.rand(1)])
+    knobs = dict(KNOBS.get(method, {}), **(dict(rho=0.5) if method == "high_entropy_mask" else {}))
+    config = erpo.LossConfig(method=method, backend="torch", **knobs)
     got, g_got = grad_of(erpo.policy_loss, logits, batch, config)
     want, g_want = grad_of(naive_policy_loss, logits, batch, config)
     # float64 both ways: differences are rounding (~1e-16); the fused op sums in a different order.
