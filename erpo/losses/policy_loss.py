@@ -65,7 +65,8 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     flat = prepare(logits, batch, config)
     backend = resolve_backend(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
-        logits, flat.targets, temperature=config.temperature, backend=backend, check_targets=config.check_inputs,
+        logits, flat.targets, temperature=config.temperature, backend=backend,
+        check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
         inplace_grad=config.inplace_grad,
     )
     logp, entropy = logp.reshape(-1), entropy.reshape(-1)

@@ -33,3 +33,22 @@ def test_no_host_sync_on_the_hot_path(method, make_batch, monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(torch.Tensor, "item", forbidden("item"))
             torch.ones(1).item()
+
+
+@pytest.mark.parametrize("method", ["dapo", "erpo", "clip_cov"])
+def test_input_checks_cost_exactly_one_host_sync(method, make_batch, monkeypatch):
+    logits, batch = make_batch(B=4, L=5, V=9, group_size=2)
+    logits.requires_grad_()
+    calls = []
+
+    def counted(name, original):
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in SYNCING:
+            patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        erpo.policy_loss(logits, batch, erpo.LossConfig(method=method)).loss.backward()
+    assert calls == ["tolist"]
