@@ -79,9 +79,15 @@ class HFRollout:
         return Rollouts(prompts, responses, finished)
 
 
-def _vllm_load_weights(worker, weights):
-    """Runs inside the vLLM worker (collective_rpc passes the worker as the first argument)."""
-    worker.model_runner.model.load_weights(weights)
+class VLLMWeightSync:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); `collective_rpc` calls it by name there."""
+
+    def erpo_load_weights(self, payload: bytes):
+        from safetensors.torch import load
+
+        # reload_weights (not model.load_weights): it re-runs the post-load processing, e.g. the CPU backend's
+        # repacked linear weights, which a plain load_weights cannot write into.
+        self.model_runner.reload_weights(weights_iterator=list(load(payload).items()), is_checkpoint_format=True)
 
 
 class VLLMRollout:
@@ -97,11 +103,17 @@ class VLLMRollout:
             ) from None
         self.vllm = vllm
         self.tokenizer = tokenizer
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, **engine_kwargs)
+        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed,
+                            worker_extension_cls=f"{__name__}.VLLMWeightSync", **engine_kwargs)
 
     def sync_weights(self, model) -> None:
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc(_vllm_load_weights, args=(weights,))
+        # The engine runs in another process and its RPC carries plain bytes, so the weights travel as one
+        # safetensors blob (tied tensors cloned apart). Simple and correct; for large models on GPUs a NCCL
+        # broadcast into the workers would avoid the host round trip.
+        from safetensors.torch import save
+
+        payload = save({name: t.detach().cpu().clone() for name, t in model.state_dict().items()})
+        self.llm.collective_rpc("erpo_load_weights", args=(payload,))
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached KV came from the old weights
 

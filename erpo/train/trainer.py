@@ -10,6 +10,7 @@ import os
 import time
 
 import torch
+from transformers.utils import logging as hf_logging
 
 import erpo
 from erpo.losses import LossConfig, advantages as advantages_lib, make_controller, policy_loss
@@ -157,6 +158,7 @@ class Trainer:
             return rollout_lib.HFRollout(self.policy, self.tokenizer)
         path = os.path.join(self.run_dir, "vllm_init")
         if self.dist.is_main:
+            hf_logging.disable_progress_bar()
             self.policy.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
         distributed.barrier(self.dist)
