@@ -41,8 +41,11 @@ def policy_loss_token_kernel(
         clip_low = zero
         clip_high = zero
     else:
-        clipped = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-        pg = tl.maximum(unclipped, clipped)
+        # PropagateNan.ALL: on a GPU the default min/max return the non-NaN operand, which would turn a NaN
+        # ratio into a finite loss term (the interpreter's numpy propagates NaN either way).
+        nan_all: tl.constexpr = tl.PropagateNan.ALL
+        clipped = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=nan_all), 1.0 + eps_high, propagate_nan=nan_all)
+        pg = tl.maximum(unclipped, clipped, propagate_nan=nan_all)
         dlogp = tl.where(unclipped >= clipped, unclipped, 0.0)
         clip_low = tl.where((a < 0) & (ratio < 1.0 - eps_low), 1.0, 0.0)
         clip_high = tl.where((a > 0) & (ratio > 1.0 + eps_high), 1.0, 0.0)

@@ -160,10 +160,12 @@ def test_entropy_gradient_only_with_an_entropy_term(make_batch, monkeypatch):
         assert seen[-1] is expect, method
 
 
-def test_nonfinite_logits_give_a_nonfinite_loss(make_batch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("method", ["dapo", "grpo", "kl_cov"])
+def test_nonfinite_logits_give_a_nonfinite_loss(make_batch, backend, method):
     logits, batch = make_batch()
     logits[0, 0, 3] = float("nan")
-    result = erpo.policy_loss(logits, batch, erpo.LossConfig(method="dapo"))
+    result = erpo.policy_loss(logits, batch, erpo.LossConfig(method=method, backend=backend))
     assert not torch.isfinite(result.loss) and result.metrics["nonfinite_tokens"].item() >= 1
 
 
