@@ -6,11 +6,13 @@ import os
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 # (metric key, short label, format) shown in the progress bar, in this order
 LIVE = (
     ("reward", "R", ".3f"), ("entropy", "H", ".3f"), ("cdp_rate", "cdp", ".2f"), ("clip_frac_low", "clip-", ".3f"),
-    ("clip_frac_high", "clip+", ".3f"), ("approx_kl", "kl", ".4f"), ("response_len", "len", ".2f"),
+    ("clip_frac_high", "clip+", ".3f"), ("approx_kl", "kl_old", ".4f"), ("kl_ref", "kl_ref", ".4f"),
+    ("response_len", "len", ".2f"),
     ("tokens_per_s", "tok/s", ".0f"), ("eval_pass@1", "eval", ".3f"),
 )
 
@@ -41,6 +43,16 @@ def read(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+class _BarAndMetrics(Progress):
+    """The bar on one line, the live metrics below it (wrapped to the terminal, never squeezing the bar)."""
+
+    metrics_line = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield Text(self.metrics_line, style="dim")
+
+
 class LiveProgress:
     """A rich progress bar whose description carries the latest metrics; a no-op when disabled."""
 
@@ -49,11 +61,11 @@ class LiveProgress:
         self.console = Console(stderr=True)
         self.shown: dict = {}
         if enabled:
-            self.progress = Progress(
-                TextColumn("[bold]erpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=self.console,
+            self.progress = _BarAndMetrics(
+                TextColumn("[bold]erpo train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), console=self.console,
             )
-            self.task = self.progress.add_task("train", total=total, completed=start, metrics="")
+            self.task = self.progress.add_task("train", total=total, completed=start)
 
     def __enter__(self):
         if self.enabled:
@@ -69,7 +81,8 @@ class LiveProgress:
         if self.enabled:
             text = " ".join(f"{label} {_plain(self.shown[k]):{fmt}}" for k, label, fmt in LIVE if k in self.shown
                             and isinstance(_plain(self.shown[k]), (int, float)))
-            self.progress.update(self.task, completed=step, metrics=text)
+            self.progress.metrics_line = text
+            self.progress.update(self.task, completed=step)
 
     def log(self, message: str) -> None:
         (self.progress.console if self.enabled else self.console).print(message, highlight=False)
