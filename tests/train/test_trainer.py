@@ -79,7 +79,7 @@ def test_nonfinite_stop_policy(tmp_path):
         trainer.train_step()
 
 
-@pytest.mark.parametrize("method", ["erpo", "clip_cov", "kl_cov", "repo_r", "adapo", "high_entropy_mask", "dr_grpo"])
+@pytest.mark.parametrize("method", ["dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "adapo"])
 def test_every_method_trains_a_step(tmp_path, method):
     over = {"loss_args": {"kl_cov_anneal": "linear"}} if method == "kl_cov" else {}
     trainer = make(tmp_path, loss=method, **over)
