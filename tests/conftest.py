@@ -17,6 +17,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cuda_extension_available() -> bool:
+    if DEVICE != "cuda":
+        return False
+    try:
+        from erpo import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The kernel backends a test can run here: Triton always (interpreter on CPU), CUDA where erpo._C is built.
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if _cuda_extension_available() else [])
 RUN_SEED = int(os.environ.get("ERPO_TEST_SEED") or random.SystemRandom().randrange(1 << 30))
 
 

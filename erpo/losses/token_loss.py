@@ -66,12 +66,17 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
 
 
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str):
-    """Dispatch: 'triton' runs kernels/policy_loss.py on float32 inputs, anything else the torch twin."""
+    """Dispatch on float32 inputs: 'triton' runs kernels/policy_loss.py, 'cuda' csrc/policy_loss_token.cu;
+    anything else (and float64) the torch twin."""
     if backend == "triton" and logp.dtype == torch.float32:
         from erpo.kernels import policy_loss as kernel
 
         args = [t if t is None else t.contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
         return kernel.token_terms(*args, params)
+    if backend == "cuda" and logp.dtype == torch.float32:
+        from erpo.ops import cuda_logprobs_entropy
+
+        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params)
     return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params)
 
 

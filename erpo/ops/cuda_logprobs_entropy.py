@@ -61,3 +61,20 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
         targets.reshape(-1).contiguous(), _per_row(lse), _per_row(entropy), _per_row(grad_logp), _per_row(grad_entropy),
         layout.n_rows, layout.vocab, float(inv_temperature), int(ignore_index), BLOCK_THREADS,
     )
+
+
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+
+
+def token_terms(logp, entropy, old, adv, ref, klcov_w, params):
+    """The per-token loss terms on csrc/policy_loss_token.cu: the same contract as kernels/policy_loss.py."""
+    ext, n = _extension(), logp.numel()
+    inputs = [None if t is None else t.reshape(-1).float().contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
+    out = [torch.empty(n, dtype=torch.float32, device=logp.device) for _ in range(3)]
+    flags = [torch.empty(n, dtype=torch.bool, device=logp.device) for _ in range(2)]
+    if n:
+        ext.policy_loss_token(
+            *inputs, *out, *flags, params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef,
+            params.entropy_coef, params.no_clip, params.dual_clip, KL_CODES[params.kl_estimator],
+        )
+    return (*out, *flags)

@@ -4,7 +4,7 @@ import torch
 
 
 def random_batch(B=6, L=7, V=19, group_size=3, dtype=torch.float32, with_ref=True, rewards=True, empty_rows=(),
-                 adv_scale=1.0, logit_scale=2.0):
+                 adv_scale=1.0, logit_scale=2.0, device="cpu"):
     """logits [B, L, V] and a batch dict; old/ref log-probs near the policy's so ratios straddle the clip."""
     logits = torch.randn(B, L, V, dtype=torch.float64) * logit_scale
     targets = torch.randint(0, V, (B, L))
@@ -27,7 +27,7 @@ def random_batch(B=6, L=7, V=19, group_size=3, dtype=torch.float32, with_ref=Tru
     else:
         batch["advantages"] = torch.randn(B) * adv_scale
         batch["group_ids"] = group_ids
-    return logits.to(dtype), batch
+    return logits.to(device, dtype), {name: value.to(device) for name, value in batch.items()}
 
 
 @pytest.fixture

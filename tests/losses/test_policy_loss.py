@@ -6,6 +6,7 @@ import torch
 import erpo
 from erpo.losses.config import METHODS
 from erpo.losses.naive import naive_logprobs_and_entropy, naive_policy_loss
+from tests.conftest import DEVICE, KERNEL_BACKENDS
 
 KNOBS = {"erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1)}
 
@@ -35,12 +36,13 @@ def test_value_and_logit_gradient_match_naive_float64(method, make_batch):
         torch.testing.assert_close(got.metrics[name].double(), want.metrics[name].double(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_triton_backend_equals_torch_backend(method, make_batch):
-    logits, batch = make_batch(B=4, L=5, V=37, group_size=2, dtype=torch.float32, empty_rows=(2,))
+def test_kernel_backend_equals_torch_backend(method, backend, make_batch):
+    logits, batch = make_batch(B=4, L=5, V=37, group_size=2, dtype=torch.float32, empty_rows=(2,), device=DEVICE)
     knobs = KNOBS.get(method, {})
     torch_result, torch_grad = grad_of(erpo.policy_loss, logits, batch, erpo.LossConfig(method=method, backend="torch", **knobs))
-    triton_result, triton_grad = grad_of(erpo.policy_loss, logits, batch, erpo.LossConfig(method=method, backend="triton", **knobs))
+    triton_result, triton_grad = grad_of(erpo.policy_loss, logits, batch, erpo.LossConfig(method=method, backend=backend, **knobs))
     # float32 both; Triton's exp/log and its online softmax differ from torch's in the last bits.
     torch.testing.assert_close(triton_result.loss, torch_result.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(triton_grad, torch_grad, rtol=1e-4, atol=1e-6)
@@ -160,10 +162,10 @@ def test_entropy_gradient_only_with_an_entropy_term(make_batch, monkeypatch):
         assert seen[-1] is expect, method
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("method", ["dapo", "grpo", "kl_cov"])
 def test_nonfinite_logits_give_a_nonfinite_loss(make_batch, backend, method):
-    logits, batch = make_batch()
+    logits, batch = make_batch(device=DEVICE)
     logits[0, 0, 3] = float("nan")
     result = erpo.policy_loss(logits, batch, erpo.LossConfig(method=method, backend=backend))
     assert not torch.isfinite(result.loss) and result.metrics["nonfinite_tokens"].item() >= 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from erpo.losses.token_loss import TokenParams, token_terms, token_terms_torch
+from tests.conftest import DEVICE, KERNEL_BACKENDS
 
 
 def params(**overrides):
@@ -90,13 +91,14 @@ def test_torch_twin_derivatives_match_autograd_float64(mode):
     torch.testing.assert_close(dent, g_ent, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode, n", list(itertools.product(MODES, [1, 1500])))
-def test_triton_kernel_matches_torch_twin(mode, n):
+def test_kernel_matches_torch_twin(mode, n, backend):
     p = params(**mode)
-    x = inputs(n)
+    x = {name: value.to(DEVICE) for name, value in inputs(n).items()}
     ref = x["ref"] if p.kl_coef else None
     klcov = x["klcov_w"] if p.no_clip else None
-    got = token_terms(x["logp"], x["entropy"], x["old"], x["adv"], ref, klcov, p, "triton")
+    got = token_terms(x["logp"], x["entropy"], x["old"], x["adv"], ref, klcov, p, backend)
     want = token_terms_torch(x["logp"], x["entropy"], x["old"], x["adv"], ref, klcov, p)
     # float32 both; exp in Triton vs torch may differ by an ulp or two.
     for g, w in zip(got[:3], want[:3]):
