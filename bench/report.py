@@ -31,8 +31,13 @@ def markdown(sweep: dict) -> str:
         f"Peak bandwidth for the % column: {meta['peak_bandwidth_Bps'] / 1e9:.1f} GB/s "
         f"({meta['peak_bandwidth_source']}). Load average start/end: {meta['loadavg_start'][0]:.2f} / "
         f"{meta['loadavg_end'][0]:.2f}.",
-        "",
     ]
+    if meta.get("runs"):
+        lines.append(f"Pooled over {len(meta['runs'])} runs (every timed sample of every run; peak memory: median "
+                     "of the runs): " + "; ".join(
+                         f"{run['date_utc']} commit {run['git_commit'][:10]}, load {run['loadavg_start'][0]:.1f} -> "
+                         f"{run['loadavg_end'][0]:.1f}" for run in meta["runs"]) + ".")
+    lines.append("")
     panel = None
     for r in sweep["results"]:
         if _panel(r) != panel:
