@@ -71,7 +71,7 @@ class TrainConfig:
     plots: bool = _f(True, "write PNG plots of the metrics at the end")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
-    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+    threads: int = _f(0, "torch CPU threads (0 = 1 for the built-in tiny model, whose small matmuls only lose to thread overhead; torch's default otherwise)")
 
     def validate(self) -> None:
         positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "steps", "max_nonfinite")

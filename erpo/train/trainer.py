@@ -82,8 +82,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads = cfg.threads or (1 if cfg.model == tiny_task.MODEL_NAME else 0)
+        if threads:
+            torch.set_num_threads(threads)
         self.device = self.dist.device
         self.autocast = self.device.type == "cuda" and cfg.bf16
         self.loss_cfg = loss_config(cfg)
