@@ -75,8 +75,15 @@ print("backend='cuda' was", "INCLUDED in" if ops else "NOT included in", "tests/
 EOF
 
 step "4. benchmark sweep (python -m bench --preset gpu ${ERPO_BENCH_ARGS:-})"
-# shellcheck disable=SC2086  # ERPO_BENCH_ARGS is a list of arguments
-python -m bench --preset gpu --out "$OUT/bench" ${ERPO_BENCH_ARGS:-} || fail 4 "the benchmark sweep"
+# In pieces merged into one results.json, so a run cut short (e.g. a 10-minute limit per remote command) keeps
+# every finished piece; re-running a piece with --merge replaces only its rows.
+for dtype in bfloat16 float32; do
+  for vocab in 32000 128256 151936; do
+    # shellcheck disable=SC2086  # ERPO_BENCH_ARGS is a list of arguments
+    python -m bench --preset gpu --dtypes "$dtype" --v "$vocab" --out "$OUT/bench" --merge ${ERPO_BENCH_ARGS:-} \
+      || fail 4 "the benchmark sweep ($dtype, V=$vocab)"
+  done
+done
 
 step "5. cuda vs triton"
 if [ -f "$OUT/bench/results.json" ]; then
