@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from erpo.ops import backends
+
 METHODS = (
     "grpo", "dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "adapo",
 )
@@ -22,7 +24,6 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GATE_MODES = ("redistribute", "amplify", "none")
-BACKENDS = ("auto", "torch", "triton")
 ANNEAL_SCHEDULES = ("none", "linear", "cosine")
 
 # Shared by every method unless its row below says otherwise: the DAPO recipe (asymmetric clip,
@@ -169,7 +170,7 @@ class LossConfig:
         _choice("agg", self.agg, AGGREGATIONS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("gate", self.gate, GATE_MODES)
-        _choice("backend", self.backend, BACKENDS)
+        _choice("backend", self.backend, backends.BACKENDS)
         _choice("kl_cov_anneal", self.kl_cov_anneal, ANNEAL_SCHEDULES)
         for name in ("dual_clip", "check_inputs", "inplace_grad"):
             if not isinstance(getattr(self, name), bool):

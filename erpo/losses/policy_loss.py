@@ -18,6 +18,7 @@ from erpo.losses.config import LossConfig
 from erpo.losses.methods import Tokens, token_advantages
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, token_loss
+from erpo.ops import backends
 from erpo.ops.logprobs_entropy import logprobs_and_entropy
 
 
@@ -25,12 +26,6 @@ from erpo.ops.logprobs_entropy import logprobs_and_entropy
 class LossResult:
     loss: Tensor  # 0-d, differentiable w.r.t. the logits
     metrics: dict  # name -> detached 0-d tensor
-
-
-def resolve_backend(backend: str, is_cuda: bool) -> str:
-    if backend == "auto":
-        return "triton" if is_cuda else "torch"
-    return backend
 
 
 def token_params(config: LossConfig) -> TokenParams:
@@ -63,7 +58,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
     flat = prepare(logits, batch, config)
-    backend = resolve_backend(config.backend, logits.is_cuda)
+    backend = backends.resolve(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend,
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored

@@ -39,7 +39,7 @@ def test_explicit_knobs_override_method_defaults():
     (dict(adv_estimator="gae"), "adv_estimator"),
     (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(gate="soft"), "gate"),
-    (dict(backend="cuda"), "backend"),
+    (dict(backend="numpy"), "backend"),
     (dict(kl_cov_anneal="step"), "kl_cov_anneal"),
     (dict(eps_low=-0.1), "eps_low"),
     (dict(eps_low=1.0), "eps_low"),
