@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from erpo.ops import backends
-from erpo.ops.row_layout import contiguous_layout_like, row_layout
+from erpo.ops.row_layout import addressable_in_place, contiguous_layout_like, row_layout
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -98,7 +98,8 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temperature = inv_temperature
         ctx.ignore_index = ignore_index
-        ctx.inplace_grad = inplace_grad
+        # Rows the kernels read from a copy cannot take the gradient in place: it would land in the copy.
+        ctx.inplace_grad = inplace_grad and addressable_in_place(logits)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -169,6 +170,8 @@ def logprobs_and_entropy(
             Safe only when nothing reads these logits after the backward starts: not the caller, and not
             another autograd node that saved them (that case is caught: autograd raises "modified by an
             inplace operation" because the op bumps the logits' version). Not allowed on leaf tensors.
+            Logits whose leading dims do not merge into two strides (rare) are copied for the kernels anyway;
+            their gradient then gets a buffer of its own.
         backend: "auto" (triton on CUDA tensors, torch on CPU), "torch", "triton" or "cuda".
         check_targets: validate target ids are in [0, V) (one host sync); pass False on a hot path whose
             targets are known good.

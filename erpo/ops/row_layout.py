@@ -32,15 +32,19 @@ def _merged_leading_dims(tensor: torch.Tensor) -> list[tuple[int, int]]:
     return merged
 
 
+def addressable_in_place(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can read (and write) these rows where they are, without a copy."""
+    return tensor.dim() == 1 or (tensor.stride(-1) == 1 and len(_merged_leading_dims(tensor)) <= 2)
+
+
 def row_layout(tensor: torch.Tensor) -> RowLayout:
     vocab = tensor.shape[-1]
     n_rows = tensor.numel() // vocab if vocab else 0
     if tensor.dim() == 1:
         return RowLayout(tensor, 1, vocab, 1, 0, 0)
-    dims = _merged_leading_dims(tensor)
-    if tensor.stride(-1) != 1 or len(dims) > 2:
+    if not addressable_in_place(tensor):
         tensor = tensor.contiguous()
-        dims = _merged_leading_dims(tensor)
+    dims = _merged_leading_dims(tensor)
     if not dims:
         return RowLayout(tensor, n_rows, vocab, 1, 0, 0)
     if len(dims) == 1:

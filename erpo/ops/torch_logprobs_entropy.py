@@ -2,9 +2,9 @@
 
 Memory plan: rows are processed in chunks of at most CHUNK_ELEMENTS elements (4 MiB in float32) with two
 chunk-sized float32 buffers reused in place, so the temporaries stay near 10 MiB however large `[N, V]` is.
-Chunks are views of the logits (never a copy of the whole tensor, also for strided rows). The forward keeps per row only lse and entropy;
-the backward recomputes p from them and writes the gradient chunk by chunk into one buffer in the logits'
-dtype (or into the logits themselves). Accumulation is float32, float64 for float64 logits.
+Chunks are views of the logits (never a copy of the whole tensor, also for strided rows). The forward keeps
+per row only lse and entropy; the backward recomputes p from them and writes the gradient chunk by chunk into
+one buffer in the logits' dtype (or into the logits themselves). Accumulation is float32, float64 for float64 logits.
 """
 import torch
 

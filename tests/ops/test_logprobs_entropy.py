@@ -228,6 +228,23 @@ def test_inplace_grad_equals_normal_path(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_grad_on_a_layout_the_kernels_cannot_address(backend):
+    """Leading dims that do not merge into two strides are copied for the kernels: the gradient then cannot
+    live in the logits' storage and must come back in a buffer of its own, still equal to the normal path."""
+    hidden = make_logits((2, 4, 3, 90), torch.float32).requires_grad_()
+    targets = torch.randint(0, 90, (2, 3, 2), device=DEVICE)
+    grads = []
+    for inplace in (False, True):
+        hidden.grad = None
+        logits = (hidden * 1.0)[:, :-1, :-1]
+        logp, entropy = erpo.logprobs_and_entropy(logits, targets, inplace_grad=inplace, backend=backend)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+        grads.append(hidden.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_grad_refuses_leaf_and_detects_other_readers(backend):
     leaf = make_logits((2, 50), torch.float32).requires_grad_()
     targets = torch.randint(0, 50, (2,), device=DEVICE)
