@@ -79,9 +79,6 @@ def policy_loss_token_kernel(
     tl.store(clip_high_ptr + offs, clip_high.to(tl.int8), mask=live)
 
 
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-
-
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params):
     """Flat float32 [N] (loss, dloss/dlogp, dloss/dH, clip_low bool, clip_high bool); see the module doc."""
     n = logp.numel()
@@ -93,6 +90,6 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params):
             *out, *flags,
             n, params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef, params.entropy_coef,
             NO_CLIP=params.no_clip, DUAL_CLIP=params.dual_clip, HAS_REF=ref is not None,
-            KL_EST=KL_CODES[params.kl_estimator], HAS_KLCOV=klcov_w is not None, BLOCK=BLOCK,
+            KL_EST=params.kl_code, HAS_KLCOV=klcov_w is not None, BLOCK=BLOCK,
         )
     return (*out, flags[0].view(torch.bool), flags[1].view(torch.bool))

@@ -24,6 +24,11 @@ class TokenParams:
     entropy_coef: float
     no_clip: bool  # KL-Cov: the plain ratio surrogate, no PPO clip
 
+    @property
+    def kl_code(self) -> int:
+        """The KL estimator as the kernels (Triton and CUDA) take it: 1, 2 or 3 for k1, k2, k3."""
+        return {"k1": 1, "k2": 2, "k3": 3}[self.kl_estimator]
+
 
 def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: Optional[Tensor], params: TokenParams):
     """Torch twin of kernels/policy_loss.py: same formulas, elementwise, in the inputs' float dtype."""

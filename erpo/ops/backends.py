@@ -3,7 +3,7 @@
     forward(layout, targets, inv_temperature, ignore_index) -> (logp, entropy, lse), flat [N]
     backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout)
 
-`layout`/`grad_layout` are RowLayouts (erpo.ops.row_layout); `targets` is a flat int32/int64 tensor.
+`layout`/`grad_layout` are RowLayouts (erpo.ops.row_layout); `targets` is a flat, contiguous int32/int64 tensor.
 """
 import importlib
 import os

@@ -44,7 +44,7 @@ def forward(layout, targets, inv_temperature, ignore_index):
     lse = torch.empty_like(logp)
     if layout.n_rows:
         ext.logprobs_entropy_fwd(
-            logits, layout.stride_outer, layout.stride_inner, layout.inner, targets.reshape(-1).contiguous(),
+            logits, layout.stride_outer, layout.stride_inner, layout.inner, targets,
             logp, entropy, lse, layout.n_rows, layout.vocab, float(inv_temperature), int(ignore_index), BLOCK_THREADS,
         )
     return logp, entropy, lse
@@ -58,12 +58,9 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     ext.logprobs_entropy_bwd(
         layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner,
         grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
-        targets.reshape(-1).contiguous(), _per_row(lse), _per_row(entropy), _per_row(grad_logp), _per_row(grad_entropy),
+        targets, _per_row(lse), _per_row(entropy), _per_row(grad_logp), _per_row(grad_entropy),
         layout.n_rows, layout.vocab, float(inv_temperature), int(ignore_index), BLOCK_THREADS,
     )
-
-
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params):
@@ -75,6 +72,6 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params):
     if n:
         ext.policy_loss_token(
             *inputs, *out, *flags, params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef,
-            params.entropy_coef, params.no_clip, params.dual_clip, KL_CODES[params.kl_estimator],
+            params.entropy_coef, params.no_clip, params.dual_clip, params.kl_code,
         )
     return (*out, *flags)

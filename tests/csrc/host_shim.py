@@ -85,9 +85,6 @@ def split_row(lib, read_address, vocab, elem_size, write_address=0):
     return tuple(out)
 
 
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}  # as kernels/policy_loss.py
-
-
 def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params):
     """The per-token policy-loss kernel's code on the host: (loss, dlogp, dentropy, clip_low, clip_high)."""
     inputs = [None if t is None else t.to(torch.float32).contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
@@ -97,6 +94,6 @@ def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params):
     lib.erpo_host_token_terms(
         *(_ptr_or_none(t) for t in inputs), *(t.data_ptr() for t in out + flags), n,
         params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef, params.entropy_coef,
-        int(params.no_clip), int(params.dual_clip), KL_CODES[params.kl_estimator],
+        int(params.no_clip), int(params.dual_clip), params.kl_code,
     )
     return (*out, flags[0].bool(), flags[1].bool())
