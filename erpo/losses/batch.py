@@ -69,18 +69,30 @@ def _check_int(key: str, tensor: Tensor) -> None:
 
 
 def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
+    """The batch of `policy_loss(logits, ...)`: token positions are `logits.shape[:-1]`."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, L, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return prepare_tokens(tuple(logits.shape[:-1]), logits.shape[-1], logits.device, compute, batch, config, "logits")
+
+
+def prepare_tokens(token_shape: tuple, vocab: Optional[int], device: torch.device, compute: torch.dtype, batch,
+                   config: LossConfig, source: str) -> FlatBatch:
+    """Check and flatten a batch whose token positions have `token_shape` ([B, L] padded or [N] packed).
+
+    `vocab` bounds the target ids (None: not checked, e.g. when log-probs arrive already computed);
+    `compute` is the float dtype of the flat old/ref log-probs; `source` names the tensor the shape came
+    from in error messages ("logits", "hidden", "logp").
+    """
     batch = _as_dict(batch)
     unknown = set(k for k, v in batch.items() if v is not None) - KNOWN_KEYS
     if unknown:
         raise ValueError(f"batch has unknown keys {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, L, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
-    packed = logits.dim() == 2
-    token_shape = tuple(logits.shape[:-1])
-    device = logits.device
+    packed = len(token_shape) == 1
     layout = "packed [N]" if packed else "padded [B, L]"
+    where = f"{source}.shape[:-1]" if source != "logp" else "logp.shape"
 
     targets = _tensor(batch, "targets", True)
     mask = _tensor(batch, "mask", True)
@@ -88,9 +100,9 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
     ref = _tensor(batch, "ref_logp", False)
     for key, tensor in (("targets", targets), ("mask", mask), ("old_logp", old), ("ref_logp", ref)):
         if tensor is not None:
-            _check_shape(key, tensor, token_shape, f"logits.shape[:-1] ({layout}):")
+            _check_shape(key, tensor, token_shape, f"{where} ({layout}):")
             if tensor.device != device:
-                raise ValueError(f"batch[{key!r}] is on {tensor.device} but logits on {device}")
+                raise ValueError(f"batch[{key!r}] is on {tensor.device} but {source} on {device}")
     _check_int("targets", targets)
     _check_float("old_logp", old)
     if ref is not None:
@@ -118,8 +130,8 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
         raise ValueError(f"batch has no 'ref_logp' but the config needs it: {', '.join(why)}")
 
     if packed:
-        seq_ids = _tensor(batch, "seq_ids", True, " (packed [N, V] logits need per-token response ids)")
-        _check_shape("seq_ids", seq_ids, token_shape, "logits.shape[:-1] (packed [N]):")
+        seq_ids = _tensor(batch, "seq_ids", True, f" (a packed [N] {source} layout needs per-token response ids)")
+        _check_shape("seq_ids", seq_ids, token_shape, f"{where} (packed [N]):")
         _check_int("seq_ids", seq_ids)
         seq = seq_ids.to(device=device, dtype=torch.long)
         per_seq = advantages if advantages is not None else rewards
@@ -131,7 +143,8 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
             raise ValueError("agg 'seq-mean-token-sum-norm' on packed sequences needs LossConfig.max_len (L_max)")
     else:
         if batch.get("seq_ids") is not None:
-            raise ValueError("batch['seq_ids'] is for packed [N, V] logits; padded [B, L, V] rows are the responses")
+            raise ValueError(f"batch['seq_ids'] is for the packed [N] layout; in the padded [B, L] layout of {source} "
+                             "the rows are the responses")
         n_seqs, padded_len = token_shape
         seq = torch.arange(n_seqs, device=device).repeat_interleave(padded_len)
 
@@ -139,7 +152,7 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
         if tensor is not None:
             _check_shape(key, tensor, (n_seqs,), "one value per response:")
             if tensor.device != device:
-                raise ValueError(f"batch[{key!r}] is on {tensor.device} but logits on {device}")
+                raise ValueError(f"batch[{key!r}] is on {tensor.device} but {source} on {device}")
     if advantages is not None:
         _check_float("advantages", advantages)
     if rewards is not None:
@@ -152,10 +165,9 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
     flat_targets = targets.reshape(-1)
     if config.check_inputs:
         _check_values(
-            logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq if packed else None, n_seqs
+            vocab, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq if packed else None, n_seqs
         )
     masked_targets = torch.where(valid, flat_targets, torch.full_like(flat_targets, IGNORE_INDEX)).view(targets.shape)
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     zeros = torch.zeros(valid.shape, dtype=compute, device=device)
     old_flat = torch.where(valid, old.reshape(-1).to(compute), zeros)
     ref_flat = None if ref is None else torch.where(valid, ref.reshape(-1).to(compute), zeros)
@@ -165,7 +177,7 @@ def prepare(logits: Tensor, batch, config: LossConfig) -> FlatBatch:
     )
 
 
-def _check_values(logits, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq, n_seqs):
+def _check_values(vocab, flat_mask, valid, flat_targets, old, ref, advantages, rewards, seq, n_seqs):
     """All value checks, one host sync."""
     checks = []  # (flag tensor: True = bad, message)
     if flat_mask.dtype != torch.bool:
@@ -175,9 +187,9 @@ def _check_values(logits, flat_mask, valid, flat_targets, old, ref, advantages, 
         (valid & (flat_targets == IGNORE_INDEX),
          f"batch['targets'] has the ignore id {IGNORE_INDEX} where mask is 1 (mask/targets mismatch)")
     )
-    vocab = logits.shape[-1]
-    out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocab))
-    checks.append((out_of_range, f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
+    if vocab is not None:
+        out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+        checks.append((out_of_range, f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
     checks.append((valid & ~torch.isfinite(old.reshape(-1)), "batch['old_logp'] is NaN or inf on a valid token"))
     if ref is not None:
         checks.append((valid & ~torch.isfinite(ref.reshape(-1)), "batch['ref_logp'] is NaN or inf on a valid token"))

@@ -55,8 +55,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     `generator` drives Clip-Cov's random pick; without one a generator seeded with config.seed is used,
     so a call is reproducible (pass your own, e.g. PolicyLoss's, to draw fresh picks each step).
     """
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
+    _check_config(config)
     flat = prepare(logits, batch, config)
     backend = backends.resolve(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
@@ -64,6 +63,22 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
         inplace_grad=config.inplace_grad,
     )
+    return loss_from_token_stats(logp, entropy, flat, config, backend, generator)
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
+
+
+def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfig, backend: str,
+                          generator: Optional[torch.Generator] = None) -> LossResult:
+    """The [N]-sized middle of every policy loss: method logic, per-token terms, aggregation, metrics.
+
+    `logp` and `entropy` are the per-token statistics of the stats pass (any shape that flattens to the
+    batch's N tokens), differentiable w.r.t. whatever produced them (logits, or hidden states and the head);
+    their gradient flows back into that producer's gradient pass.
+    """
     logp, entropy = logp.reshape(-1), entropy.reshape(-1)
     dtype = logp.dtype
     metrics: dict = {}
@@ -74,7 +89,7 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
         group=None if flat.group_ids is None else dense_ids(flat.group_ids.to(flat.seq.device)),
     )
     if config.method == "clip_cov" and generator is None:
-        generator = torch.Generator(device=logits.device).manual_seed(config.seed)
+        generator = torch.Generator(device=logp.device).manual_seed(config.seed)
     shaping = token_advantages(config, tokens, generator)
 
     ref_for_kl = flat.ref if config.kl_coef > 0 else None
