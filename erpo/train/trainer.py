@@ -322,8 +322,11 @@ class Trainer:
             where = f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
                     f"(loss {loss_value}, grad norm {norm})"
             if cfg.on_nonfinite == "stop" or self.nonfinite_streak >= cfg.max_nonfinite:
+                steps = checkpoint.list_steps(self.run_dir)
+                kept = f"checkpoints up to step {steps[-1]} are intact" if steps else "no checkpoint was written"
                 raise NonFiniteError(f"{where}; stopping (on_nonfinite={cfg.on_nonfinite!r}, "
-                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite})")
+                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite}); {kept} "
+                                     f"(erpo train --resume {self.run_dir} continues from there)")
             self._report(f"[yellow]{where}: update skipped[/]")
             return norm, True
         self.nonfinite_streak = 0
