@@ -194,6 +194,13 @@ def test_model_errors_say_what_was_tried_and_fail_fast(capsys, monkeypatch, tmp_
     line = one_line_error(offline)
     assert "HF_HUB_OFFLINE" in line and "local Hugging Face cache (not there)" in line
     assert time.perf_counter() - start < 10  # no minute of retries
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: the hub is unreachable
+    start = time.perf_counter()
+    unreachable = in_process(capsys, "train", *QUICK, "--model", "erpo-test/no-such-model", "--out-dir",
+                             str(tmp_path / "c"))
+    assert "(unreachable within 3 s)" in one_line_error(unreachable)
+    assert time.perf_counter() - start < 10
 
 
 def test_nan_stop_is_one_line_with_exit_code_1(capsys, tmp_path):
