@@ -1,0 +1,200 @@
+"""Chunked pure-torch backend of the fused LM head: (hidden, weight, bias) -> logp, entropy, lse and back.
+
+Memory plan: hidden rows are processed in chunks of R rows against the whole vocabulary. A chunk holds two
+[R, V] float32 buffers (the logits, then their exponentials, both rewritten in place into the gradient) and
+an [R, H] copy of its hidden rows; R is the largest count whose [R, V] float32 buffer fits
+BUDGET_BYTES[device type] (8 MiB on CPU, 256 MiB on CUDA), so the temporaries never grow with N and never
+hold [N, V]. The only full-size results are the gradients: grad_hidden [N, H] and grad_weight [V, H] in
+float32 (grad_bias [V]). bf16/fp16 heads: the logits matmul runs in the weights' dtype (fp32 accumulation in
+the BLAS, as `hidden @ weight.T` does) and the gradient matmuls take dlogits rounded to that dtype (as the
+logits path's dlogits are); grad_weight is accumulated in float32 over row chunks, a VOCAB_SLICE-row slice
+of it at a time so the low-precision product never needs a [V, H] temporary.
+Rows whose target is ignore_index are skipped on CPU (compacted out: never computed); on CUDA they are
+zeroed instead of compacted, because finding them would sync with the host.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from erpo.ops.row_layout import RowLayout
+
+BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # one [R, V] float32 chunk buffer
+ROWS: Optional[int] = None  # fixed rows per chunk instead of the budget (tests set it to cross chunk edges)
+VOCAB_SLICE = 4096  # rows of grad_weight per low-precision accumulation product
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    if ROWS is not None:
+        return max(1, min(ROWS, max(n_rows, 1)))
+    budget = BUDGET_BYTES.get(device.type, BUDGET_BYTES["cuda"])
+    return max(1, min(max(n_rows, 1), budget // (4 * max(vocab, 1))))
+
+
+def _rows_to_compute(targets: Tensor, ignore_index: int) -> Tensor:
+    if targets.is_cuda:
+        return torch.arange(targets.numel(), device=targets.device)
+    return (targets != ignore_index).nonzero().squeeze(1)  # no device to sync with on CPU
+
+
+def _row_source(hidden: RowLayout):
+    """A function flat row ids -> those hidden rows as a contiguous [r, H] tensor (read in place, then gathered)."""
+    outer = hidden.n_rows // hidden.inner
+    rows3d = torch.as_strided(
+        hidden.tensor, (outer, hidden.inner, hidden.vocab), (hidden.stride_outer, hidden.stride_inner, 1)
+    )
+    return lambda idx: rows3d[idx // hidden.inner, idx % hidden.inner]
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float) -> Tensor:
+    """z = (h @ weight.T + bias) * inv_temperature as a fresh [r, V] float32 buffer."""
+    if weight.dtype == torch.float32:
+        z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+    else:
+        z = torch.mm(h, weight.t()).float()
+        if bias is not None:
+            z.add_(bias)
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    return z
+
+
+def _row_stats(z: Tensor, tgt: Tensor):
+    """Shift z by its row max in place; return (e = exp(z), log Σe, E_e[z], logp, bad, shift) of the rows."""
+    row_max = z.amax(dim=1, keepdim=True)
+    # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
+    bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    z.sub_(shift)
+    target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    e = torch.exp(z)
+    denom = e.sum(dim=1)
+    weighted = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e z per row without an [r, V] product
+    log_denom = torch.log(denom)
+    mean_z = weighted / denom
+    return e, denom, log_denom, mean_z, target_z - log_denom, bad, shift.squeeze(1)
+
+
+def _dlogits_into(z_minus_mean: Tensor, p: Tensor, tgt: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor]):
+    """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the two chunk buffers; returns it.
+
+    `z_minus_mean` holds z - E_p[z] and `p` the probabilities; the g's are [r] and already carry 1/T.
+    Uses z - E_p[z], never log p + H, so an underflowed p gives 0 and never 0 * -inf.
+    """
+    if g_ent is not None:
+        dz = z_minus_mean.mul_(g_ent.unsqueeze(1))
+        if g_logp is not None:
+            dz.add_(g_logp.unsqueeze(1))
+        dz.mul_(p).neg_()
+    else:
+        dz = p.mul_(-g_logp.unsqueeze(1))
+    if g_logp is not None:
+        dz.scatter_add_(1, tgt.unsqueeze(1), g_logp.unsqueeze(1))
+    return dz
+
+
+class _Grads:
+    """The float32 gradient buffers and the accumulation of one chunk's dlogits into them."""
+
+    def __init__(self, n_rows: int, weight: Tensor, bias: Optional[Tensor]):
+        hidden_size = weight.shape[1]
+        self.weight = weight
+        self.hidden = torch.zeros(n_rows, hidden_size, dtype=torch.float32, device=weight.device)
+        self.weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+
+    def add(self, idx: Tensor, h: Tensor, dz: Tensor) -> None:
+        if self.weight.dtype == torch.float32:
+            self.hidden.index_copy_(0, idx, torch.mm(dz, self.weight))
+            self.weight_grad.addmm_(dz.t(), h)
+        else:
+            low = dz.to(self.weight.dtype)
+            self.hidden.index_copy_(0, idx, torch.mm(low, self.weight).float())
+            for start in range(0, low.shape[1], VOCAB_SLICE):
+                stop = min(start + VOCAB_SLICE, low.shape[1])
+                self.weight_grad[start:stop].add_(torch.mm(low[:, start:stop].t(), h))
+        if self.bias is not None:
+            self.bias.add_(dz.sum(dim=0))
+
+
+def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int):
+    """Yield (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool) per chunk."""
+    rows = _rows_to_compute(targets, ignore_index)
+    source = _row_source(hidden)
+    step = chunk_rows(rows.numel(), weight.shape[0], weight.device)
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        tgt = targets[idx].long()
+        ignored = tgt == ignore_index
+        h = source(idx)
+        if targets.is_cuda:
+            h = h.masked_fill(ignored.unsqueeze(1), 0)  # garbage in skipped rows must not reach grad_weight
+        yield idx, h, torch.where(ignored, 0, tgt), ignored
+
+
+def forward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
+            ignore_index: int):
+    """Return flat (logp, entropy, lse), each [N] float32; ignored rows give 0."""
+    return forward_backward(hidden, weight, bias, targets, inv_temperature, ignore_index, None)[:3]
+
+
+def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     inv_temperature: float, ignore_index: int, coefficients: Optional[Callable]):
+    """The forward, and with `coefficients` also the gradient in the same pass (the one-pass schedule).
+
+    `coefficients(idx, logp, entropy)` gets a chunk's flat row ids and its (detached) float32 statistics and
+    returns (g_logp, g_entropy or None), the loss's derivatives for those rows; it may only depend on them and
+    on per-row constants. Returns (logp, entropy, lse, grad_hidden, grad_weight, grad_bias), grads None without
+    `coefficients`.
+    """
+    device = weight.device
+    n_rows = hidden.n_rows
+    logp = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    entropy = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    grads = None if coefficients is None else _Grads(n_rows, weight, bias)
+    nan = float("nan")
+    for idx, h, tgt, ignored in _chunks(hidden, weight, targets, ignore_index):
+        z = _logits(h, weight, bias, inv_temperature)
+        e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, tgt)
+        row_entropy = torch.where(bad, nan, log_denom - mean_z).masked_fill(ignored, 0.0)
+        row_logp = torch.where(bad, nan, row_logp).masked_fill(ignored, 0.0)
+        logp[idx], entropy[idx] = row_logp, row_entropy
+        lse[idx] = (shift + log_denom).masked_fill(ignored, 0.0)
+        if grads is not None:
+            g_logp, g_ent = coefficients(idx, row_logp, row_entropy)
+            p = e.div_(denom.unsqueeze(1))
+            dz = _dlogits_into(z.sub_(mean_z.unsqueeze(1)), p, tgt, *_scaled(g_logp, g_ent, ignored, inv_temperature))
+            grads.add(idx, h, dz)
+    if grads is None:
+        return logp, entropy, lse, None, None, None
+    return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
+
+
+def _scaled(g_logp, g_ent, ignored, inv_temperature):
+    """The per-row gradients times 1/T (the chain rule through z / T), zero on skipped rows."""
+    def scale(g):
+        return None if g is None else (g.to(torch.float32) * inv_temperature).masked_fill(ignored, 0.0)
+
+    return scale(g_logp), scale(g_ent)
+
+
+def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+             entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float,
+             ignore_index: int):
+    """Recompute each chunk's logits from the saved lse and entropy and return (grad_hidden [N, H] f32,
+    grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
+    grads = _Grads(hidden.n_rows, weight, bias)
+    if grad_logp is None and grad_entropy is None:
+        return grads.hidden, grads.weight_grad, grads.bias
+    for idx, h, tgt, ignored in _chunks(hidden, weight, targets, ignore_index):
+        z = _logits(h, weight, bias, inv_temperature)
+        row_lse, row_entropy = lse[idx].unsqueeze(1), entropy[idx].unsqueeze(1)
+        z.sub_(row_lse)  # log p
+        p = torch.exp(z)
+        z.add_(row_entropy)  # log p + H = z - E_p[z]: an exact shift of z, finite where z is
+        g_logp = None if grad_logp is None else grad_logp[idx]
+        g_ent = None if grad_entropy is None else grad_entropy[idx]
+        dz = _dlogits_into(z, p, tgt, *_scaled(g_logp, g_ent, ignored, inv_temperature))
+        grads.add(idx, h, dz)
+    return grads.hidden, grads.weight_grad, grads.bias
