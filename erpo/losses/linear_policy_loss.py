@@ -52,7 +52,7 @@ def one_pass_exact(config: LossConfig, batch=None) -> bool:
     entropy bonus and the KL term)."""
     if config.method not in ROW_LOCAL_METHODS or not getattr(config, "row_local", True):
         return False
-    preset = LossConfig(method=config.method)
+    preset = type(config)(method=config.method)
     for field in dataclasses.fields(config):
         if field.name not in ONE_PASS_FIELDS and getattr(config, field.name) != getattr(preset, field.name):
             return False
