@@ -1,8 +1,8 @@
 """Chunked pure-torch backend of the fused LM head: (hidden, weight, bias) -> logp, entropy, lse and back.
 
-Memory plan: hidden rows are processed in chunks of R rows against the whole vocabulary. A chunk holds two
-[R, V] float32 buffers (the logits, then their exponentials, both rewritten in place into the gradient) and
-an [R, H] copy of its hidden rows; R is the largest count whose [R, V] float32 buffer fits
+Memory plan: hidden rows are processed in chunks of R rows against the whole vocabulary. Two [R, V] float32
+buffers, allocated once per call, hold a chunk's logits and their exponentials (rewritten in place into
+dlogits), plus an [R, H] copy of the chunk's hidden rows; R is the largest count whose [R, V] float32 buffer fits
 BUDGET_BYTES[device type] (8 MiB on CPU, 256 MiB on CUDA), so the temporaries never grow with N and never
 hold [N, V]. The only full-size results are the gradients: grad_hidden [N, H] and grad_weight [V, H] in
 float32 (grad_bias [V]). bf16/fp16 heads: the logits matmul runs in the weights' dtype (fp32 accumulation in
@@ -46,12 +46,16 @@ def _row_source(hidden: RowLayout):
     return lambda idx: rows3d[idx // hidden.inner, idx % hidden.inner]
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float) -> Tensor:
-    """z = (h @ weight.T + bias) * inv_temperature as a fresh [r, V] float32 buffer."""
+def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float) -> Tensor:
+    """z = (h @ weight.T + bias) * inv_temperature, float32, written into the first rows of `buffer`."""
+    z = buffer[: h.shape[0]]
     if weight.dtype == torch.float32:
-        z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        if bias is None:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h, weight.t(), out=z)
     else:
-        z = torch.mm(h, weight.t()).float()
+        z.copy_(torch.mm(h, weight.t()))
         if bias is not None:
             z.add_(bias)
     if inv_temperature != 1.0:
@@ -59,15 +63,16 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: 
     return z
 
 
-def _row_stats(z: Tensor, tgt: Tensor):
-    """Shift z by its row max in place; return (e = exp(z), log Σe, E_e[z], logp, bad, shift) of the rows."""
+def _row_stats(z: Tensor, e_buffer: Tensor, tgt: Tensor):
+    """Shift z by its row max in place and write e = exp(z) into `e_buffer`; return
+    (e, Σe, log Σe, E_p[z], logp, bad rows, shift) of the rows."""
     row_max = z.amax(dim=1, keepdim=True)
     # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
     bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(1)
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     z.sub_(shift)
     target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-    e = torch.exp(z)
+    e = torch.exp(z, out=e_buffer[: z.shape[0]])
     denom = e.sum(dim=1)
     weighted = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e z per row without an [r, V] product
     log_denom = torch.log(denom)
@@ -75,19 +80,22 @@ def _row_stats(z: Tensor, tgt: Tensor):
     return e, denom, log_denom, mean_z, target_z - log_denom, bad, shift.squeeze(1)
 
 
-def _dlogits_into(z_minus_mean: Tensor, p: Tensor, tgt: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor]):
-    """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the two chunk buffers; returns it.
+def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, scale: Tensor, g_logp: Optional[Tensor],
+                  g_ent: Optional[Tensor], z_minus_mean_offset: Tensor) -> Tensor:
+    """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the chunk buffers; returns it.
 
-    `z_minus_mean` holds z - E_p[z] and `p` the probabilities; the g's are [r] and already carry 1/T.
-    Uses z - E_p[z], never log p + H, so an underflowed p gives 0 and never 0 * -inf.
+    p = e * scale (scale: 1/Σe, or 1 when e is already p) and z - E_p[z] = z + z_minus_mean_offset, all per
+    row; the g's are [r] and already carry 1/T. So dz = e (z a + b) + onehot g_logp with a = -g_ent scale,
+    b = -(g_ent offset + g_logp) scale: two passes over the chunk. Uses z - E_p[z], never log p + H, so an
+    underflowed p gives 0 and never 0 * -inf.
     """
+    b = torch.zeros_like(scale) if g_logp is None else -g_logp * scale
     if g_ent is not None:
-        dz = z_minus_mean.mul_(g_ent.unsqueeze(1))
-        if g_logp is not None:
-            dz.add_(g_logp.unsqueeze(1))
-        dz.mul_(p).neg_()
+        a = (-g_ent * scale).unsqueeze(1)
+        b = (b - g_ent * z_minus_mean_offset * scale).unsqueeze(1)
+        dz = torch.addcmul(b, z, a, out=z).mul_(e)
     else:
-        dz = p.mul_(-g_logp.unsqueeze(1))
+        dz = e.mul_(b.unsqueeze(1))
     if g_logp is not None:
         dz.scatter_add_(1, tgt.unsqueeze(1), g_logp.unsqueeze(1))
     return dz
@@ -118,10 +126,16 @@ class _Grads:
 
 
 def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int):
-    """Yield (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool) per chunk."""
+    """The two [R, V] float32 chunk buffers (allocated once per call, reused by every chunk), and a generator
+    of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool) per chunk."""
     rows = _rows_to_compute(targets, ignore_index)
-    source = _row_source(hidden)
     step = chunk_rows(rows.numel(), weight.shape[0], weight.device)
+    buffers = [torch.empty((step, weight.shape[0]), dtype=torch.float32, device=weight.device) for _ in range(2)]
+    return buffers, _chunk_rows(hidden, targets, ignore_index, rows, step)
+
+
+def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Tensor, step: int):
+    source = _row_source(hidden)
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
         tgt = targets[idx].long()
@@ -153,19 +167,18 @@ def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], 
     entropy = torch.zeros_like(logp)
     lse = torch.zeros_like(logp)
     grads = None if coefficients is None else _Grads(n_rows, weight, bias)
+    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
     nan = float("nan")
-    for idx, h, tgt, ignored in _chunks(hidden, weight, targets, ignore_index):
-        z = _logits(h, weight, bias, inv_temperature)
-        e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, tgt)
+    for idx, h, tgt, ignored in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, e_buffer, tgt)
         row_entropy = torch.where(bad, nan, log_denom - mean_z).masked_fill(ignored, 0.0)
         row_logp = torch.where(bad, nan, row_logp).masked_fill(ignored, 0.0)
         logp[idx], entropy[idx] = row_logp, row_entropy
         lse[idx] = (shift + log_denom).masked_fill(ignored, 0.0)
         if grads is not None:
-            g_logp, g_ent = coefficients(idx, row_logp, row_entropy)
-            p = e.div_(denom.unsqueeze(1))
-            dz = _dlogits_into(z.sub_(mean_z.unsqueeze(1)), p, tgt, *_scaled(g_logp, g_ent, ignored, inv_temperature))
-            grads.add(idx, h, dz)
+            g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
+            grads.add(idx, h, _dlogits_into(z, e, tgt, 1.0 / denom, g_logp, g_ent, -mean_z))
     if grads is None:
         return logp, entropy, lse, None, None, None
     return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
@@ -187,14 +200,14 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
     grads = _Grads(hidden.n_rows, weight, bias)
     if grad_logp is None and grad_entropy is None:
         return grads.hidden, grads.weight_grad, grads.bias
-    for idx, h, tgt, ignored in _chunks(hidden, weight, targets, ignore_index):
-        z = _logits(h, weight, bias, inv_temperature)
-        row_lse, row_entropy = lse[idx].unsqueeze(1), entropy[idx].unsqueeze(1)
-        z.sub_(row_lse)  # log p
-        p = torch.exp(z)
-        z.add_(row_entropy)  # log p + H = z - E_p[z]: an exact shift of z, finite where z is
+    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    for idx, h, tgt, ignored in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        z.sub_(lse[idx].unsqueeze(1))  # log p, finite where z is
+        p = torch.exp(z, out=e_buffer[: z.shape[0]])
         g_logp = None if grad_logp is None else grad_logp[idx]
         g_ent = None if grad_entropy is None else grad_entropy[idx]
-        dz = _dlogits_into(z, p, tgt, *_scaled(g_logp, g_ent, ignored, inv_temperature))
-        grads.add(idx, h, dz)
+        g_logp, g_ent = _scaled(g_logp, g_ent, ignored, inv_temperature)
+        # z - E_p[z] = log p + H: an exact shift of the finite log p.
+        grads.add(idx, h, _dlogits_into(z, p, tgt, torch.ones_like(lse[idx]), g_logp, g_ent, entropy[idx]))
     return grads.hidden, grads.weight_grad, grads.bias
