@@ -26,8 +26,10 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny CPU shapes, seconds (CI)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<preset>)")
     p.add_argument("--cases", default=None, help=f"comma list of cases (default all): {','.join(cases.BY_NAME)}")
-    p.add_argument("--kinds", default="op,loss,linear",
-                   help="op (bare logprobs_and_entropy), loss (policy losses), linear (losses from hidden + LM head)")
+    p.add_argument("--kinds", default=None,
+                   help="op (bare logprobs_and_entropy), loss (policy losses), linear (losses from hidden states + LM "
+                        "head); default all three, but only op,loss when --n/--v/--dtypes override the shapes "
+                        "without --hidden (the linear shapes carry H)")
     p.add_argument("--n", type=_ints, default=None, help="override the preset's token counts, e.g. 1024,4096")
     p.add_argument("--v", type=_ints, default=None, help="override the preset's vocab sizes")
     p.add_argument("--dtypes", default=None, help="override the preset's dtypes, e.g. bfloat16,float32")
@@ -61,6 +63,12 @@ def _shapes(preset, args):
     return tuple(Shape(n, v, d, args.hidden or 1024) for d in dtypes for v in vs for n in ns)
 
 
+def selected_kinds(args) -> tuple:
+    """--kinds, or all three; only op,loss when --n/--v/--dtypes override the shapes without --hidden."""
+    overridden = bool(args.n or args.v or args.dtypes) and not args.hidden
+    return tuple((args.kinds or ("op,loss" if overridden else "op,loss,linear")).split(","))
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
     unknown = (selected or set()) - set(cases.BY_NAME)
     if unknown:
         raise SystemExit(f"unknown case(s) {sorted(unknown)}; known: {', '.join(cases.BY_NAME)}")
-    kinds = tuple(args.kinds.split(","))
+    kinds = selected_kinds(args)
     if set(kinds) - set(cases.MODES):
         raise SystemExit(f"--kinds must be a comma list of {', '.join(cases.MODES)}")
     out = args.out
