@@ -7,6 +7,7 @@ differences are the fused head's fp32 accumulation: loss and metrics within 1e-5
 """
 import dataclasses
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -203,3 +204,13 @@ def test_errors(case, message):
         bias = bias[:-2]
     with pytest.raises((ValueError, TypeError), match=message):
         erpo.linear_policy_loss(hidden, weight, batch, config, bias=bias, **kwargs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("erpo.kernels.linear_logprobs_entropy") is None,
+                    reason="kernels/linear_logprobs_entropy.py (helper headkernel's module) is not merged yet")
+@pytest.mark.parametrize("method", ["dapo", "kl_cov"])
+def test_triton_head_backend_equals_the_torch_one(method):
+    hidden, weight, bias, batch = make_inputs()
+    config = erpo.LossConfig(method=method, **KNOBS.get(method, {}))
+    want = on_hidden(hidden, weight, bias, batch, config, head_backend="torch", schedule="two_pass")
+    assert_same(on_hidden(hidden, weight, bias, batch, config, head_backend="triton"), want)
