@@ -22,6 +22,7 @@ from erpo.ops.row_layout import RowLayout
 BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # one [R, V] float32 chunk buffer
 ROWS: Optional[int] = None  # fixed rows per chunk instead of the budget (tests set it to cross chunk edges)
 VOCAB_SLICE = 4096  # rows of grad_weight per low-precision accumulation product
+COMPACT_IGNORED: Optional[bool] = None  # skip ignored rows by compaction; None: on CPU only (it syncs on CUDA)
 
 
 def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -31,8 +32,12 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(max(n_rows, 1), budget // (4 * max(vocab, 1))))
 
 
+def _compacts(targets: Tensor) -> bool:
+    return not targets.is_cuda if COMPACT_IGNORED is None else COMPACT_IGNORED
+
+
 def _rows_to_compute(targets: Tensor, ignore_index: int) -> Tensor:
-    if targets.is_cuda:
+    if not _compacts(targets):
         return torch.arange(targets.numel(), device=targets.device)
     return (targets != ignore_index).nonzero().squeeze(1)  # no device to sync with on CPU
 
@@ -141,7 +146,7 @@ def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Ten
         tgt = targets[idx].long()
         ignored = tgt == ignore_index
         h = source(idx)
-        if targets.is_cuda:
+        if not _compacts(targets):
             h = h.masked_fill(ignored.unsqueeze(1), 0)  # garbage in skipped rows must not reach grad_weight
         yield idx, h, torch.where(ignored, 0, tgt), ignored
 

@@ -214,3 +214,29 @@ def test_triton_head_backend_equals_the_torch_one(method):
     config = erpo.LossConfig(method=method, **KNOBS.get(method, {}))
     want = on_hidden(hidden, weight, bias, batch, config, head_backend="torch", schedule="two_pass")
     assert_same(on_hidden(hidden, weight, bias, batch, config, head_backend="triton"), want)
+
+
+SYNCING = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_no_host_sync_on_the_cuda_path(schedule, monkeypatch):
+    # On CPU the torch backend compacts ignored rows (nonzero: free without a device); on CUDA it zeroes them
+    # instead. Forcing that path here, every Tensor method that would sync on a GPU must stay unused.
+    monkeypatch.setattr(torch_head, "COMPACT_IGNORED", False)
+    hidden, weight, bias, batch = make_inputs()
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    config = erpo.LossConfig(method="dapo", check_inputs=False, kl_coef=0.01, entropy_coef=0.01)
+
+    def forbidden(name):
+        def raise_(*args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} called on the hot path")
+        return raise_
+
+    with monkeypatch.context() as patch:
+        for name in SYNCING:
+            patch.setattr(torch.Tensor, name, forbidden(name))
+        result = erpo.linear_policy_loss(leaves[0], leaves[1], batch, config, bias=leaves[2], schedule=schedule)
+        result.loss.backward()
+    assert torch.isfinite(result.loss) and all(t.grad.abs().sum() > 0 for t in leaves)
+    assert_same((result, [t.grad for t in leaves]), on_logits(hidden, weight, bias, batch, config))
