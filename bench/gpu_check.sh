@@ -84,6 +84,7 @@ for dtype in bfloat16 float32; do
       || fail 4 "the benchmark sweep ($dtype, V=$vocab)"
   done
 done
+python -m bench --preset gpu --kinds linear --out "$OUT/bench" --merge || fail 4 "the fused-head (linear) cases"
 
 step "5. cuda vs triton"
 if [ -f "$OUT/bench/results.json" ]; then
