@@ -81,13 +81,14 @@ class Instruction:
     address: int
     opcode: str  # with modifiers, e.g. LDG.E.128
     operands: str
+    predicated: bool = False
 
     @property
     def base(self) -> str:
         return self.opcode.split(".")[0]
 
 
-_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 _SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 
 
@@ -99,7 +100,8 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
         if m := _SASS_FUNCTION.match(line):
             current = functions.setdefault(m.group(1), [])
         elif current is not None and (m := _SASS_LINE.match(line)):
-            current.append(Instruction(int(m.group(1), 16), m.group(2), m.group(3).strip()))
+            predicated = bool(m.group(2)) and "PT" not in m.group(2).replace("!", "")
+            current.append(Instruction(int(m.group(1), 16), m.group(3), m.group(4).strip(), predicated))
     return functions
 
 
@@ -132,16 +134,49 @@ def global_bytes(instruction: Instruction) -> int:
 
 @dataclass
 class LoopStats:
-    instructions: int  # SASS instructions in the loop body (NOP padding excluded)
+    instructions: int  # SASS instructions on the steady-state path of the loop (see steady_state_path)
     vector_load_bytes: int  # bytes per thread loaded by 8/16-byte LDGs in one trip of the body
     mufu: int  # MUFU (exp2/log2/rcp) instructions in the body
-    opcodes: dict  # opcode base -> count, for the report
+    load_bytes: int  # bytes per thread loaded by all LDGs in one trip (what the trip keeps in flight)
+    opcodes: dict  # opcode base -> count on that path, for the report
+    body_instructions: int = 0  # every instruction between the loop's head and its back-branch
+
+
+def steady_state_path(body: list[Instruction]) -> list[Instruction]:
+    """The fewest instructions from the loop head to its back-branch, where a conditional branch may be
+    taken or not and an unconditional one must be taken. A region the code jumps over when nothing changes
+    (the fused forward's rebase, run only when a block raises the row max) is not part of the steady
+    state; straight-line loops are their whole body."""
+    index = {ins.address: i for i, ins in enumerate(body)}
+    cost = [0] * len(body)  # cost[i]: fewest instructions from i to the end of the body, inclusive
+    step = [None] * len(body)
+    for i in range(len(body) - 1, -1, -1):
+        ins = body[i]
+        options = []
+        if i + 1 < len(body):
+            fall = [(cost[i + 1], i + 1)]
+            if ins.base == "BRA":
+                m = _BRANCH_TARGET.match(ins.operands)
+                target = index.get(int(m.group(1), 16)) if m else None
+                if target is not None and target > i:
+                    options = [(cost[target], target)] + (fall if ins.predicated else [])
+                else:
+                    options = fall
+            else:
+                options = fall
+        best = min(options) if options else (0, None)
+        cost[i], step[i] = (0 if ins.base == "NOP" else 1) + best[0], best[1]
+    path, i = [], 0
+    while i is not None:
+        path.append(body[i])
+        i = step[i]
+    return path
 
 
 def steady_state_loop(instructions: list[Instruction]) -> LoopStats | None:
     """The loop that streams the row: the innermost loops holding vector LDGs are the candidates (an outer
     loop over rows contains the inner one); of those, the one loading the most bytes (ties: the longest).
-    None when the function has no loop (flat kernels: the whole body is the step)."""
+    Counted along its steady-state path. None when the function has no loop (flat kernels)."""
     found = loops(instructions)
     stats = {span: body_stats(instructions[span[0]:span[1] + 1]) for span in found}
     streaming = [span for span in found if stats[span].vector_load_bytes]
@@ -150,7 +185,10 @@ def steady_state_loop(instructions: list[Instruction]) -> LoopStats | None:
     candidates = innermost or found
     if not candidates:
         return None
-    return stats[max(candidates, key=lambda span: (stats[span].vector_load_bytes, stats[span].instructions))]
+    first, last = max(candidates, key=lambda span: (stats[span].vector_load_bytes, stats[span].instructions))
+    path_stats = body_stats(steady_state_path(instructions[first:last + 1]))
+    path_stats.body_instructions = stats[(first, last)].instructions
+    return path_stats
 
 
 def body_stats(body: list[Instruction]) -> LoopStats:
@@ -159,7 +197,9 @@ def body_stats(body: list[Instruction]) -> LoopStats:
     for ins in counted:
         opcodes[ins.base] = opcodes.get(ins.base, 0) + 1
     vector = sum(global_bytes(ins) for ins in counted if ins.base == "LDG" and global_bytes(ins) >= 8)
-    return LoopStats(len(counted), vector, opcodes.get("MUFU", 0), dict(sorted(opcodes.items(), key=lambda kv: -kv[1])))
+    loaded = sum(global_bytes(ins) for ins in counted if ins.base == "LDG")
+    return LoopStats(len(counted), vector, opcodes.get("MUFU", 0), loaded,
+                     dict(sorted(opcodes.items(), key=lambda kv: -kv[1])), len(counted))
 
 
 # ---------------------------------------------------------------- occupancy and the prediction
