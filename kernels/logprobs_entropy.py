@@ -36,6 +36,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # element to keep denormal results, which are < 2^-126 of the row max's term and change no sum here.
 FAST_EXP2: tl.constexpr = tl.constexpr(not INTERPRET)
 T_FLOOR: tl.constexpr = tl.constexpr(-256.0)  # 2^t is exactly 0 below this: clamping t there changes nothing
+# The running max starts finite: t = x * scale - m must be -inf (2^t = 0), not -inf - (-inf) = NaN, for the
+# -inf logits of a row whose first blocks hold nothing else.
+M_START: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 # Largest block over V one program holds in registers per loop step under the interpreter (and the cap of
 # DEFAULT_CONFIG); tests lower it to exercise the multi-block path (and the rebasing) on small vocabularies.
@@ -69,7 +72,7 @@ def _row_offset(row, inner, stride_outer, stride_inner):
 def _accumulate(x, m, d, w, scale):
     """Fold one block of logits (fp32, -inf in masked lanes) into the running (m, d, w), base 2."""
     m_new = tl.maximum(m, tl.max(x, axis=0) * scale)
-    if m_new > m:  # rebase on the new max; before any finite value m = -inf and d = w = 0
+    if m_new > m:  # rebase on the new max; before any finite value m = M_START and d = w = 0
         delta = tl.maximum(m - m_new, T_FLOOR)
         rescale = tl.exp2(delta)
         w = rescale * (w + d * delta)
@@ -86,7 +89,7 @@ def _accumulate(x, m, d, w, scale):
 def _chunk_state(row_ptr, start, stop, scale, BLOCK_V: tl.constexpr):
     """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block."""
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], -float("inf"), tl.float32)
+    m = tl.full([], M_START, tl.float32)
     d = tl.zeros([BLOCK_V], dtype=tl.float32)
     w = tl.zeros([BLOCK_V], dtype=tl.float32)
     full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
