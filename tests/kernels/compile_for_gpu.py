@@ -14,6 +14,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.static import ptxas_report
+
 from erpo.kernels.logprobs_entropy import (CONFIGS, logprobs_entropy_bwd_kernel, logprobs_entropy_fwd_kernel,
                                            logprobs_entropy_merge_kernel, logprobs_entropy_partial_kernel)
 from erpo.kernels.policy_loss import policy_loss_token_kernel
@@ -107,11 +109,15 @@ def compile_case(arch, kernel, signature, constexprs, divisible, num_warps):
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
+    # Spills are ptxas's doing and never show in the PTX: read them from `ptxas -v` on this PTX.
+    functions, _ = ptxas_report(ptx, "sm_90a" if arch == 90 else f"sm_{arch}")
+    ptxas = functions[compiled.metadata.name]
     return {
         "cubin": "cubin" in compiled.asm,
         "vector_load": bool(re.search(r"\bld\.global(\.[a-z0-9]+)*\.v4\.", ptx)),
         "vector_store": bool(re.search(r"\bst\.global(\.[a-z0-9]+)*\.v4\.", ptx)),
-        "local_memory": ".local" in ptx,
+        "registers": ptxas.registers,
+        "spill_bytes": ptxas.spill_store_bytes + ptxas.spill_load_bytes,
     }
 
 
