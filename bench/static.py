@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench import static_sass as sass
-from bench.static_kernels import ARCHS, cuda_rows, triton_rows
+from bench.static_kernels import ARCHS, autotune_rows, cuda_rows, triton_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "static"
@@ -102,7 +102,8 @@ def compile_triton(row):
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", row.arch, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", row.arch, 32),
+                          options={"num_warps": num_warps, "num_stages": row.num_stages})
 
 
 def per_element(loop, elements_per_thread_step, element_bytes, is_loop):
@@ -238,10 +239,10 @@ def spill_detector_control(row):
             "detected_spills": fn.spills}
 
 
-def collect(triton=True, cuda=True, only=None):
+def collect(triton=True, cuda=True, only=None, configs=False):
     results = []
     if triton:
-        for row in triton_rows():
+        for row in [*triton_rows(), *(autotune_rows() if configs else ())]:
             if only and not re.search(only, row.name):
                 continue
             try:
@@ -286,8 +287,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-cuda", action="store_true", help="Triton kernels only (skips the nvcc compiles)")
     p.add_argument("--only", default=None, help="regex on the Triton kernel names (implies --no-cuda), e.g. sm90-bf16")
+    p.add_argument("--configs", action="store_true",
+                   help="also every autotune candidate of the bf16 forward/backward (sm_90)")
     args = p.parse_args(argv)
-    results = collect(cuda=not (args.no_cuda or args.only), only=args.only)
+    results = collect(cuda=not (args.no_cuda or args.only), only=args.only, configs=args.configs)
     control = spill_detector_control(next(row for row in triton_rows() if row.name == "fwd-sm90-bf16"))
     info = meta()
     table = markdown(results, info) + (

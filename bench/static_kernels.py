@@ -31,10 +31,12 @@ class TritonRow:
     element_bytes: int
     hbm_bytes: float
     loop: bool = True
+    num_stages: int = 3  # Triton's default; the fused op's rows say what their launch uses
+    suffix: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.kernel}-sm{self.arch}-{self.dtype}"
+        return f"{self.kernel}-sm{self.arch}-{self.dtype}{self.suffix}"
 
     @property
     def num_warps(self) -> int:
@@ -58,16 +60,33 @@ def triton_rows():
     """Every Triton kernel of erpo at its production configuration, per arch and dtype."""
     from tests.kernels import compile_for_gpu as specs
 
+    stages = specs.NUM_STAGES
     for arch, dtype in itertools.product(ARCHS, DTYPE_BYTES):
         size = DTYPE_BYTES[dtype]
         fwd = specs.forward_case(dtype)
-        yield TritonRow("fwd", dtype, arch, fwd, fwd[2]["BLOCK_V"], size, size)
+        yield TritonRow("fwd", dtype, arch, fwd, fwd[2]["BLOCK_V"], size, size, num_stages=stages)
         bwd = specs.backward_case(dtype, True, True)
-        yield TritonRow("bwd", dtype, arch, bwd, bwd[2]["BLOCK_V"], size, 2 * size)
+        yield TritonRow("bwd", dtype, arch, bwd, bwd[2]["BLOCK_V"], size, 2 * size, num_stages=stages)
+    for arch in ARCHS:  # the split-V forward's chunk kernel: the same loop as the forward
+        partial = specs.partial_case("bf16")
+        yield TritonRow("partial", "bf16", arch, partial, partial[2]["BLOCK_V"], 2, 2, num_stages=stages)
     for arch, (mode, flags) in itertools.product(ARCHS, specs.TOKEN_MODES.items()):
         token = specs.token_case(flags)
         inputs = 4 + flags["HAS_REF"] + flags["HAS_KLCOV"]
         yield TritonRow(f"token-{mode}", "fp32", arch, token, token[2]["BLOCK"], 4, 4 * inputs + 3 * 4 + 2, loop=False)
+
+
+def autotune_rows():
+    """The fused op's bf16 forward and backward at every autotune candidate, sm_90 (`--configs`)."""
+    from erpo.kernels.logprobs_entropy import CONFIGS
+    from tests.kernels import compile_for_gpu as specs
+
+    for block, warps, stages in CONFIGS:
+        suffix = f"-b{block}w{warps}s{stages}"
+        for kernel, case, hbm in (("fwd", specs.forward_case("bf16"), 2), ("bwd", specs.backward_case("bf16", True, True), 4)):
+            fn, signature, constexprs, divisible, _ = case
+            spec = (fn, signature, {**constexprs, "BLOCK_V": block}, divisible, warps)
+            yield TritonRow(kernel, "bf16", 90, spec, block, 2, hbm, num_stages=stages, suffix=suffix)
 
 
 # Mangled names: the template argument is f (float), 6__half, 13__nv_bfloat16; the backward adds its two masks.

@@ -19,7 +19,7 @@ Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of 
   Small N (below about two waves of programs): each row is split into chunks of V, one program each; the
   forward's partial states (m, d, w) merge associatively in a second tiny kernel (the merge of the CUDA
   header's state_merge), the backward needs no merge. Block size, warps and stages are autotuned per
-  (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs DEFAULT_CONFIG.
+  (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs one fixed configuration.
 Row offsets are int64 (N * V overflows int32 at 8 x 4k x 150k); temperature and ignore_index are runtime
 arguments (no recompile per value); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
 """
@@ -32,6 +32,8 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# ERPO_TRITON_AUTOTUNE=0 runs the fixed configuration on a GPU too (no tuning runs: test suites with many shapes).
+AUTOTUNE = not INTERPRET and os.environ.get("ERPO_TRITON_AUTOTUNE", "1") != "0"
 # ex2.approx.ftz: one MUFU instruction. Triton's exp2 (non-ftz) adds a range test and two multiplies per
 # element to keep denormal results, which are < 2^-126 of the row max's term and change no sum here.
 FAST_EXP2: tl.constexpr = tl.constexpr(not INTERPRET)
@@ -40,12 +42,14 @@ T_FLOOR: tl.constexpr = tl.constexpr(-256.0)  # 2^t is exactly 0 below this: cla
 # -inf logits of a row whose first blocks hold nothing else.
 M_START: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
-# Largest block over V one program holds in registers per loop step under the interpreter (and the cap of
-# DEFAULT_CONFIG); tests lower it to exercise the multi-block path (and the rebasing) on small vocabularies.
+# The fixed configuration (interpreter, ERPO_TRITON_AUTOTUNE=0): the widest block up to MAX_BLOCK_V, with
+# DEFAULT_WARPS. Tests lower MAX_BLOCK_V to exercise the multi-block path (and the rebasing) on small V.
 MAX_BLOCK_V = 4096
 DEFAULT_WARPS = 8
-# Autotune candidates on a GPU (BLOCK_V, num_warps, num_stages); the first is the static report's default.
-CONFIGS = ((4096, 8, 1), (8192, 8, 1), (8192, 16, 1), (4096, 4, 1), (2048, 4, 1), (4096, 8, 3), (8192, 8, 3),
+# Autotune candidates on a GPU (BLOCK_V, num_warps, num_stages); the first is the fixed configuration at the
+# production V and what the static report reads (its --configs option reads them all). The stage-3 twin of
+# the default compiles to the same loop SASS with Triton 3.7 (the loop is not software-pipelined).
+CONFIGS = ((4096, 8, 1), (8192, 8, 1), (8192, 16, 1), (4096, 4, 1), (2048, 4, 1), (4096, 8, 3),
            (16384, 16, 1))
 # Rows below this many programs' worth are split over V (two waves of 132 SMs x 2 resident programs);
 # None: computed from the device's SM count. Tests set it to force the split path under the interpreter.
@@ -262,7 +266,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-if INTERPRET:
+if not AUTOTUNE:
     _fwd, _partial, _bwd = logprobs_entropy_fwd_kernel, logprobs_entropy_partial_kernel, logprobs_entropy_bwd_kernel
 else:
     _fwd = triton.autotune(_configs(), key=["vocab"], prune_configs_by={"early_config_prune": _prune})(
@@ -275,7 +279,10 @@ else:
 
 
 def _fixed_config(width: int) -> dict:
-    """The interpreter's one configuration (autotune needs a GPU): the widest block up to MAX_BLOCK_V."""
+    """The one configuration without autotuning (the interpreter cannot tune): the widest block up to
+    MAX_BLOCK_V; {} when the autotuner picks."""
+    if AUTOTUNE:
+        return {}
     return {"BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(max(width, 1))), "num_warps": DEFAULT_WARPS}
 
 
@@ -314,14 +321,14 @@ def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index:
     rows = (logits, layout.stride_outer, layout.stride_inner, layout.inner)
     chunks = n_chunks(layout.n_rows, layout.vocab, logits.device)
     if chunks == 1:
-        fixed = _fixed_config(layout.vocab) if INTERPRET else {}
+        fixed = _fixed_config(layout.vocab)
         _fwd[(layout.n_rows,)](*rows, targets, logp, entropy, lse, layout.vocab, inv_temperature, ignore_index,
                                **fixed)
         return logp, entropy, lse
     chunk = _chunk_size(layout.vocab, chunks)
     chunks = triton.cdiv(layout.vocab, chunk)
     state = torch.empty((layout.n_rows, chunks, 3), dtype=torch.float32, device=logits.device)
-    fixed = _fixed_config(chunk) if INTERPRET else {}
+    fixed = _fixed_config(chunk)
     _partial[(layout.n_rows, chunks)](*rows, targets, state, layout.vocab, chunk, chunks, inv_temperature,
                                       ignore_index, **fixed)
     logprobs_entropy_merge_kernel[(layout.n_rows,)](
@@ -336,7 +343,7 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     if not layout.n_rows:
         return
     chunk = _chunk_size(layout.vocab, n_chunks(layout.n_rows, layout.vocab, layout.tensor.device))
-    fixed = _fixed_config(chunk) if INTERPRET else {}
+    fixed = _fixed_config(chunk)
     _bwd[(layout.n_rows, triton.cdiv(layout.vocab, chunk))](
         layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner,
         grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
