@@ -30,7 +30,7 @@
 # Exit status: 0 when every step passed; the number of the first failed step otherwise (later steps still
 # run where they can). Commit the output folder with the results.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 START=$(date +%s)
 BUDGET=${ERPO_GPU_CHECK_BUDGET_S:-570}
