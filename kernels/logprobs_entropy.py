@@ -255,10 +255,6 @@ def logprobs_entropy_bwd_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-def _configs():
-    return [triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages) for block, warps, stages in CONFIGS]
-
-
 def _prune(configs, named_args, **kwargs):
     """Blocks wider than the chunk only add masked lanes; keep at least the smallest candidate."""
     width = triton.next_power_of_2(max(int(named_args.get("chunk", named_args["vocab"])), 1))
@@ -266,16 +262,24 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-if not AUTOTUNE:
-    _fwd, _partial, _bwd = logprobs_entropy_fwd_kernel, logprobs_entropy_partial_kernel, logprobs_entropy_bwd_kernel
-else:
-    _fwd = triton.autotune(_configs(), key=["vocab"], prune_configs_by={"early_config_prune": _prune})(
-        logprobs_entropy_fwd_kernel)
-    _partial = triton.autotune(_configs(), key=["vocab", "chunk"], prune_configs_by={"early_config_prune": _prune})(
-        logprobs_entropy_partial_kernel)
-    # restore_value: tuning runs the kernel several times, and an in-place gradient overwrites the logits.
-    _bwd = triton.autotune(_configs(), key=["vocab", "chunk"], prune_configs_by={"early_config_prune": _prune},
-                           restore_value=["grad_ptr"])(logprobs_entropy_bwd_kernel)
+def build_launchers(autotune: bool, configs=CONFIGS, do_bench=None):
+    """(forward, split-forward partial, backward) launchers: the kernels themselves, or autotuners over
+    `configs`. `do_bench` replaces Triton's GPU timer (tests tune under the interpreter with a CPU one)."""
+    if not autotune:
+        return logprobs_entropy_fwd_kernel, logprobs_entropy_partial_kernel, logprobs_entropy_bwd_kernel
+    candidates = [triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
+                  for block, warps, stages in configs]
+    tune = dict(prune_configs_by={"early_config_prune": _prune}, do_bench=do_bench)
+    return (
+        triton.autotune(candidates, key=["vocab"], **tune)(logprobs_entropy_fwd_kernel),
+        triton.autotune(candidates, key=["vocab", "chunk"], **tune)(logprobs_entropy_partial_kernel),
+        # restore_value: tuning runs the kernel several times, and an in-place gradient overwrites the logits.
+        triton.autotune(candidates, key=["vocab", "chunk"], restore_value=["grad_ptr"], **tune)(
+            logprobs_entropy_bwd_kernel),
+    )
+
+
+_fwd, _partial, _bwd = build_launchers(AUTOTUNE)
 
 
 def _fixed_config(width: int) -> dict:
