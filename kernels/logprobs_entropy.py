@@ -17,8 +17,8 @@ Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of 
   2^t NaN, hence d, lse, logp, entropy and the row's gradient NaN; -inf logits (a masked vocabulary) give
   2^t = 0, and t is clamped at -256 (where 2^t is already 0) wherever it multiplies that 0.
   Small N (below about two waves of programs): each row is split into chunks of V, one program each; the
-  forward's partial states (m, d, w) merge associatively in a second tiny kernel (the merge of the CUDA
-  header's state_merge), the backward needs no merge. Block size, warps and stages are autotuned per
+  forward's partial states (m, d, w) merge associatively in a second tiny kernel (state_merge of
+  csrc/softmax_row_math.h, in base 2), the backward needs no merge. Block size, warps and stages are autotuned per
   (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs one fixed configuration.
 Row offsets are int64 (N * V overflows int32 at 8 x 4k x 150k); temperature and ignore_index are runtime
 arguments (no recompile per value); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
