@@ -26,10 +26,14 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny CPU shapes, seconds (CI)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<preset>)")
     p.add_argument("--cases", default=None, help=f"comma list of cases (default all): {','.join(cases.BY_NAME)}")
-    p.add_argument("--kinds", default="op,loss", help="op (bare logprobs_and_entropy), loss (policy losses)")
+    p.add_argument("--kinds", default=None,
+                   help="op (bare logprobs_and_entropy), loss (policy losses), linear (losses from hidden states + LM "
+                        "head); default all three, but only op,loss when --n/--v/--dtypes override the shapes "
+                        "without --hidden (the linear shapes carry H)")
     p.add_argument("--n", type=_ints, default=None, help="override the preset's token counts, e.g. 1024,4096")
     p.add_argument("--v", type=_ints, default=None, help="override the preset's vocab sizes")
     p.add_argument("--dtypes", default=None, help="override the preset's dtypes, e.g. bfloat16,float32")
+    p.add_argument("--hidden", type=int, default=None, help="H of the linear kind with --n/--v (default 1024)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case")
     p.add_argument("--isolate", choices=("case", "shape"), default=None,
                    help="a fresh worker per case (clean CPU peak RSS) or per shape (faster)")
@@ -48,15 +52,21 @@ def parse(argv):
 
 
 def _shapes(preset, args):
-    if not (args.n or args.v or args.dtypes):
-        return None  # the preset's own shapes (and its loss shapes)
+    if not (args.n or args.v or args.dtypes or args.hidden):
+        return None  # the preset's own shapes (and its loss and linear shapes)
     ns = args.n or sorted({s.n_tokens for s in preset.shapes})
     vs = args.v or sorted({s.vocab for s in preset.shapes})
     dtypes = args.dtypes.split(",") if args.dtypes else sorted({s.dtype for s in preset.shapes})
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"unknown dtype {d!r}: use float32, bfloat16 or float16")
-    return tuple(Shape(n, v, d) for d in dtypes for v in vs for n in ns)
+    return tuple(Shape(n, v, d, args.hidden or 1024) for d in dtypes for v in vs for n in ns)
+
+
+def selected_kinds(args) -> tuple:
+    """--kinds, or all three; only op,loss when --n/--v/--dtypes override the shapes without --hidden."""
+    overridden = bool(args.n or args.v or args.dtypes) and not args.hidden
+    return tuple((args.kinds or ("op,loss" if overridden else "op,loss,linear")).split(","))
 
 
 def main(argv=None) -> int:
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
     unknown = (selected or set()) - set(cases.BY_NAME)
     if unknown:
         raise SystemExit(f"unknown case(s) {sorted(unknown)}; known: {', '.join(cases.BY_NAME)}")
-    kinds = tuple(args.kinds.split(","))
+    kinds = selected_kinds(args)
     if set(kinds) - set(cases.MODES):
         raise SystemExit(f"--kinds must be a comma list of {', '.join(cases.MODES)}")
     out = args.out

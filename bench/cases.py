@@ -1,5 +1,6 @@
 """The table of what is compared: each case is a name, the kinds it runs ("op": the bare logprobs+entropy,
-"loss": a full policy loss), where it can run, and a builder of the function under test.
+"loss": a full policy loss, "linear": a full policy loss from the hidden states and the LM head), where it
+can run, and a builder of the function under test.
 
 Baselines are imported, never re-implemented here: the naive reference comes from `erpo.losses.naive` (the
 same code the tests check erpo against), and the third-party cases call each project's own function.
@@ -14,7 +15,8 @@ import torch
 
 NAIVE_MODULE = "erpo.losses.naive"
 LOSS_METHODS = ("grpo", "erpo")
-MODES = {"op": ("fwd", "fwdbwd"), "loss": ("fwdbwd",)}  # a loss is only ever used for training
+LINEAR_METHODS = ("dapo", "kl_cov")  # a row-local loss (one-pass schedule) and a batch-wide one (two-pass)
+MODES = {"op": ("fwd", "fwdbwd"), "loss": ("fwdbwd",), "linear": ("fwdbwd",)}  # a loss is only used for training
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,20 @@ class Case:
     inplace: bool = False  # the backward overwrites the logits: needs graph-output logits, fwd+bwd only
     optional: bool = False  # a run-time failure means "not available here", not "broken"
     methods: tuple = LOSS_METHODS
+    linear_methods: tuple = LINEAR_METHODS
     # Returns the reason this case cannot run here, or None.
     unavailable: Callable[[], Optional[str]] = lambda: None
 
     def runs(self, kind: str, mode: str) -> bool:
         return kind in self.kinds and not (self.inplace and mode == "fwd")
+
+    def methods_of(self, kind: str) -> tuple:
+        """The loss methods this case runs for `kind` ((None,) for the bare op)."""
+        return {"loss": self.methods, "linear": self.linear_methods}.get(kind, (None,))
+
+
+def methods_of_kind(kind: str) -> tuple:
+    return {"loss": LOSS_METHODS, "linear": LINEAR_METHODS}.get(kind, (None,))
 
 
 def _import_reason(module: str, what: str) -> Callable[[], Optional[str]]:
@@ -52,7 +63,7 @@ def _cuda_extension_reason() -> Optional[str]:
 
 
 CASES = (
-    Case("naive", ("op", "loss"), unavailable=_import_reason(NAIVE_MODULE, "the naive reference")),
+    Case("naive", ("op", "loss", "linear"), unavailable=_import_reason(NAIVE_MODULE, "the naive reference")),
     Case("naive-compiled", ("op", "loss"), optional=True, unavailable=_import_reason(NAIVE_MODULE, "the naive reference")),
     Case("erpo-torch", ("op",)),
     Case("erpo-torch-inplace", ("op",), inplace=True),
@@ -60,11 +71,19 @@ CASES = (
     Case("erpo-triton-inplace", ("op",), needs_cuda=True, inplace=True),
     Case("erpo-cuda", ("op",), needs_cuda=True, unavailable=_cuda_extension_reason),
     Case("erpo-cuda-inplace", ("op",), needs_cuda=True, inplace=True, unavailable=_cuda_extension_reason),
-    Case("erpo", ("loss",), unavailable=_import_reason("erpo.losses", "erpo.losses")),
+    Case("erpo", ("loss", "linear"), unavailable=_import_reason("erpo.losses", "erpo.losses")),
+    Case("erpo-head-torch", ("linear",)),
+    Case("erpo-head-torch-2pass", ("linear",), linear_methods=("dapo",)),
+    Case("erpo-head-triton", ("linear",), needs_cuda=True,
+         unavailable=_import_reason("erpo.kernels.linear_logprobs_entropy", "the fused-head Triton kernel")),
     Case("trl", ("op",), optional=True, unavailable=_import_reason("trl.trainer.utils", "trl")),
     Case("verl", ("op",), optional=True, unavailable=_import_reason("verl.utils.torch_functional", "verl")),
     Case("liger", ("loss",), needs_cuda=True, optional=True, methods=("grpo",),
          unavailable=_import_reason("liger_kernel.transformers.grpo_loss", "liger_kernel")),
+    Case("liger-fused-linear", ("linear",), optional=True, linear_methods=("dapo",),
+         unavailable=_import_reason("liger_kernel.chunked_loss.grpo_loss", "liger_kernel")),
+    Case("verl-linear-ce", ("linear",), needs_cuda=True, optional=True,
+         unavailable=_import_reason("verl.utils.kernel.linear_cross_entropy", "verl's linear_cross_entropy")),
 )
 BY_NAME = {case.name: case for case in CASES}
 
@@ -158,3 +177,78 @@ def build_loss(name: str, method: str, batch: dict) -> Callable:
 def _scalar(result):
     """policy_loss returns a result with .loss; accept a bare tensor too."""
     return getattr(result, "loss", result)
+
+
+# ---- the "linear" kind: (hidden [N, H], weight [V, H]) -> scalar loss -----------------------------------
+
+def _materialized(loss_fn, batch: dict, shape):
+    """h @ W.T materialized as [B, L, V] logits, then a loss on them (what every user does today)."""
+    return lambda hidden, weight: loss_fn((hidden @ weight.T).view(*shape))
+
+
+def _liger_fused_linear(method: str, batch: dict):
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+    if method != "dapo":
+        raise ValueError("the Liger case runs DAPO only")
+    # DAPO as erpo's preset: eps 0.2/0.28, token-mean over the valid tokens, no KL (so no reference pass).
+    loss = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, epsilon_low=0.2,
+                                    epsilon_high=0.28, loss_type="dapo")
+    b, seq_len = batch["targets"].shape
+
+    def run(hidden, weight):
+        out = loss(hidden.view(b, seq_len, -1), weight, batch["targets"], batch["mask"].to(torch.int64),
+                   batch["advantages"], old_per_token_logps=batch["old_logp"])
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _verl_linear(method: str, batch: dict):
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    from erpo import LossConfig
+    from erpo.losses.batch import prepare_tokens
+    from erpo.losses.policy_loss import loss_from_token_stats
+
+    config = LossConfig(method=method)
+    b, seq_len = batch["targets"].shape
+
+    def run(hidden, weight):
+        # verl's fused head (GPU only; weight in the lm_head [V, H] layout, as verl's actor passes it) gives logp
+        # and entropy; erpo's [N] middle makes the loss of them. Unverified here (no GPU): the run's agreement
+        # check against naive says whether the call is right.
+        flat = prepare_tokens((b, seq_len), weight.shape[0], hidden.device, torch.float32, batch, config, "hidden")
+        logp, entropy = linear_cross_entropy(hidden, weight, flat.targets.reshape(-1).clamp_min(0), 1.0, "none")
+        return loss_from_token_stats(logp, entropy, flat, config, "torch").loss
+
+    return run
+
+
+def build_linear(name: str, method: str, batch: dict) -> Callable:
+    """A function (hidden [N, H], weight [V, H]) -> scalar loss of `method` on `batch` ([B, L] layout)."""
+    from erpo import LossConfig
+
+    config = LossConfig(method=method)
+    b, seq_len = batch["targets"].shape
+    shape = (b, seq_len, -1)
+    if name == "naive":
+        naive = importlib.import_module(NAIVE_MODULE)
+        return _materialized(lambda logits: _scalar(naive.naive_policy_loss(logits, batch, config)), batch, shape)
+    if name == "erpo":
+        from erpo import policy_loss
+
+        return _materialized(lambda logits: _scalar(policy_loss(logits, batch, config)), batch, shape)
+    if name.startswith("erpo-head-"):
+        from erpo import linear_policy_loss
+
+        backend = name.split("-")[2]
+        schedule = "two_pass" if name.endswith("-2pass") else "auto"
+        return lambda hidden, weight: linear_policy_loss(
+            hidden.view(b, seq_len, -1), weight, batch, config, schedule=schedule, head_backend=backend
+        ).loss
+    if name == "liger-fused-linear":
+        return _liger_fused_linear(method, batch)
+    if name == "verl-linear-ce":
+        return _verl_linear(method, batch)
+    raise ValueError(f"case {name!r} has no linear builder")

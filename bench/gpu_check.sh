@@ -23,7 +23,8 @@
 #   4. GPU tests: tests/ops tests/losses tests/csrc with the fixed Triton configuration (ERPO_TRITON_AUTOTUNE=0:
 #      many shapes, no tuning runs), then tests/kernels with autotuning on (the production block, split-V)
 #                                                      -> pytest.log, pytest.xml, pytest-kernels.{log,xml}
-#   5. benchmark sweep `python -m bench --preset gpu`, in pieces (dtype x V) -> bench/results.{json,md}, plots
+#   5. benchmark sweep `python -m bench --preset gpu`, in pieces (dtype x V, and the fused-head "linear" kind)
+#                                                      -> bench/results.{json,md}, plots
 #      Extra arguments go in ERPO_BENCH_ARGS (e.g. "--n 4096,16384" for a shorter sweep).
 #   6. measured vs PREDICTED fraction of HBM bandwidth (bench/gpu_compare.py) -> measured_vs_predicted.md
 #   7. CUDA op vs Triton op per shape (issue 7: forward+backward within 10%)  -> cuda_vs_triton.md
@@ -113,16 +114,20 @@ EOF
 
 step "5. benchmark sweep (python -m bench --preset gpu ${ERPO_BENCH_ARGS:-}), in pieces"
 not_run=()
-for piece in bfloat16:151936 bfloat16:32000 float32:151936 bfloat16:128256 float32:32000 float32:128256; do
-    dtype=${piece%%:*}; vocab=${piece##*:}
-    # shellcheck disable=SC2086  # ERPO_BENCH_ARGS is a list of arguments
-    run_for 45 python -m bench --preset gpu --dtypes "$dtype" --v "$vocab" --out "$OUT/bench" --merge \
-        --no-plots ${ERPO_BENCH_ARGS:-}
+for piece in bfloat16:151936 bfloat16:32000 linear float32:151936 bfloat16:128256 float32:32000 float32:128256; do
+    if [ "$piece" = linear ]; then  # the fused-head (linear) cases, on the preset's own shapes
+        run_for 45 python -m bench --preset gpu --kinds linear --out "$OUT/bench" --merge --no-plots
+    else
+        dtype=${piece%%:*}; vocab=${piece##*:}
+        # shellcheck disable=SC2086  # ERPO_BENCH_ARGS is a list of arguments
+        run_for 45 python -m bench --preset gpu --dtypes "$dtype" --v "$vocab" --out "$OUT/bench" --merge \
+            --no-plots ${ERPO_BENCH_ARGS:-}
+    fi
     status=$?
     if [ "$status" -eq 124 ] || [ "$status" -eq 130 ]; then
         not_run+=("$piece"); echo "cut by the budget: $piece"
     elif [ "$status" -ne 0 ]; then
-        fail 5 "the benchmark sweep ($dtype, V=$vocab)"
+        fail 5 "the benchmark sweep (piece $piece)"
     fi
 done
 [ "${#not_run[@]}" -eq 0 ] || fail 5 "benchmark pieces not run within the budget: ${not_run[*]} (rerun them with --merge)"

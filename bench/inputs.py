@@ -20,6 +20,7 @@ class Shape:
     n_tokens: int
     vocab: int
     dtype: str  # "float32" | "bfloat16" | "float16"
+    hidden_size: int = 1024  # H of the "linear" kind (hidden [N, H], weight [V, H]); unused by the others
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,6 +48,8 @@ class Inputs:
         self.grad_logp = torch.randn(n, generator=gen).to(device)
         self.grad_entropy = 0.1 * torch.randn(n, generator=gen).to(device)
         self._batch = None
+        self._linear_batch = None
+        self._weight = None
 
     def logits(self, requires_grad: bool = False, nonleaf: bool = False) -> torch.Tensor:
         """Fresh [N, V] logits from the seed. `nonleaf` gives a graph output (as an LM head's logits are),
@@ -77,10 +80,50 @@ class Inputs:
             batch = {
                 "targets": self.targets.view(b, seq_len).cpu(),
                 "mask": mask,
-                "old_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
-                "ref_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
+                "old_logp": (logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen)).clamp(max=0.0),
+                "ref_logp": (logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen)).clamp(max=0.0),
                 "advantages": torch.randn(b, generator=gen),
                 "group_ids": torch.arange(b) // GROUP_SIZE,
             }
             self._batch = {k: t.to(self.device) for k, t in batch.items()}
         return self._batch
+
+    def hidden(self) -> torch.Tensor:
+        """Fresh [N, H] hidden states (a leaf that requires grad), from the seed."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 3)
+        shape = (self.shape.n_tokens, self.shape.hidden_size)
+        hidden = torch.randn(shape, generator=gen, device=self.device, dtype=self.shape.torch_dtype)
+        return hidden.requires_grad_()
+
+    def weight(self) -> torch.Tensor:
+        """The [V, H] LM head, built once (an input, like the model's own): logits h @ W.T of std LOGIT_STD."""
+        if self._weight is None:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed + 4)
+            shape = (self.shape.vocab, self.shape.hidden_size)
+            weight = torch.randn(shape, generator=gen, device=self.device, dtype=self.shape.torch_dtype)
+            self._weight = weight.mul_(LOGIT_STD / self.shape.hidden_size ** 0.5).requires_grad_()
+        return self._weight
+
+    def linear_batch(self) -> dict:
+        """The loss batch of the linear kind: as batch(), with old/ref log-probs of the head's own logits."""
+        if self._linear_batch is None:
+            from erpo import linear_logprobs_and_entropy
+
+            b = self.shape.sequences
+            seq_len = self.shape.n_tokens // b
+            with torch.no_grad():
+                logp, _ = linear_logprobs_and_entropy(self.hidden(), self.weight(), self.targets)
+            gen = torch.Generator(device="cpu").manual_seed(self.seed + 5)
+            logp = logp.view(b, seq_len).cpu()
+            lengths = seq_len - torch.randint(0, max(1, seq_len // 4), (b,), generator=gen)
+            mask = torch.arange(seq_len)[None, :] < lengths[:, None]
+            batch = {
+                "targets": self.targets.view(b, seq_len).cpu(),
+                "mask": mask,
+                "old_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
+                "ref_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
+                "advantages": torch.randn(b, generator=gen),
+                "group_ids": torch.arange(b) // GROUP_SIZE,
+            }
+            self._linear_batch = {k: t.to(self.device) for k, t in batch.items()}
+        return self._linear_batch

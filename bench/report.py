@@ -8,6 +8,8 @@ MODE_TITLE = {"fwd": "forward", "fwdbwd": "forward+backward"}
 
 def _panel(r) -> str:
     what = "logprobs_and_entropy" if r["kind"] == "op" else f"{r['method']} loss"
+    if r["kind"] == "linear":
+        what = f"{r['method']} loss from hidden states (H = {r.get('hidden_size')})"
     return f"{what}, {MODE_TITLE[r['mode']]}"
 
 
@@ -83,7 +85,7 @@ def plots(sweep: dict, out_dir: str) -> list:
 
     panels = {}
     for r in sweep["results"]:
-        panels.setdefault((r["kind"] == "loss", _panel(r), r["dtype"], r["vocab"]), []).append(r)
+        panels.setdefault((r["kind"] != "op", _panel(r), r["dtype"], r["vocab"]), []).append(r)
     panels = {k: v for k, v in panels.items() if any(r.get("status") in ("ok", "oom") for r in v)}
     metrics = [
         ("time_vs_n.png", "median time (ms)", lambda r: r["median_s"] * 1e3, True),

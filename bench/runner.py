@@ -37,11 +37,11 @@ def plan(shapes, device: str, selected=None, kinds=("op", "loss"), preset_skip=N
             if kind == "loss" and loss_shapes is not None and shape not in loss_shapes:
                 continue
             for mode in cases.MODES[kind]:
-                for method in cases.LOSS_METHODS if kind == "loss" else (None,):
+                for method in cases.methods_of_kind(kind):
                     for case in cases.CASES:
                         if selected and case.name not in selected:
                             continue
-                        if not case.runs(kind, mode) or (kind == "loss" and method not in case.methods):
+                        if not case.runs(kind, mode) or method not in case.methods_of(kind):
                             continue
                         item = {"case": case.name, "kind": kind, "method": method, "mode": mode, "device": device,
                                 **asdict(shape)}
@@ -60,7 +60,7 @@ def worker_groups(items: list, isolate: str) -> list:
         return [[it] for it in runnable]
     groups = {}
     for it in runnable:
-        groups.setdefault((it["n_tokens"], it["vocab"], it["dtype"]), []).append(it)
+        groups.setdefault((it["n_tokens"], it["vocab"], it["dtype"], it.get("hidden_size")), []).append(it)
     return list(groups.values())
 
 
@@ -68,7 +68,7 @@ def run_group(group: list, device: str, repeats: int, max_seconds: float, timeou
     first = group[0]
     spec = {
         "device": device, "n_tokens": first["n_tokens"], "vocab": first["vocab"], "dtype": first["dtype"],
-        "seed": SEED, "repeats": repeats, "max_seconds": max_seconds, "threads": threads,
+        "hidden_size": first.get("hidden_size", 1024), "seed": SEED, "repeats": repeats, "max_seconds": max_seconds, "threads": threads,
         "items": [{k: it[k] for k in ("case", "kind", "method", "mode")} for it in group],
     }
     env = {**os.environ, **WORKER_ENV}
@@ -103,7 +103,11 @@ def run_group(group: list, device: str, repeats: int, max_seconds: float, timeou
 
 def minimal_bytes(result: dict) -> int:
     """Bytes the op cannot avoid moving: read the logits once forward; read them again and write the gradient
-    once backward (per-row inputs and outputs are O(N) and left out)."""
+    once backward (per-row inputs and outputs are O(N) and left out). Linear kind: read hidden and weight
+    twice and write their gradients once (matmul-bound: its GB/s column is only indicative)."""
+    if result["kind"] == "linear":
+        shape = Shape(result["n_tokens"], result["vocab"], result["dtype"], result["hidden_size"])
+        return 3 * (shape.n_tokens + shape.vocab) * shape.hidden_size * shape.element_bytes
     shape = Shape(result["n_tokens"], result["vocab"], result["dtype"])
     passes = 1 if result["mode"] == "fwd" else 3
     return passes * shape.n_tokens * shape.vocab * shape.element_bytes
@@ -112,7 +116,7 @@ def minimal_bytes(result: dict) -> int:
 def derive(results: list, peak_bandwidth: float) -> None:
     """Add bandwidth, fraction of peak, and time/memory ratios and checksum agreement against naive."""
     def key(r):
-        return (r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"])
+        return (r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"], r.get("hidden_size"))
 
     naive = {key(r): r for r in results if r["case"] == "naive"}
     for r in results:
@@ -136,7 +140,7 @@ def derive(results: list, peak_bandwidth: float) -> None:
 
 
 def row_key(r: dict) -> tuple:
-    return (r["case"], r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"])
+    return (r["case"], r["kind"], r["method"], r["mode"], r["n_tokens"], r["vocab"], r["dtype"], r.get("hidden_size"))
 
 
 def _pooled(old: dict, new: dict) -> dict:
@@ -173,7 +177,7 @@ def merge(previous: dict, sweep: dict, pool: bool = False) -> dict:
 
 def _sort(results: list) -> None:
     order = {name: i for i, name in enumerate(cases.BY_NAME)}
-    results.sort(key=lambda r: (r["kind"] == "loss", r["method"] or "", r["mode"], r["dtype"], r["vocab"],
+    results.sort(key=lambda r: (("op", "loss", "linear").index(r["kind"]), r["method"] or "", r["mode"], r["dtype"], r["vocab"],
                                 r["n_tokens"], order[r["case"]]))
 
 
@@ -228,6 +232,8 @@ def environment(device: str) -> dict:
 def run_sweep(preset, device: str, selected=None, kinds=("op", "loss"), shapes=None, log=print) -> dict:
     """Run the preset's sweep (or `shapes`, which then also take the loss cases)."""
     loss_shapes = None if shapes else preset.loss_shapes
+    # The linear kind runs on its own shapes (they carry H), or on the shapes given.
+    linear_shapes = shapes or preset.linear_shapes or ()
     shapes = shapes or tuple(dict.fromkeys(preset.shapes + (preset.loss_shapes or ())))
     meta = environment(device)
     if preset.threads:
@@ -235,7 +241,9 @@ def run_sweep(preset, device: str, selected=None, kinds=("op", "loss"), shapes=N
     meta.update(preset=preset.name, repeats=preset.repeats, isolate=preset.isolate, seed=SEED,
                 loadavg_start=os.getloadavg(), torch_threads=torch.get_num_threads())
     copy_start = measure.copy_bandwidth(device)
-    items = plan(shapes, device, selected, kinds, preset.skip, loss_shapes)
+    items = plan(shapes, device, selected, tuple(k for k in kinds if k != "linear"), preset.skip, loss_shapes)
+    if "linear" in kinds:
+        items += plan(linear_shapes, device, selected, ("linear",), preset.skip)
     groups = worker_groups(items, preset.isolate)
     results = [it for it in items if "status" in it]
     started = time.perf_counter()

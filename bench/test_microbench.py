@@ -25,7 +25,7 @@ def _params():
     for case in cases.CASES:
         for kind in case.kinds:
             for mode in cases.MODES[kind]:
-                for method in case.methods if kind == "loss" else (None,):
+                for method in case.methods_of(kind):
                     if not case.runs(kind, mode):
                         continue
                     label = f"{kind}-{method or 'logprobs_entropy'}-{mode}-{case.name}"

@@ -40,11 +40,16 @@ class CaseRun:
         shape = inputs.shape
         if self.kind == "op":
             self.fn = cases.build_op(self.case.name)
+        elif self.kind == "linear":
+            self.fn = cases.build_linear(self.case.name, self.method, inputs.linear_batch())
         else:
             self.fn = cases.build_loss(self.case.name, self.method, inputs.batch())
             self.loss_shape = (shape.sequences, shape.n_tokens // shape.sequences, shape.vocab)
 
     def fresh_logits(self) -> torch.Tensor:
+        """The input that changes per call: the logits, or the hidden states of the linear kind."""
+        if self.kind == "linear":
+            return self.inputs.hidden()
         backward = self.mode == "fwdbwd"
         return self.inputs.logits(requires_grad=backward, nonleaf=backward and self.case.inplace)
 
@@ -53,6 +58,10 @@ class CaseRun:
         if self.mode == "fwd":
             with torch.no_grad():
                 return self.fn(logits, self.inputs.targets)
+        if self.kind == "linear":  # the gradients of the hidden states and of the head, both counted
+            objective = self.fn(logits, self.inputs.weight())
+            grads = torch.autograd.grad(objective, (logits, self.inputs.weight()))
+            return objective.detach(), grads
         if self.kind == "op":
             logp, entropy = self.fn(logits, self.inputs.targets)
             objective = (logp * self.inputs.grad_logp).sum() + (entropy * self.inputs.grad_entropy).sum()
@@ -66,6 +75,8 @@ class CaseRun:
         if self.mode == "fwd":
             return [float(out[0].double().sum()), float(out[1].double().sum())]
         objective, grad = out
+        if self.kind == "linear":
+            return [float(objective)] + [_norm_sq(g) for g in grad]
         return [float(objective), _norm_sq(grad)]
 
 
@@ -107,7 +118,7 @@ def main(spec: dict) -> None:
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    shape = Shape(spec["n_tokens"], spec["vocab"], spec["dtype"])
+    shape = Shape(spec["n_tokens"], spec["vocab"], spec["dtype"], spec.get("hidden_size", 1024))
     inputs = Inputs(shape, device, spec["seed"])
     for item in spec["items"]:
         result = dict(item)

@@ -10,6 +10,7 @@ from torch import nn
 
 from erpo.losses.config import LossConfig
 from erpo.losses.controllers import make_controller
+from erpo.losses.linear_policy_loss import linear_policy_loss
 from erpo.losses.policy_loss import LossResult, policy_loss
 
 
@@ -37,6 +38,13 @@ class PolicyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, batch) -> LossResult:
         generator = self._generator_for(logits.device) if self.config.method == "clip_cov" else None
         return policy_loss(logits, batch, self.current_config(), generator=generator)
+
+    def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
+               **options) -> LossResult:
+        """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend)."""
+        generator = self._generator_for(hidden.device) if self.config.method == "clip_cov" else None
+        return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias, generator=generator,
+                                  **options)
 
     def step_controller(self, result: LossResult) -> None:
         """Once per optimizer step, after the loss of the batch (reads the mean entropy: one host sync)."""

@@ -5,8 +5,11 @@ log-probs with the fused op's no-grad path -> `erpo.policy_loss` -> AdamW step (
 accumulated over micro-batches of whole groups) -> loss-controller step -> weights synced to the rollout
 engine -> metrics, eval, checkpoint. Read top to bottom; the parts live in the sibling modules.
 """
+import dataclasses
+import difflib
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -17,17 +20,20 @@ from erpo.losses import LossConfig, advantages as advantages_lib, make_controlle
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
 from erpo.train.config import TrainConfig, save as save_config
+from erpo.train.errors import CheckpointWriteError, NonFiniteError
 from erpo.train.evaluate import evaluate
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
     if "temperature" in cfg.loss_args or "method" in cfg.loss_args:
         raise ValueError("set `temperature` and `loss` as top-level config keys, not in loss_args "
                          "(rollouts and loss must share the temperature)")
+    known = {f.name for f in dataclasses.fields(LossConfig)}
+    for key in cfg.loss_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"loss_args: unknown LossConfig key {key!r}{hint}; docs/losses.md lists them all")
     try:
         return LossConfig(method=cfg.loss, temperature=cfg.temperature, **cfg.loss_args)
     except TypeError as err:
@@ -56,14 +62,59 @@ def response_logits(model, batch: dict, rows: slice, autocast: bool):
     return out.logits[:, :-1]
 
 
+def response_hidden(model, batch: dict, rows: slice, autocast: bool):
+    """Final hidden states predicting each response token, [n, R, H] (a strided view: read in place by the
+    fused head). The model computes logits for one position only: the head runs inside erpo's loss."""
+    width_r = batch["targets"].shape[1]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                    position_ids=batch["position_ids"][rows], logits_to_keep=1, use_cache=False,
+                    output_hidden_states=True)
+    return out.hidden_states[-1][:, -(width_r + 1):-1]
+
+
+def output_head(model, dtype: torch.dtype):
+    """The LM head's (weight [V, H], bias [V] or None), cast to the hidden states' dtype (a differentiable cast:
+    the gradient reaches the float32 parameters)."""
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return head.weight.to(dtype), bias
+
+
+def check_plain_head(model) -> None:
+    """The fused head computes hidden @ W.T + b; refuse models whose logits are something else (soft-capping,
+    a logit scale), before training, instead of training on a different loss."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"fused_head: the model's output embeddings are a {type(head).__name__}, not nn.Linear; "
+                         "use --no-fused-head")
+    device = head.weight.device
+    ids = torch.arange(3, 11, device=device).remainder(head.weight.shape[0]).view(1, -1)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1].float()
+        linear = hidden @ head.weight.float().T + (0 if head.bias is None else head.bias.float())
+        logits = out.logits.float()
+    if not torch.allclose(linear, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-6):
+        raise ValueError("fused_head: this model's logits are not final hidden states @ lm_head.weight.T (+ bias) "
+                         "(e.g. logit soft-capping or scaling); use --no-fused-head")
+
+
 @torch.no_grad()
-def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool) -> torch.Tensor:
+def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool,
+                   fused_head: bool = False) -> torch.Tensor:
     """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks."""
     out = []
     for start in range(0, batch["targets"].shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = response_logits(model, batch, rows, autocast)
-        logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
+        if fused_head:
+            hidden = response_hidden(model, batch, rows, autocast)
+            weight, bias = output_head(model, hidden.dtype)
+            logp, _ = erpo.linear_logprobs_and_entropy(hidden, weight, batch["targets"][rows], bias,
+                                                       temperature=temperature)
+        else:
+            logits = response_logits(model, batch, rows, autocast)
+            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
         out.append(logp)
     return torch.cat(out)
 
@@ -94,7 +145,11 @@ class Trainer:
         if resume:
             checkpoint.verify(resume)  # before anything is loaded from it
         self.run_dir = self._run_dir(resume)
+        if cfg.rollout == "vllm":
+            rollout_lib.require_vllm()  # before anything is written for it
+        distributed.barrier(self.dist)  # every rank has checked the run dir before rank 0 writes into it
 
+        self.rows, self.eval_rows = self._data()  # before the model: a bad data path fails in a second
         initial = None
         if resume:
             policy, self.tokenizer = model_lib.load_policy(os.path.join(resume, "model"), "", cfg.seed, 0)
@@ -104,12 +159,13 @@ class Trainer:
         self.ref = model_lib.load_reference(cfg.ref_model, self.loss_cfg.needs_ref, cfg.model, cfg.seed,
                                             cfg.sft_warmup_steps, initial)
         self.policy = policy.to(self.device)
+        if cfg.fused_head:
+            check_plain_head(self.policy)
         if self.ref is not None:
             self.ref.to(self.device)
         if self.loss_cfg.needs_ref and self.ref is None:
             raise ValueError("the loss needs reference log-probs but ref_model gave none")
 
-        self.rows, self.eval_rows = self._data()
         self.sampler = data.PromptSampler(len(self.rows), cfg.seed)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
@@ -123,25 +179,49 @@ class Trainer:
 
         # Every random draw of training (sampling, Clip-Cov picks) comes from here on; resuming restores it.
         checkpoint.seed_all(cfg.seed * 1000 + self.dist.rank)
+        self.resumed_from = None
         if resume:
             self._load(resume)
-        if self.dist.is_main:
+            self.resumed_from = resume
+            if cfg.steps < self.step:
+                raise ValueError(f"--resume {cfg.resume!r}: steps={cfg.steps} is below the checkpoint's step "
+                                 f"{self.step}; give --steps {self.step} or more")
+        self.finished = resume is not None and self.step == cfg.steps
+        self.log = None
+        if self.dist.is_main and not self.finished:  # a finished run's files are left exactly as they are
+            self.cfg = cfg = dataclasses.replace(cfg, out_dir=self.run_dir, overwrite=False)
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "train_config.json"))
             checkpoint.clean_temp(self.run_dir)
-        self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), self.step if resume else None) \
-            if self.dist.is_main else None
-        if self.dist.is_main and not resume and os.path.exists(self.log.path):
-            os.remove(self.log.path)
+            self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                              self.step if resume else None)
 
     # --- setup helpers -----------------------------------------------------------------------------
     def _run_dir(self, resume):
+        """Where this run writes. An existing run is never touched unless this run continues it (resume)
+        or replaces it on purpose (overwrite)."""
+        source = os.path.dirname(os.path.dirname(os.path.normpath(resume))) if resume else None  # RUN/checkpoints/step_N
         if self.cfg.out_dir:
-            return self.cfg.out_dir
-        if resume:  # .../RUN/checkpoints/step_N -> RUN
-            return os.path.dirname(os.path.dirname(os.path.normpath(resume)))
-        stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
-        return os.path.join("runs", stamp)
+            run_dir = self.cfg.out_dir
+        elif source:
+            run_dir = source
+        else:
+            stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
+            run_dir, n = os.path.join("runs", stamp), 1
+            while checkpoint.holds_run(run_dir):  # two runs started in the same second
+                n += 1
+                run_dir = os.path.join("runs", f"{stamp}-{n}")
+        continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
+        if not continuing and checkpoint.holds_run(run_dir):
+            if not self.cfg.overwrite or resume:
+                what = "resume it with --resume" if not resume else "continue a checkpoint into a fresh directory"
+                raise ValueError(f"out_dir {run_dir!r} already holds a run: {what}, pick another --out-dir, "
+                                 "or pass --overwrite to replace it (its checkpoints and metrics are deleted)")
+            if self.dist.is_main:
+                checkpoint.remove_run(run_dir)
+        if self.dist.is_main:
+            checkpoint.check_writable(run_dir)
+        return run_dir
 
     def _data(self):
         cfg = self.cfg
@@ -163,7 +243,12 @@ class Trainer:
             self.policy.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
         distributed.barrier(self.dist)
-        return rollout_lib.VLLMRollout(path, self.tokenizer, seed=self.cfg.seed + self.dist.rank)
+        try:
+            return rollout_lib.VLLMRollout(path, self.tokenizer, seed=self.cfg.seed + self.dist.rank)
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(path, ignore_errors=True)  # nothing of a failed engine start stays behind
+            raise
 
     def _load(self, path: str) -> None:
         state = checkpoint.load_trainer_state(path)
@@ -189,8 +274,16 @@ class Trainer:
                 "controller": None if self.controller is None else self.controller.state_dict(),
                 "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
             }
-            checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
-                            keep=self.cfg.keep_checkpoints)
+            try:
+                checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
+                                keep=self.cfg.keep_checkpoints)
+            except OSError as err:
+                steps = checkpoint.list_steps(self.run_dir)
+                intact = f"the latest intact checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+                raise CheckpointWriteError(
+                    f"step {self.step}: writing the checkpoint failed ({err.strerror or err}); {intact}; fix the "
+                    f"cause and continue with `erpo train --resume {self.run_dir}`"
+                ) from None
         distributed.barrier(self.dist)
 
     # --- one step ----------------------------------------------------------------------------------
@@ -218,8 +311,8 @@ class Trainer:
         group_ids = torch.arange(n, device=self.device) // cfg.group_size
         adv = advantages_lib.compute(loss_cfg.adv_estimator, rewards, group_ids)
         group_chunk = (cfg.micro_batch_groups or cfg.prompts_per_step) * cfg.group_size
-        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast)
-        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast) \
+        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head)
+        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head) \
             if loss_cfg.needs_ref else None
 
         sums, nonfinite, grad_norm = {}, False, 0.0
@@ -230,13 +323,19 @@ class Trainer:
                 sync = index == len(micro_rows) - 1
                 context = self.model.no_sync() if self.dist.enabled and not sync else _nullcontext()
                 with context:
-                    logits = response_logits(self.model, batch, rows, self.autocast)
                     micro = {"targets": batch["targets"][rows], "mask": batch["mask"][rows],
                              "old_logp": old_logp[rows], "advantages": adv.advantages[rows],
                              "group_ids": group_ids[rows]}
                     if ref_logp is not None:
                         micro["ref_logp"] = ref_logp[rows]
-                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
+                    if cfg.fused_head:
+                        hidden = response_hidden(self.model, batch, rows, self.autocast)
+                        weight, bias = output_head(self.policy, hidden.dtype)
+                        result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
+                                                         generator=self.loss_generator)
+                    else:
+                        logits = response_logits(self.model, batch, rows, self.autocast)
+                        result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
                     weight = micro_weight(loss_cfg.agg, batch["mask"], rows)
                     (result.loss * weight).backward()
                 share = weight / cfg.ppo_epochs
@@ -276,8 +375,11 @@ class Trainer:
             where = f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
                     f"(loss {loss_value}, grad norm {norm})"
             if cfg.on_nonfinite == "stop" or self.nonfinite_streak >= cfg.max_nonfinite:
+                steps = checkpoint.list_steps(self.run_dir)
+                kept = f"checkpoints up to step {steps[-1]} are intact" if steps else "no checkpoint was written"
                 raise NonFiniteError(f"{where}; stopping (on_nonfinite={cfg.on_nonfinite!r}, "
-                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite})")
+                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite}); {kept} "
+                                     f"(erpo train --resume {self.run_dir} continues from there)")
             self._report(f"[yellow]{where}: update skipped[/]")
             return norm, True
         self.nonfinite_streak = 0
@@ -310,10 +412,18 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, main = self.cfg, self.dist.is_main
         history = []
+        if self.finished:
+            if main:
+                print(f"run {self.run_dir} is already complete: its checkpoint is at step {self.step} of steps="
+                      f"{cfg.steps}; nothing to train (give --steps N larger than {self.step} to extend it)")
+            distributed.cleanup(self.dist)
+            return history
         with metrics_lib.LiveProgress(cfg.steps, self.step, cfg.progress and main) as self.progress:
             if main:
-                self._report(f"run dir {self.run_dir}; loss {self.loss_cfg.method}; world {self.dist.world}; "
-                             f"device {self.device}")
+                start = (f"resumed from {self.resumed_from} at step {self.step} of {cfg.steps}"
+                         if self.resumed_from else f"new run, {cfg.steps} steps")
+                self._report(f"run dir {self.run_dir}; {start}; loss {self.loss_cfg.method}; "
+                             f"world {self.dist.world}; device {self.device}")
             if cfg.eval_every and self.step == 0 and main:  # the "before" figure of a fresh run
                 before = {"step": 0, **self.run_eval()}
                 self.log.write(before)

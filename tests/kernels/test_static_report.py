@@ -6,7 +6,6 @@ forward's PTX capped at 32 registers): a detector that cannot fail would make "n
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from bench import static
 from bench.static_kernels import triton_rows
+from tests.nvcc import find_nvcc
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET = 10  # issue 15: SASS instructions per element of the bf16 forward and backward loops
@@ -22,10 +22,7 @@ BUDGET = 10  # issue 15: SASS instructions per element of the bf16 forward and b
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    if shutil.which("nvcc") is None:  # the CUDA half of the report needs it; CI has it (ERPO_REQUIRE_NVCC=1)
-        if os.environ.get("ERPO_REQUIRE_NVCC") == "1":
-            pytest.fail("nvcc not found on PATH but ERPO_REQUIRE_NVCC=1")
-        pytest.skip("nvcc not found on PATH: the static report compiles csrc/*.cu with it")
+    find_nvcc()  # the CUDA half of the report needs it: skips without it, fails in CI (ERPO_REQUIRE_NVCC=1)
     out = tmp_path_factory.mktemp("static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "bench.static", "--out", str(out)], cwd=REPO, env=env,

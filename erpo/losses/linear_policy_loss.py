@@ -1,0 +1,199 @@
+"""`linear_policy_loss(hidden, weight, batch, config)`: every policy loss from the hidden states and the LM
+head, with the same loss, metrics and gradients as `policy_loss(hidden @ weight.T + bias, batch, config)`
+and without the [N, V] logits.
+
+Two schedules, both ending in the same [N]-sized middle (`loss_from_token_stats`):
+- "two_pass" (every method): the fused head's stats pass gives logp and entropy -> method logic over [N]
+  (batch-wide statistics included: KL-Cov/Clip-Cov covariances, the 80/20 quantile, ERPO's norms) -> the
+  gradient pass recomputes the head (4 matmuls: 1 forward, 1 recompute, 2 gradient).
+- "one_pass" (row-local methods only): when each token's loss coefficient depends only on that token's own
+  logp and entropy and on per-sequence constants (advantages, aggregation weights from the mask), the
+  coefficient is known as soon as a chunk's row statistics are, so the gradient is computed in the forward,
+  as Liger does (3 matmuls). The per-token formulas are the loss's own (token_terms, token_weights); the
+  loss value and metrics still come from loss_from_token_stats on the same statistics.
+"auto" picks one_pass where `one_pass_exact(config)` holds, gradients are needed and the head backend has a
+fused forward-backward (the torch backend); two_pass otherwise.
+"""
+import dataclasses
+import json
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from erpo.losses import advantages as advantages_lib
+from erpo.losses.aggregation import token_weights
+from erpo.losses.batch import IGNORE_INDEX, prepare_tokens
+from erpo.losses.config import LossConfig
+from erpo.losses.policy_loss import LossResult, loss_from_token_stats, token_params
+from erpo.losses.token_loss import TokenParams, token_terms
+from erpo.ops import backends
+from erpo.ops import linear_logprobs_entropy as head
+from erpo.ops.row_layout import row_layout
+
+SCHEDULES = ("auto", "one_pass", "two_pass")
+# Methods whose token advantage is the sequence advantage itself (no batch statistic, no use of logp/H).
+ROW_LOCAL_METHODS = ("grpo", "dapo", "dr_grpo", "adapo")
+# The LossConfig fields the one-pass formulas were written against. A field added later (a new objective,
+# control, correction, ...) must keep its preset default for the one-pass schedule to be chosen.
+ONE_PASS_FIELDS = (
+    "method", "adv_estimator", "eps_low", "eps_high", "agg", "max_len", "dual_clip", "dual_clip_c", "kl_coef",
+    "kl_estimator", "entropy_coef", "temperature", "backend", "check_inputs", "inplace_grad", "gamma", "gate",
+    "gate_lambda", "beta_p", "buckets", "eta", "rho", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "seed",
+    "kl_cov_ratio", "kl_cov_beta", "kl_cov_anneal", "kl_cov_anneal_steps", "repo_beta", "zeta", "zeta_min",
+    "zeta_max", "target_entropy", "eps_high_max",
+)
+ONE_PASS_BATCH_KEYS = ("targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids")
+
+
+def one_pass_exact(config: LossConfig, batch=None) -> bool:
+    """Whether the one-pass schedule gives exactly the two-pass loss: every token's coefficient depends only
+    on its own logp/entropy and per-sequence constants (GRPO, DAPO, Dr. GRPO, ADAPO, with or without the
+    entropy bonus and the KL term)."""
+    if config.method not in ROW_LOCAL_METHODS or not getattr(config, "row_local", True):
+        return False
+    preset = type(config)(method=config.method)
+    for field in dataclasses.fields(config):
+        if field.name not in ONE_PASS_FIELDS and getattr(config, field.name) != getattr(preset, field.name):
+            return False
+    if isinstance(batch, dict) and any(v is not None and k not in ONE_PASS_BATCH_KEYS for k, v in batch.items()):
+        return False  # a batch input the one-pass formulas do not know about (e.g. rollout log-probs)
+    return True
+
+
+def _head_backend(config: LossConfig, head_backend: Optional[str]) -> str:
+    if head_backend is not None:
+        return head.resolve_backend(head_backend)
+    if config.backend == "cuda":
+        raise ValueError("config.backend='cuda' has no fused-head kernel; pass head_backend='torch' or 'triton' "
+                         "(the per-token kernel keeps config.backend)")
+    return head.resolve_backend(config.backend)
+
+
+def linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    batch,
+    config: LossConfig,
+    bias: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    schedule: str = "auto",
+    head_backend: Optional[str] = None,
+) -> LossResult:
+    """The policy loss of `config.method` from hidden states `[B, L, H]` (padded) or `[N, H]` (packed) and the
+    head `weight [V, H]` (+ `bias [V]`); the batch is policy_loss's, with token positions hidden.shape[:-1].
+
+    `schedule`: "auto", "one_pass" (row-local methods only; raises otherwise) or "two_pass".
+    `head_backend`: the fused head's backend ("auto" = "torch", "torch", "triton"); default from config.backend.
+    """
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, L, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [V, H] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    resolved_head = _head_backend(config, head_backend)
+    flat = prepare_tokens(tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, torch.float32, batch, config,
+                          "hidden")
+    head.validate(hidden, weight, flat.targets, bias, config.temperature, resolved_head)
+    token_backend = backends.resolve(config.backend, hidden.is_cuda)
+    exact = one_pass_exact(config, batch)
+    if schedule == "one_pass" and not exact:
+        raise ValueError(f"schedule='one_pass' is exact only for row-local losses ({', '.join(ROW_LOCAL_METHODS)} "
+                         f"without batch-wide controls); method {config.method!r} with this config needs 'two_pass'")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    fused = hasattr(head.load(resolved_head), "forward_backward")
+    if schedule == "one_pass" and not fused:
+        raise ValueError(f"schedule='one_pass' needs a head backend with a fused forward-backward (torch), "
+                         f"got {resolved_head!r}")
+    if schedule == "one_pass" or (schedule == "auto" and exact and needs_grad and fused):
+        return _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator)
+    logp, entropy = head.linear_logprobs_and_entropy(
+        hidden, weight, flat.targets, bias, temperature=config.temperature, backend=resolved_head,
+        check_targets=False,  # valid targets were range-checked by prepare_tokens (within its one sync)
+    )
+    return loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
+
+
+def _sequence_advantages(config: LossConfig, flat) -> Tensor:
+    """The per-sequence advantages, as loss_from_token_stats derives them."""
+    if flat.advantages is not None:
+        return flat.advantages.to(torch.float32)
+    return advantages_lib.compute(config.adv_estimator, flat.rewards.to(torch.float32), flat.group_ids).advantages
+
+
+def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator) -> LossResult:
+    valid = flat.valid
+    seq_adv = _sequence_advantages(config, flat)
+    adv = torch.where(valid, seq_adv[flat.seq], torch.zeros((), dtype=torch.float32, device=valid.device))
+    max_len = config.max_len if config.max_len is not None else flat.padded_len
+    weights = token_weights(config.agg, valid, flat.seq, flat.n_seqs, max_len or 1, torch.float32)
+    ref = flat.ref if config.kl_coef > 0 else None
+    params = json.dumps(dataclasses.asdict(token_params(config)))
+    # Detached: the gradient reaches hidden/weight/bias through _PrecomputedGradient, not through the op.
+    logp, entropy, grad_hidden, grad_weight, grad_bias = _one_pass_op(
+        hidden.detach(), weight.detach().contiguous(), None if bias is None else bias.detach(), flat.targets, flat.old, adv.contiguous(), ref, weights.contiguous(),
+        1.0 / config.temperature, IGNORE_INDEX, params, token_backend, resolved_head,
+    )
+    result = loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
+    attached = _PrecomputedGradient.apply(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+    return LossResult(loss=result.loss + attached, metrics=result.metrics)
+
+
+@torch.library.custom_op("erpo::linear_policy_loss_one_pass", mutates_args=())
+def _one_pass_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old: Tensor, adv: Tensor,
+    ref: Optional[Tensor], weights: Tensor, inv_temperature: float, ignore_index: int, params: str,
+    token_backend: str, head_backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    token = TokenParams(**json.loads(params))
+
+    def coefficients(idx, logp, entropy):
+        _, dlogp, dentropy, _, _ = token_terms(
+            logp, entropy, old[idx], adv[idx], None if ref is None else ref[idx], None, token, token_backend
+        )
+        w = weights[idx]
+        return dlogp * w, (dentropy * w if token.entropy_coef != 0 else None)
+
+    flat_targets = targets.reshape(-1).contiguous()
+    logp, entropy, _, grad_hidden, grad_weight, grad_bias = head.load(head_backend).forward_backward(
+        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index, coefficients
+    )
+    grad_bias = grad_weight.new_empty(0) if grad_bias is None else grad_bias
+    return logp, entropy, grad_hidden.view(hidden.shape), grad_weight, grad_bias
+
+
+@_one_pass_op.register_fake
+def _(hidden, weight, bias, targets, old, adv, ref, weights, inv_temperature, ignore_index, params, token_backend,
+      head_backend):
+    f32 = torch.float32
+    return (hidden.new_empty(targets.shape, dtype=f32), hidden.new_empty(targets.shape, dtype=f32),
+            hidden.new_empty(hidden.shape, dtype=f32), weight.new_empty(weight.shape, dtype=f32),
+            weight.new_empty((0,) if bias is None else (weight.shape[0],), dtype=f32))
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A 0-d zero whose backward hands out the gradient the one-pass forward already computed, scaled by the
+    incoming gradient in place (the buffers are the gradients: no second full-size copy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if bias is not None else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.used = False
+        return grad_hidden.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError("the one-pass fused-head loss supports one backward; use schedule='two_pass' "
+                               "to backward through it more than once (retain_graph)")
+        ctx.used = True
+        grads = []
+        for grad, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad):
+            grads.append(None if grad is None or not needed else grad.mul_(grad_out).to(dtype))
+        return (*grads, None, None, None)

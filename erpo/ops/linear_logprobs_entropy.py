@@ -1,0 +1,208 @@
+"""`linear_logprobs_and_entropy`: log-prob of the target and entropy straight from the hidden states and the
+LM head, `logprobs_and_entropy(hidden @ weight.T + bias, targets)` without ever holding the [N, V] logits.
+
+The forward (stats pass) keeps only the inputs and two floats per row (lse, entropy); the backward
+(gradient pass) recomputes the logits chunk by chunk and accumulates grad_hidden, grad_weight and grad_bias.
+Both are torch.library custom ops, tied by one autograd.Function, so `torch.compile(fullgraph=True)` sees
+opaque ops with shape functions. Backends (same two functions, see docs/fused_head.md): "torch" (chunked
+matmuls, erpo/ops/torch_linear_logprobs_entropy.py) and "triton" (a fused tile kernel,
+kernels/linear_logprobs_entropy.py). "auto" is torch on CPU and on CUDA until a GPU measurement says otherwise.
+"""
+import importlib
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from erpo.ops.logprobs_entropy import FLOAT_DTYPES, _check_target_range, _flat_targets
+from erpo.ops.row_layout import row_layout
+
+LINEAR_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"the fused head's backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+    return "torch" if backend == "auto" else backend
+
+
+def load(backend: str):
+    if backend == "torch":
+        return importlib.import_module("erpo.ops.torch_linear_logprobs_entropy")
+    return importlib.import_module("erpo.kernels.linear_logprobs_entropy")
+
+
+def _check_available(backend: str, is_cuda: bool) -> None:
+    if backend != "triton":
+        return
+    if not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before erpo (and triton) are imported, or use backend='torch'"
+        )
+    try:
+        load("triton")
+    except ImportError as err:
+        raise RuntimeError(f"backend='triton': the fused-head kernel module is not importable ({err}); "
+                           "use backend='torch'") from err
+
+
+@torch.library.custom_op("erpo::linear_logprobs_entropy_fwd", mutates_args=())
+def _fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
+    ignore_index: int, backend: str, check_targets: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    flat_targets = _flat_targets(targets)
+    if check_targets:
+        _check_target_range(flat_targets, weight.shape[0], ignore_index)
+    logp, entropy, lse = load(backend).forward(
+        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index
+    )
+    shape = targets.shape
+    return logp.view(shape), entropy.view(shape), lse.view(shape)
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets):
+    make = lambda: hidden.new_empty(targets.shape, dtype=torch.float32)  # noqa: E731
+    return make(), make(), make()
+
+
+@torch.library.custom_op("erpo::linear_logprobs_entropy_bwd", mutates_args=())
+def _bwd_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, entropy: Tensor,
+    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    def flat(values):
+        return None if values is None else values.reshape(-1).to(torch.float32).contiguous()
+
+    grad_hidden, grad_weight, grad_bias = load(backend).backward(
+        row_layout(hidden), weight, bias, _flat_targets(targets), flat(lse), flat(entropy), flat(grad_logp),
+        flat(grad_entropy), inv_temperature, ignore_index,
+    )
+    # A custom op returns tensors only: no bias gives an empty grad_bias.
+    grad_bias = grad_weight.new_empty(0) if grad_bias is None else grad_bias
+    return grad_hidden.view(hidden.shape), grad_weight, grad_bias
+
+
+@_bwd_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    grad_bias = weight.new_empty((0,) if bias is None else (weight.shape[0],), dtype=torch.float32)
+    return (hidden.new_empty(hidden.shape, dtype=torch.float32), weight.new_empty(weight.shape, dtype=torch.float32),
+            grad_bias)
+
+
+class LinearLogprobsEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets):
+        logp, entropy, lse = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, backend,
+                                     check_targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        grad_hidden, grad_weight, grad_bias = _bwd_op(
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
+            ctx.ignore_index, ctx.backend,
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_hidden.to(hidden.dtype) if needs[0] else None,
+            grad_weight.to(weight.dtype) if needs[1] else None,
+            grad_bias.to(bias.dtype) if bias is not None and needs[2] else None,
+        ) + (None,) * 5
+
+
+def _tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def validate(hidden, weight, targets, bias, temperature, backend) -> str:
+    """Every check of the fused head's inputs, before any kernel runs; returns the resolved backend."""
+    hidden, weight, targets = _tensor("hidden", hidden), _tensor("weight", weight), _tensor("targets", targets)
+    if bias is not None:
+        _tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H] (the nn.Linear layout), got shape {tuple(weight.shape)}")
+    vocab, hidden_size = weight.shape
+    if vocab < 1 or hidden_size < 1:
+        raise ValueError(f"weight must be [V, H] with V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden's last dim must be the head's H = {hidden_size} (weight {tuple(weight.shape)}), "
+            f"got hidden of shape {tuple(hidden.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias must be [V] = ({vocab},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's shape without H {tuple(hidden.shape[:-1])}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    for name, tensor in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"hidden is on {hidden.device} but {name} on {tensor.device}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden dtype {hidden.dtype} is not supported; supported: "
+                        f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {tensor.dtype} differs from hidden's {hidden.dtype}; cast one of them")
+    if isinstance(temperature, Tensor) or isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    resolved = resolve_backend(backend)
+    _check_available(resolved, hidden.is_cuda)
+    return resolved
+
+
+def linear_logprobs_and_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    check_targets: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-prob of `targets` and entropy of softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: `[..., H]` bf16, fp16 or fp32; rows may be strided (e.g. `hidden_states[:, :-1]`): read in place.
+        weight: `[V, H]` (nn.Linear / `get_output_embeddings().weight` layout, tied embeddings included), same
+            dtype as hidden. bias: optional `[V]`, same dtype.
+        targets: integer ids `[...]` = hidden.shape[:-1]; `ignore_index` rows give 0 and no gradient, and are
+            not computed.
+        backend: "auto" (= "torch"), "torch" or "triton".
+        check_targets: validate target ids are in [0, V) (one host sync); False on a hot path of known-good ids.
+
+    Returns:
+        (logp, entropy), float32 shaped like targets, differentiable w.r.t. hidden, weight and bias.
+        Never holds [N, V]; under no_grad (old/ref log-probs) only the forward runs and nothing is saved.
+    """
+    resolved = validate(hidden, weight, targets, bias, temperature, backend)
+    weight = weight.contiguous()
+    inv_temperature = 1.0 / float(temperature)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        return LinearLogprobsEntropyFunction.apply(
+            hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets
+        )
+    logp, entropy, _ = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets)
+    return logp, entropy

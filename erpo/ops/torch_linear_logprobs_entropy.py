@@ -1,0 +1,218 @@
+"""Chunked pure-torch backend of the fused LM head: (hidden, weight, bias) -> logp, entropy, lse and back.
+
+Memory plan: hidden rows are processed in chunks of R rows against the whole vocabulary. Two [R, V] float32
+buffers, allocated once per call, hold a chunk's logits and their exponentials (rewritten in place into
+dlogits), plus an [R, H] copy of the chunk's hidden rows; R is the largest count whose [R, V] float32 buffer fits
+BUDGET_BYTES[device type] (8 MiB on CPU, 256 MiB on CUDA), so the temporaries never grow with N and never
+hold [N, V]. The only full-size results are the gradients: grad_hidden [N, H] and grad_weight [V, H] in
+float32 (grad_bias [V]). bf16/fp16 heads: the logits matmul runs in the weights' dtype (fp32 accumulation in
+the BLAS, as `hidden @ weight.T` does) and the gradient matmuls take dlogits rounded to that dtype (as the
+logits path's dlogits are); grad_weight is accumulated in float32 over row chunks, a VOCAB_SLICE-row slice
+of it at a time so the low-precision product never needs a [V, H] temporary.
+Rows whose target is ignore_index are skipped on CPU (compacted out: never computed); on CUDA they are
+zeroed instead of compacted, because finding them would sync with the host.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from erpo.ops.row_layout import RowLayout
+
+BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # one [R, V] float32 chunk buffer
+ROWS: Optional[int] = None  # fixed rows per chunk instead of the budget (tests set it to cross chunk edges)
+VOCAB_SLICE = 4096  # rows of grad_weight per low-precision accumulation product
+COMPACT_IGNORED: Optional[bool] = None  # skip ignored rows by compaction; None: on CPU only (it syncs on CUDA)
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    if ROWS is not None:
+        return max(1, min(ROWS, max(n_rows, 1)))
+    budget = BUDGET_BYTES.get(device.type, BUDGET_BYTES["cuda"])
+    return max(1, min(max(n_rows, 1), budget // (4 * max(vocab, 1))))
+
+
+def _compacts(targets: Tensor) -> bool:
+    return not targets.is_cuda if COMPACT_IGNORED is None else COMPACT_IGNORED
+
+
+def _rows_to_compute(targets: Tensor, ignore_index: int) -> Tensor:
+    if not _compacts(targets):
+        return torch.arange(targets.numel(), device=targets.device)
+    return (targets != ignore_index).nonzero().squeeze(1)  # no device to sync with on CPU
+
+
+def _row_source(hidden: RowLayout):
+    """A function flat row ids -> those hidden rows as a contiguous [r, H] tensor (read in place, then gathered)."""
+    outer = hidden.n_rows // hidden.inner
+    rows3d = torch.as_strided(
+        hidden.tensor, (outer, hidden.inner, hidden.vocab), (hidden.stride_outer, hidden.stride_inner, 1)
+    )
+    return lambda idx: rows3d[idx // hidden.inner, idx % hidden.inner]
+
+
+def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float) -> Tensor:
+    """z = (h @ weight.T + bias) * inv_temperature, float32, written into the first rows of `buffer`."""
+    z = buffer[: h.shape[0]]
+    if weight.dtype == torch.float32:
+        if bias is None:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h, weight.t(), out=z)
+    else:
+        z.copy_(torch.mm(h, weight.t()))
+        if bias is not None:
+            z.add_(bias)
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    return z
+
+
+def _row_stats(z: Tensor, e_buffer: Tensor, tgt: Tensor):
+    """Shift z by its row max in place and write e = exp(z) into `e_buffer`; return
+    (e, Σe, log Σe, E_p[z], logp, bad rows, shift) of the rows."""
+    row_max = z.amax(dim=1, keepdim=True)
+    # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
+    bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    z.sub_(shift)
+    target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    e = torch.exp(z, out=e_buffer[: z.shape[0]])
+    denom = e.sum(dim=1)
+    weighted = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e z per row without an [r, V] product
+    log_denom = torch.log(denom)
+    mean_z = weighted / denom
+    return e, denom, log_denom, mean_z, target_z - log_denom, bad, shift.squeeze(1)
+
+
+def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, scale: Tensor, g_logp: Optional[Tensor],
+                  g_ent: Optional[Tensor], z_minus_mean_offset: Tensor) -> Tensor:
+    """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the chunk buffers; returns it.
+
+    p = e * scale (scale: 1/Σe, or 1 when e is already p) and z - E_p[z] = z + z_minus_mean_offset, all per
+    row; the g's are [r] and already carry 1/T. So dz = e (z a + b) + onehot g_logp with a = -g_ent scale,
+    b = -(g_ent offset + g_logp) scale: two passes over the chunk. Uses z - E_p[z], never log p + H, so an
+    underflowed p gives 0 and never 0 * -inf.
+    """
+    b = torch.zeros_like(scale) if g_logp is None else -g_logp * scale
+    if g_ent is not None:
+        a = (-g_ent * scale).unsqueeze(1)
+        b = (b - g_ent * z_minus_mean_offset * scale).unsqueeze(1)
+        dz = torch.addcmul(b, z, a, out=z).mul_(e)
+    else:
+        dz = e.mul_(b.unsqueeze(1))
+    if g_logp is not None:
+        dz.scatter_add_(1, tgt.unsqueeze(1), g_logp.unsqueeze(1))
+    return dz
+
+
+class _Grads:
+    """The float32 gradient buffers and the accumulation of one chunk's dlogits into them."""
+
+    def __init__(self, n_rows: int, weight: Tensor, bias: Optional[Tensor]):
+        hidden_size = weight.shape[1]
+        self.weight = weight
+        self.hidden = torch.zeros(n_rows, hidden_size, dtype=torch.float32, device=weight.device)
+        self.weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+
+    def add(self, idx: Tensor, h: Tensor, dz: Tensor) -> None:
+        if self.weight.dtype == torch.float32:
+            self.hidden.index_copy_(0, idx, torch.mm(dz, self.weight))
+            self.weight_grad.addmm_(dz.t(), h)
+        else:
+            low = dz.to(self.weight.dtype)
+            self.hidden.index_copy_(0, idx, torch.mm(low, self.weight).float())
+            for start in range(0, low.shape[1], VOCAB_SLICE):
+                stop = min(start + VOCAB_SLICE, low.shape[1])
+                self.weight_grad[start:stop].add_(torch.mm(low[:, start:stop].t(), h))
+        if self.bias is not None:
+            self.bias.add_(dz.sum(dim=0))
+
+
+def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int):
+    """The two [R, V] float32 chunk buffers (allocated once per call, reused by every chunk), and a generator
+    of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool) per chunk."""
+    rows = _rows_to_compute(targets, ignore_index)
+    step = chunk_rows(rows.numel(), weight.shape[0], weight.device)
+    buffers = [torch.empty((step, weight.shape[0]), dtype=torch.float32, device=weight.device) for _ in range(2)]
+    return buffers, _chunk_rows(hidden, targets, ignore_index, rows, step)
+
+
+def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Tensor, step: int):
+    source = _row_source(hidden)
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        tgt = targets[idx].long()
+        ignored = tgt == ignore_index
+        h = source(idx)
+        if not _compacts(targets):
+            h = h.masked_fill(ignored.unsqueeze(1), 0)  # garbage in skipped rows must not reach grad_weight
+        yield idx, h, torch.where(ignored, 0, tgt), ignored
+
+
+def forward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
+            ignore_index: int):
+    """Return flat (logp, entropy, lse), each [N] float32; ignored rows give 0."""
+    return forward_backward(hidden, weight, bias, targets, inv_temperature, ignore_index, None)[:3]
+
+
+def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     inv_temperature: float, ignore_index: int, coefficients: Optional[Callable]):
+    """The forward, and with `coefficients` also the gradient in the same pass (the one-pass schedule).
+
+    `coefficients(idx, logp, entropy)` gets a chunk's flat row ids and its (detached) float32 statistics and
+    returns (g_logp, g_entropy or None), the loss's derivatives for those rows; it may only depend on them and
+    on per-row constants. Returns (logp, entropy, lse, grad_hidden, grad_weight, grad_bias), grads None without
+    `coefficients`.
+    """
+    device = weight.device
+    n_rows = hidden.n_rows
+    logp = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    entropy = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    grads = None if coefficients is None else _Grads(n_rows, weight, bias)
+    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    nan = float("nan")
+    for idx, h, tgt, ignored in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, e_buffer, tgt)
+        row_entropy = torch.where(bad, nan, log_denom - mean_z).masked_fill(ignored, 0.0)
+        row_logp = torch.where(bad, nan, row_logp).masked_fill(ignored, 0.0)
+        logp[idx], entropy[idx] = row_logp, row_entropy
+        lse[idx] = (shift + log_denom).masked_fill(ignored, 0.0)
+        if grads is not None:
+            g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
+            grads.add(idx, h, _dlogits_into(z, e, tgt, 1.0 / denom, g_logp, g_ent, -mean_z))
+    if grads is None:
+        return logp, entropy, lse, None, None, None
+    return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
+
+
+def _scaled(g_logp, g_ent, ignored, inv_temperature):
+    """The per-row gradients times 1/T (the chain rule through z / T), zero on skipped rows."""
+    def scale(g):
+        return None if g is None else (g.to(torch.float32) * inv_temperature).masked_fill(ignored, 0.0)
+
+    return scale(g_logp), scale(g_ent)
+
+
+def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+             entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float,
+             ignore_index: int):
+    """Recompute each chunk's logits from the saved lse and entropy and return (grad_hidden [N, H] f32,
+    grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
+    grads = _Grads(hidden.n_rows, weight, bias)
+    if grad_logp is None and grad_entropy is None:
+        return grads.hidden, grads.weight_grad, grads.bias
+    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    for idx, h, tgt, ignored in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        z.sub_(lse[idx].unsqueeze(1))  # log p, finite where z is
+        p = torch.exp(z, out=e_buffer[: z.shape[0]])
+        g_logp = None if grad_logp is None else grad_logp[idx]
+        g_ent = None if grad_entropy is None else grad_entropy[idx]
+        g_logp, g_ent = _scaled(g_logp, g_ent, ignored, inv_temperature)
+        # z - E_p[z] = log p + H: an exact shift of the finite log p.
+        grads.add(idx, h, _dlogits_into(z, p, tgt, torch.ones_like(lse[idx]), g_logp, g_ent, entropy[idx]))
+    return grads.hidden, grads.weight_grad, grads.bias
