@@ -1,23 +1,69 @@
 """Triton kernels of the fused op: per-row log-prob of the target and entropy of softmax(logits / T).
 
-Memory-bound plan (one program per row, 1-D grid so any number of rows launches):
-  forward   reads the row once (V elements) and writes 3 floats (logp, entropy, lse).
-            Online softmax in fp32 registers: a running max m per row and, per lane, d = sum e^(x-m) and
-            w = sum e^(x-m)(x-m), rescaled when m moves. Everything stays relative to the max, so large
-            bf16 logits lose no precision, and one exp per element is paid.
+Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of the row moved once):
+  forward   reads the row once and writes 3 floats (logp, entropy, lse). Online softmax in fp32 registers,
+            in base 2 (t = x * log2(e) / T feeds exp2 directly, one FMA): a running block-wide max m and, per
+            lane, d = sum 2^(t - m) and w = sum 2^(t - m) (t - m). The sums are rebased only when a block
+            raises m (a few times per row), so the steady-state loop costs one exp2 and a handful of
+            instructions per element; everything stays relative to the max, so bf16 logits of magnitude ~40
+            lose no precision. The target's logit is read once after the loop, not compared per element.
   backward  reads the row once and writes the gradient once (in the logits' dtype, possibly in place):
-            dx_j = (g_logp (1[j=y] - p_j) - g_ent p_j (x_j - E_p[x])) / T, with p and E_p[x] = lse - H
-            recomputed from the two saved floats; p_j = 0 gives exactly 0 (never 0 * -inf).
+            with t = x log2(e) / T - lse log2(e) and p = 2^t,
+            dx = (g_logp (1[j=y] - p) - g_ent p (x/T - E_p[x])) / T = p (a t + b) + 1[j=y] g_logp / T,
+            a = -g_ent ln2 / T, b = -(g_logp + g_ent H) / T, because x/T - E_p[x] = t ln2 + H. The one-hot
+            term is added after the loop to the target alone (its logit read before the loop, which may
+            overwrite it in place).
+  NaN and +inf propagate through the arithmetic, with no per-element test: a NaN or +inf logit makes
+  2^t NaN, hence d, lse, logp, entropy and the row's gradient NaN; -inf logits (a masked vocabulary) give
+  2^t = 0, and t is clamped at -256 (where 2^t is already 0) wherever it multiplies that 0.
+  Small N (below about two waves of programs): each row is split into chunks of V, one program each; the
+  forward's partial states (m, d, w) merge associatively in a second tiny kernel (state_merge of
+  csrc/softmax_row_math.h, in base 2), the backward needs no merge. Block size, warps and stages are autotuned per
+  (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs one fixed configuration.
 Row offsets are int64 (N * V overflows int32 at 8 x 4k x 150k); temperature and ignore_index are runtime
 arguments (no recompile per value); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-# Largest block over V one program holds in registers per loop step; tests lower it to exercise the
-# multi-block path (and the rescaling of the running max) on small vocabularies.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# ERPO_TRITON_AUTOTUNE=0 runs the fixed configuration on a GPU too (no tuning runs: test suites with many shapes).
+AUTOTUNE = not INTERPRET and os.environ.get("ERPO_TRITON_AUTOTUNE", "1") != "0"
+# ex2.approx.ftz: one MUFU instruction. Triton's exp2 (non-ftz) adds a range test and two multiplies per
+# element to keep denormal results, which are < 2^-126 of the row max's term and change no sum here.
+FAST_EXP2: tl.constexpr = tl.constexpr(not INTERPRET)
+T_FLOOR: tl.constexpr = tl.constexpr(-256.0)  # 2^t is exactly 0 below this: clamping t there changes nothing
+# The running max starts finite: t = x * scale - m must be -inf (2^t = 0), not -inf - (-inf) = NaN, for the
+# -inf logits of a row whose first blocks hold nothing else.
+M_START: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+
+# The fixed configuration (interpreter, ERPO_TRITON_AUTOTUNE=0): the widest block up to MAX_BLOCK_V, with
+# DEFAULT_WARPS. Tests lower MAX_BLOCK_V to exercise the multi-block path (and the rebasing) on small V.
 MAX_BLOCK_V = 4096
+DEFAULT_WARPS = 8
+# Autotune candidates on a GPU (BLOCK_V, num_warps, num_stages); the first is the fixed configuration at the
+# production V and what the static report reads (its --configs option reads them all). The stage-3 twin of
+# the default compiles to the same loop SASS with Triton 3.7 (the loop is not software-pipelined).
+CONFIGS = ((4096, 8, 1), (8192, 8, 1), (8192, 16, 1), (4096, 4, 1), (2048, 4, 1), (4096, 8, 3),
+           (16384, 16, 1))
+# Rows below this many programs' worth are split over V (two waves of 132 SMs x 2 resident programs);
+# None: computed from the device's SM count. Tests set it to force the split path under the interpreter.
+SPLIT_BELOW_ROWS = None
+MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and launch than it gains
+
+
+@triton.jit
+def _exp2(t):
+    if FAST_EXP2:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [t], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(t)
 
 
 @triton.jit
@@ -27,51 +73,132 @@ def _row_offset(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _accumulate(x, m, d, w, scale):
+    """Fold one block of logits (fp32, -inf in masked lanes) into the running (m, d, w), base 2."""
+    m_new = tl.maximum(m, tl.max(x, axis=0) * scale)
+    if m_new > m:  # rebase on the new max; before any finite value m = M_START and d = w = 0
+        delta = tl.maximum(m - m_new, T_FLOOR)
+        rescale = tl.exp2(delta)
+        w = rescale * (w + d * delta)
+        d = rescale * d
+        m = m_new
+    t = x * scale - m
+    e = _exp2(t)
+    d += e
+    w += e * tl.maximum(t, T_FLOOR)  # -inf logit: e = 0 and t = -inf; the clamp keeps 0 * t = 0
+    return m, d, w
+
+
+@triton.jit
+def _chunk_state(row_ptr, start, stop, scale, BLOCK_V: tl.constexpr):
+    """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], M_START, tl.float32)
+    d = tl.zeros([BLOCK_V], dtype=tl.float32)
+    w = tl.zeros([BLOCK_V], dtype=tl.float32)
+    full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
+    for block in range(start, full_stop, BLOCK_V):
+        x = tl.load(row_ptr + block + cols).to(tl.float32)
+        m, d, w = _accumulate(x, m, d, w, scale)
+    if full_stop < stop:
+        offs = full_stop + cols
+        x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
+        m, d, w = _accumulate(x, m, d, w, scale)
+    return m, tl.sum(d, axis=0), tl.sum(w, axis=0)
+
+
+@triton.jit
+def _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row):
+    log2_d = tl.log2(d)
+    lse = (m + log2_d) * LN2
+    entropy = (log2_d - w / d) * LN2
+    # An out-of-range id (possible only with check_targets=False) gives NaN, never a read outside the row.
+    in_range = (target >= 0) & (target < vocab)
+    target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
+    tl.store(logp_ptr + row, target_x * inv_temperature - lse)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
 def logprobs_entropy_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
     vocab, inv_temperature, ignore_index,
     BLOCK_V: tl.constexpr,
 ):
+    """One program per row: the whole row's state, then logp, entropy, lse."""
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    logp = tl.full([], 0.0, tl.float32)
-    entropy = tl.full([], 0.0, tl.float32)
-    lse = tl.full([], 0.0, tl.float32)
-    if target != ignore_index:  # ignored rows are never read: logp = entropy = 0
+    if target == ignore_index:  # ignored rows are never read: logp = entropy = lse = 0
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+    else:
         row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
-        cols = tl.arange(0, BLOCK_V)
-        m = tl.full([], -float("inf"), tl.float32)  # running row max
-        d = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum e^(x - m)
-        w = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum e^(x - m) (x - m)
-        bad = tl.zeros([BLOCK_V], dtype=tl.int32)  # NaN or +inf seen: the row's outputs become NaN
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            x = tl.load(row_ptr + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-            bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # Until a finite value is seen m_new is -inf: shift by 0 then (d and w are still 0).
-            shift = tl.where(m_new > -float("inf"), m_new, 0.0)
-            scale = tl.exp(m - shift)
-            live = x > -float("inf")
-            xm = tl.where(live, x - shift, 0.0)
-            e = tl.where(live, tl.exp(xm), 0.0)
-            w = scale * (w + d * tl.where(m > -float("inf"), m - shift, 0.0)) + e * xm
-            d = d * scale + e
-            m = m_new
-        shift = tl.where(m > -float("inf"), m, 0.0)
-        denom = tl.sum(d, axis=0)
-        log_denom = tl.log(denom)
-        lse = shift + log_denom
-        row_bad = tl.max(bad, axis=0) > 0
-        entropy = tl.where(row_bad, float("nan"), log_denom - tl.sum(w, axis=0) / denom)
-        # An out-of-range id (possible only with check_targets=False) gives NaN, never a read outside the row.
-        in_range = (target >= 0) & (target < vocab)
-        target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32) * inv_temperature
-        logp = tl.where(row_bad, float("nan"), target_x - lse)
-    tl.store(logp_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+        m, d, w = _chunk_state(row_ptr, 0, vocab, inv_temperature * LOG2E, BLOCK_V)
+        _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
+
+
+@triton.jit
+def logprobs_entropy_partial_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    targets_ptr, state_ptr,
+    vocab, chunk, n_chunks, inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """Split path, grid (rows, chunks): the (m, d, w) of one chunk into state[row, chunk, :]."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    m = tl.full([], -float("inf"), tl.float32)
+    d = tl.full([], 0.0, tl.float32)
+    w = tl.full([], 0.0, tl.float32)
+    if target != ignore_index:
+        row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+        start = split * chunk
+        m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), inv_temperature * LOG2E, BLOCK_V)
+    out = state_ptr + (row.to(tl.int64) * n_chunks + split) * 3
+    tl.store(out, m)
+    tl.store(out + 1, d)
+    tl.store(out + 2, w)
+
+
+@triton.jit
+def logprobs_entropy_merge_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    targets_ptr, state_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    vocab, n_chunks, inv_temperature, ignore_index,
+    BLOCK_CHUNKS: tl.constexpr,
+):
+    """Split path, one program per row: merge the chunks' states (associative, base 2), then finish."""
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+    else:
+        chunks = tl.arange(0, BLOCK_CHUNKS)
+        live = chunks < n_chunks
+        states = state_ptr + (row.to(tl.int64) * n_chunks + chunks) * 3
+        m_c = tl.load(states, mask=live, other=-float("inf"))
+        d_c = tl.load(states + 1, mask=live, other=0.0)
+        w_c = tl.load(states + 2, mask=live, other=0.0)
+        m = tl.max(m_c, axis=0)
+        # NaN states stay NaN through d_c; an all -inf row has m = -inf: shift by 0 (every d_c is 0 then).
+        delta = tl.maximum(m_c - tl.where(m > -float("inf"), m, 0.0), T_FLOOR)
+        rescale = tl.exp2(delta)
+        d = tl.sum(rescale * d_c, axis=0)
+        w = tl.sum(rescale * (w_c + d_c * delta), axis=0)
+        row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+        _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
+
+
+@triton.jit
+def _grad_block(x, scale, lse2, a, b):
+    t = x * scale - lse2
+    return _exp2(t) * (a * tl.maximum(t, T_FLOOR) + b)
 
 
 @triton.jit
@@ -79,39 +206,112 @@ def logprobs_entropy_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    vocab, inv_temperature, ignore_index,
+    vocab, chunk, inv_temperature, ignore_index,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """Grid (rows, chunks of V); chunk = vocab when rows are not split."""
     row = tl.program_id(0)
+    start = tl.program_id(1) * chunk
+    stop = tl.minimum(start + chunk, vocab)
+    full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
     target = tl.load(targets_ptr + row).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
     grad_row_ptr = grad_ptr + _row_offset(row, inner, grad_stride_outer, grad_stride_inner)
+    out_ty = grad_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_V)
     if target == ignore_index:  # zero gradient, without reading the row
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < vocab)
+        for block in range(start, stop, BLOCK_V):
+            offs = block + cols
+            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=out_ty), mask=offs < stop)
     else:
-        lse = tl.load(lse_ptr + row)
-        mean_x = lse - tl.load(entropy_ptr + row)  # E_p[x] = lse - H
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            in_row = offs < vocab
-            x = tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-            p = tl.exp(x - lse)
-            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
-            if HAS_GRAD_LOGP:
-                g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
-                grad = g_logp * (tl.where(offs == target, 1.0, 0.0) - p)
-            if HAS_GRAD_ENTROPY:
-                g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
-                grad -= g_ent * p * tl.where(x > -float("inf"), x - mean_x, 0.0)
-            tl.store(grad_row_ptr + offs, (grad * inv_temperature).to(grad_ptr.dtype.element_ty), mask=in_row)
+        scale = inv_temperature * LOG2E
+        lse2 = tl.load(lse_ptr + row) * LOG2E
+        g_logp = 0.0
+        g_ent = 0.0
+        if HAS_GRAD_LOGP:
+            g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+        if HAS_GRAD_ENTROPY:
+            g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        a = -g_ent * LN2 * inv_temperature
+        b = -(g_logp + g_ent * tl.load(entropy_ptr + row)) * inv_temperature
+        # Read before the loop: an in-place gradient overwrites it. Only the chunk holding the target
+        # patches it; out-of-range ids (check_targets=False) patch nothing.
+        mine = (target >= start) & (target < stop)
+        if HAS_GRAD_LOGP:
+            target_x = tl.load(row_ptr + target, mask=mine, other=0.0).to(tl.float32)
+        for block in range(start, full_stop, BLOCK_V):
+            x = tl.load(row_ptr + block + cols).to(tl.float32)
+            tl.store(grad_row_ptr + block + cols, _grad_block(x, scale, lse2, a, b).to(out_ty))
+        if full_stop < stop:
+            offs = full_stop + cols
+            x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
+            tl.store(grad_row_ptr + offs, _grad_block(x, scale, lse2, a, b).to(out_ty), mask=offs < stop)
+        if HAS_GRAD_LOGP:
+            if mine:
+                tl.debug_barrier()  # the loop's store of this element (another thread's) lands first
+                patched = _grad_block(target_x, scale, lse2, a, b) + g_logp * inv_temperature
+                tl.store(grad_row_ptr + target, patched.to(out_ty))
 
 
-def _block_and_warps(vocab: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 1)))
-    return block, (8 if block >= 2048 else 4)
+# ---------------------------------------------------------------- launchers
+
+def _prune(configs, named_args, **kwargs):
+    """Blocks wider than the chunk only add masked lanes; keep at least the smallest candidate."""
+    width = triton.next_power_of_2(max(int(named_args.get("chunk", named_args["vocab"])), 1))
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= max(width, 2048)]
+    return kept or configs[:1]
+
+
+def build_launchers(autotune: bool, configs=CONFIGS, do_bench=None):
+    """(forward, split-forward partial, backward) launchers: the kernels themselves, or autotuners over
+    `configs`. `do_bench` replaces Triton's GPU timer (tests tune under the interpreter with a CPU one)."""
+    if not autotune:
+        return logprobs_entropy_fwd_kernel, logprobs_entropy_partial_kernel, logprobs_entropy_bwd_kernel
+    candidates = [triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
+                  for block, warps, stages in configs]
+    tune = dict(prune_configs_by={"early_config_prune": _prune}, do_bench=do_bench)
+    return (
+        triton.autotune(candidates, key=["vocab"], **tune)(logprobs_entropy_fwd_kernel),
+        triton.autotune(candidates, key=["vocab", "chunk"], **tune)(logprobs_entropy_partial_kernel),
+        # restore_value: tuning runs the kernel several times, and an in-place gradient overwrites the logits.
+        triton.autotune(candidates, key=["vocab", "chunk"], restore_value=["grad_ptr"], **tune)(
+            logprobs_entropy_bwd_kernel),
+    )
+
+
+_fwd, _partial, _bwd = build_launchers(AUTOTUNE)
+
+
+def _fixed_config(width: int) -> dict:
+    """The one configuration without autotuning (the interpreter cannot tune): the widest block up to
+    MAX_BLOCK_V; {} when the autotuner picks."""
+    if AUTOTUNE:
+        return {}
+    return {"BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(max(width, 1))), "num_warps": DEFAULT_WARPS}
+
+
+def _split_threshold(device) -> int:
+    if SPLIT_BELOW_ROWS is not None:
+        return SPLIT_BELOW_ROWS
+    if device.type == "cuda":
+        return 2 * 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 0
+
+
+def n_chunks(n_rows: int, vocab: int, device) -> int:
+    """How many chunks of V each row is split into: 1 unless the rows alone leave the GPU idle.
+    A power of two (few distinct autotune keys), and no chunk under MIN_CHUNK."""
+    threshold = _split_threshold(device)
+    if n_rows == 0 or n_rows >= threshold:
+        return 1
+    wanted = triton.next_power_of_2(triton.cdiv(threshold, n_rows))
+    while wanted > 1 and triton.cdiv(vocab, wanted) < MIN_CHUNK:
+        wanted //= 2
+    return wanted
+
+
+def _chunk_size(vocab: int, chunks: int) -> int:
+    return vocab if chunks == 1 else triton.cdiv(triton.cdiv(vocab, chunks), 256) * 256  # 16-byte aligned starts
 
 
 def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
@@ -120,14 +320,25 @@ def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index:
     logp = torch.empty(layout.n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
-    if layout.n_rows:
-        block, warps = _block_and_warps(layout.vocab)
-        logprobs_entropy_fwd_kernel[(layout.n_rows,)](
-            logits, layout.stride_outer, layout.stride_inner, layout.inner,
-            targets, logp, entropy, lse,
-            layout.vocab, inv_temperature, ignore_index,
-            BLOCK_V=block, num_warps=warps,
-        )
+    if not layout.n_rows:
+        return logp, entropy, lse
+    rows = (logits, layout.stride_outer, layout.stride_inner, layout.inner)
+    chunks = n_chunks(layout.n_rows, layout.vocab, logits.device)
+    if chunks == 1:
+        fixed = _fixed_config(layout.vocab)
+        _fwd[(layout.n_rows,)](*rows, targets, logp, entropy, lse, layout.vocab, inv_temperature, ignore_index,
+                               **fixed)
+        return logp, entropy, lse
+    chunk = _chunk_size(layout.vocab, chunks)
+    chunks = triton.cdiv(layout.vocab, chunk)
+    state = torch.empty((layout.n_rows, chunks, 3), dtype=torch.float32, device=logits.device)
+    fixed = _fixed_config(chunk)
+    _partial[(layout.n_rows, chunks)](*rows, targets, state, layout.vocab, chunk, chunks, inv_temperature,
+                                      ignore_index, **fixed)
+    logprobs_entropy_merge_kernel[(layout.n_rows,)](
+        *rows, targets, state, logp, entropy, lse, layout.vocab, chunks, inv_temperature, ignore_index,
+        BLOCK_CHUNKS=triton.next_power_of_2(chunks), num_warps=1,
+    )
     return logp, entropy, lse
 
 
@@ -135,13 +346,13 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     """Write dlogits into grad_layout.tensor (which may be layout.tensor itself: the in-place gradient)."""
     if not layout.n_rows:
         return
-    block, warps = _block_and_warps(layout.vocab)
-    logprobs_entropy_bwd_kernel[(layout.n_rows,)](
+    chunk = _chunk_size(layout.vocab, n_chunks(layout.n_rows, layout.vocab, layout.tensor.device))
+    fixed = _fixed_config(chunk)
+    _bwd[(layout.n_rows, triton.cdiv(layout.vocab, chunk))](
         layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner,
         grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
         targets, lse, entropy,
         grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse,
-        layout.vocab, inv_temperature, ignore_index,
-        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_V=block, num_warps=warps,
+        layout.vocab, chunk, inv_temperature, ignore_index,
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **fixed,
     )

@@ -4,7 +4,8 @@ The interpreter runs kernels as Python, so it cannot catch what only the compile
 changing type, an unsupported construct, register spills). Triton compiles to PTX and cubin without a driver,
 given a target; tests/kernels/compile_for_gpu.py does it in a process without TRITON_INTERPRET. The PTX is then
 checked for the memory-bound plan: 16-byte vector loads of the logits, 16-byte vector stores of the gradient,
-no local memory. On a machine with a GPU the kernels themselves run in tests/ops and tests/losses instead.
+and no register spills as `ptxas -v` reports them (spills are ptxas's doing: the PTX cannot show them; that
+the detector sees a real spill is tested in tests/kernels/test_static_report.py). On a machine with a GPU the kernels themselves run in tests/ops and tests/losses instead.
 """
 import json
 import os
@@ -37,7 +38,9 @@ def test_kernel_compiles_to_the_plan(report, case):
     result = report[case]
     assert "error" not in result, result.get("error")
     assert result["cubin"], "ptxas produced no cubin"
-    assert result["vector_load"], "no 16-byte vector load in the PTX"
-    if not case.startswith("fwd"):  # the forward stores 3 floats per row; the others stream outputs
+    if not case.startswith("merge"):  # the split forward's merge reads a few (m, d, w) triples per row
+        assert result["vector_load"], "no 16-byte vector load in the PTX"
+    if not case.startswith(("fwd", "partial", "merge")):  # those store 3 floats per row; the others stream
         assert result["vector_store"], "no 16-byte vector store in the PTX"
-    assert not result["local_memory"], "the kernel uses local memory (register spills)"
+    assert result["registers"] > 0, "ptxas -v reported no register count"
+    assert result["spill_bytes"] == 0, f"ptxas spills {result['spill_bytes']} bytes ({result['registers']} registers)"

@@ -1,0 +1,104 @@
+"""The rules of the static report (bench/static_sass.py) on fixed inputs: ptxas logs, SASS loops, occupancy,
+the predicted-bandwidth model. Pure text and arithmetic: no compiler runs here (tests/kernels/
+test_static_report.py runs the real tools, including a kernel made to spill for real)."""
+import pytest
+
+from bench import static_sass as sass
+
+NO_SPILL_LOG = """\
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function 'logprobs_entropy_fwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for logprobs_entropy_fwd_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers
+ptxas info    : Compile time = 169.231 ms
+"""
+# nvcc -Xptxas -v on a file with two kernels, the second one spilling (format of ptxas 13).
+TWO_KERNEL_LOG = """\
+ptxas info    : Compiling entry function '_ZN4erpo3fwdEv' for 'sm_80'
+ptxas info    : Function properties for _ZN4erpo3fwdEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 192 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN4erpo3bwdEv' for 'sm_80'
+ptxas info    : Function properties for _ZN4erpo3bwdEv
+    408 bytes stack frame, 636 bytes spill stores, 644 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 408 bytes cumulative stack size
+"""
+
+# A loop shaped like the fused forward's: a rare region (rebase) jumped over when the max does not move,
+# 2 x 16-byte loads of bf16 per trip; then an outer loop over rows around it.
+SASS = """\
+\tcode for sm_90a
+\t\tFunction : demo_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                          /* 0x000e300000000800 */
+        /*0010*/                   MOV R2, RZ ;                           /* 0x0 */
+        /*0020*/                   LDG.E.128 R4, desc[UR14][R12.64] ;     /* 0x0 */
+        /*0030*/                   LDG.E.128 R8, desc[UR14][R12.64+0x1000] ; /* 0x0 */
+        /*0040*/                   FMNMX R3, R4, R5, !PT ;                /* 0x0 */
+        /*0050*/               @!P3 BRA 0x80 ;                            /* 0x0 */
+        /*0060*/                   FMUL R20, R20, R3 ;                    /* 0x0 */
+        /*0070*/                   FMUL R21, R21, R3 ;                    /* 0x0 */
+        /*0080*/                   MUFU.EX2 R6, R6 ;                      /* 0x0 */
+        /*0090*/                   FADD R20, R20, R6 ;                    /* 0x0 */
+        /*00a0*/                   NOP ;                                  /* 0x0 */
+        /*00b0*/               @!P2 BRA 0x20 ;                            /* 0x0 */
+        /*00c0*/                   LDG.E R7, desc[UR14][R14.64] ;         /* 0x0 */
+        /*00d0*/               @P1 BRA 0x10 ;                             /* 0x0 */
+        /*00e0*/                   EXIT ;                                 /* 0x0 */
+        /*00f0*/                   BRA 0xf0;                              /* 0x0 */
+"""
+
+
+def test_ptxas_log_without_spills():
+    fn = sass.parse_ptxas_log(NO_SPILL_LOG)["logprobs_entropy_fwd_kernel"]
+    assert (fn.registers, fn.spill_store_bytes, fn.spill_load_bytes, fn.spills) == (64, 0, 0, False)
+
+
+def test_ptxas_log_spills_are_seen_per_function():
+    functions = sass.parse_ptxas_log(TWO_KERNEL_LOG)
+    assert not functions["_ZN4erpo3fwdEv"].spills and functions["_ZN4erpo3fwdEv"].registers == 40
+    bwd = functions["_ZN4erpo3bwdEv"]
+    assert bwd.spills and (bwd.spill_store_bytes, bwd.spill_load_bytes, bwd.stack_bytes, bwd.registers) == (
+        636, 644, 408, 32)
+
+
+@pytest.mark.parametrize("log", ["", "ptxas info    : 11 bytes gmem\n", "ptxas fatal   : Unresolved extern function\n"])
+def test_a_log_without_register_counts_is_an_error_not_a_pass(log):
+    with pytest.raises(ValueError, match="no 'Used N registers'"):
+        sass.parse_ptxas_log(log)
+
+
+def test_sass_parsing_loops_and_steady_state():
+    instructions = sass.parse_sass(SASS)["demo_kernel"]
+    assert len(instructions) == 16 and instructions[5].predicated and not instructions[1].predicated
+    assert instructions[2].opcode == "LDG.E.128" and sass.global_bytes(instructions[2]) == 16
+    assert sass.global_bytes(instructions[12]) == 4
+    # Inner loop 0x20..0xb0, outer loop 0x10..0xd0; the BRA to itself at 0xf0 is not a backward branch.
+    first_last = {(instructions[a].address, instructions[b].address) for a, b in sass.loops(instructions)}
+    assert first_last == {(0x20, 0xB0), (0x10, 0xD0)}
+    loop = sass.steady_state_loop(instructions)
+    # Innermost streaming loop; the steady path jumps over the two FMULs; NOP not counted.
+    assert loop.body_instructions == 9 and loop.instructions == 7
+    assert loop.vector_load_bytes == 32 and loop.mufu == 1 and "FMUL" not in loop.opcodes
+
+
+def test_occupancy_rules():
+    # 117 registers x 256 threads: 3840 registers per warp after rounding, 2 blocks of 8 warps.
+    assert sass.occupancy(90, 117, 256, 32) == {"blocks_per_sm": 2, "warps_per_sm": 16, "occupancy": 0.25,
+                                                "limited_by": "registers"}
+    assert sass.occupancy(90, 32, 256, 0)["occupancy"] == 1.0
+    assert sass.occupancy(80, 32, 128, 100_000)["limited_by"] == "shared"
+
+
+def test_prediction_reproduces_the_issue_budget():
+    # Issue 15: bf16 forward on an H100 must take 1.68e12 logits/s; 132 SMs x 128 lanes x 1.75 GHz leave
+    # ~17.5 instructions per element at full issue.
+    fwd = sass.predict_bandwidth_fraction("H100-SXM5", 20.0, 1.0, 2, 1e9)
+    assert fwd["instruction_budget_per_element"] == pytest.approx(17.7, abs=0.1)
+    assert fwd["predicted_bound"] == "issue" and fwd["predicted_fraction"] == pytest.approx(17.7 / 20, abs=0.01)
+    h200 = sass.predict_bandwidth_fraction("H200-SXM", 10.0, 1.0, 2, 1e9)
+    assert h200["predicted_fraction"] == pytest.approx(1.0)
+    # Few bytes in flight: the latency bound takes over.
+    starved = sass.predict_bandwidth_fraction("H100-SXM5", 5.0, 1.0, 2, 4096)
+    assert starved["predicted_bound"] == "latency" and starved["predicted_fraction"] < 0.5
