@@ -1,0 +1,370 @@
+"""Triton kernels of the fused LM head: hidden states x weight -> log-prob of the target, entropy and lse per row.
+
+z = (hidden @ weight.T + bias) * inv_temperature is only ever held as a [BLOCK_N, BLOCK_V] fp32 tile in
+registers (tl.dot over BLOCK_H slices of H); no logits tile is written to global memory.
+
+Memory plan (N rows, V vocabulary, H hidden size, S vocabulary splits):
+  forward   grid (N / BLOCK_N, S). Each program sweeps its 1/S of the vocabulary in BLOCK_V tiles and keeps
+            an online softmax state per row in registers: m = max z, d = sum e^(z - m), w = sum e^(z - m)(z - m),
+            the target's z, and NaN/+inf and target-found flags (the state of csrc/softmax_row_math.h). It
+            writes that state once: 6 x S x N floats of scratch. A second tiny kernel merges the S states of
+            each row (the merge is associative: states of disjoint vocabulary parts combine exactly) and writes
+            logp, entropy, lse [N] f32. S > 1 only when N / BLOCK_N programs cannot fill the GPU.
+  backward  two kernels, each recomputing the logits tiles (tl.dot over H again), forming dlogits in registers
+            and accumulating one gradient into float32 buffers it alone owns:
+              grad_hidden kernel, grid N / BLOCK_N: sweeps V; per V tile, grad_hidden[rows, :] += dlogits @ W
+                (read-add-write of its own [BLOCK_N, BLOCK_H] slices, L2-resident).
+              grad_weight kernel, grid V / BLOCK_V: sweeps N; per N tile, grad_weight[cols, :] += dlogits.T @ h,
+                grad_bias[cols] in registers, stored once.
+            Full-size memory: the three gradients (grad_hidden [N, H], grad_weight [V, H], grad_bias [V], f32)
+            and nothing else; never [N, V].
+  Why not fp32 atomics (as Apple's cut-cross-entropy does, one kernel, 3 GEMM-equivalents): atomic float sums
+  depend on scheduling, so grad_weight would differ bit-wise between identical runs, and erpo's trainer promises
+  bit-identical resumes. The deterministic split costs one extra recompute GEMM (4 GEMM-equivalents in the
+  backward instead of 3; predicted, not measured: no GPU here).
+
+Numerics: every tl.dot accumulates in fp32. fp32 inputs use input_precision="ieee" (never tf32), so the
+results match the torch backend to fp32 rounding. bf16/fp16 heads: the logits are fp32 accumulations of the
+16-bit inputs; the gradient dots take dlogits rounded to the input dtype (tensor cores; the torch backend
+does the same), accumulating in fp32.
+Rows: hidden rows are addressed with two strides (RowLayout), so `hidden[:, :-1]` is read in place; offsets are
+int64. Rows whose target == ignore_index are not loaded (a tile of only such rows is skipped entirely) and get
+logp = entropy = lse = 0 and zero gradient. NaN policy: a row whose logits hold NaN or +inf gives NaN in that
+row's outputs only (and NaN gradients from it); -inf logits take no part in the softmax; an out-of-range
+target gives NaN logp. Temperature and ignore_index are runtime arguments (no recompile per value).
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). GPU ones are GEMM-like tiles
+# (the fp32 tiles are narrower over H so the pipelined shared-memory buffers fit sm_80); the interpreter runs
+# each tile as numpy, so small tiles keep tests fast. Tests override TILES to cross tile edges.
+GPU_TILES = {
+    torch.bfloat16: (64, 128, 64, 8, 3),
+    torch.float16: (64, 128, 64, 8, 3),
+    torch.float32: (64, 128, 32, 8, 2),
+}
+INTERPRETER_TILES = (16, 32, 16, 4, 1)
+TILES: Optional[tuple] = None  # fixed (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for every dtype
+SPLIT_V: Optional[int] = None  # fixed number of vocabulary splits in the forward instead of the heuristic
+PROGRAMS_PER_SM = 4  # the forward splits V until it has about this many programs per SM
+MERGE_BLOCK = 256
+STATE_FIELDS = 6  # m, d, w, target z, target found, bad
+
+
+@triton.jit
+def _row_offsets(rows, inner, stride_outer, stride_inner):
+    rows = rows.to(tl.int64)
+    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+
+
+@triton.jit
+def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
+                 inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] in fp32; columns past V are -inf, rows not loaded compute from zeros."""
+    ks = tl.arange(0, BLOCK_H)
+    w_cols = cols.to(tl.int64) * hidden_size
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_H):
+        k = k0 + ks
+        k_ok = k < hidden_size
+        h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=load_rows[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(weight_ptr + w_cols[None, :] + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
+
+
+@triton.jit
+def _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
+                  HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """dz * inv_temperature, zero outside the vocabulary and on ignored rows (never 0 * inf)."""
+    p = tl.exp(z - lse[:, None])
+    dz = tl.zeros(z.shape, dtype=tl.float32)
+    if HAS_GRAD_LOGP:
+        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        dz = g_logp[:, None] * (onehot - p)
+    if HAS_GRAD_ENTROPY:
+        dz -= g_ent[:, None] * p * tl.where(z > -float("inf"), z - mean_z[:, None], 0.0)
+    return tl.where(active[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
+
+
+@triton.jit
+def linear_stats_fwd_kernel(
+    hidden_ptr, stride_outer, stride_inner, inner,
+    weight_ptr, bias_ptr, targets_ptr, state_ptr,
+    n_rows, n_states, hidden_size, vocab, v_per_split, inv_temperature, ignore_index,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    active = row_ok & (target != ignore_index)
+    row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+    m = tl.full([BLOCK_N], -float("inf"), tl.float32)
+    d = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    target_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    found = tl.zeros([BLOCK_N], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if tl.max(active.to(tl.int32), axis=0) > 0:  # a tile of ignored rows costs nothing
+        v_begin = split * v_per_split
+        v_end = tl.minimum(v_begin + v_per_split, vocab)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end
+            z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
+                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
+            live = (z > -float("inf")) & (z < float("inf"))
+            m_new = tl.maximum(m, tl.max(tl.where(live, z, -float("inf")), axis=1))
+            # Until a finite value is seen m_new is -inf: shift by 0 then (d and w are still 0).
+            shift = tl.where(m_new > -float("inf"), m_new, 0.0)
+            seen = m > -float("inf")
+            delta = tl.where(seen, m - shift, 0.0)
+            scale = tl.where(seen, tl.exp(delta), 0.0)
+            zm = tl.where(live, z - shift[:, None], 0.0)
+            e = tl.where(live, tl.exp(zm), 0.0)
+            w = scale * (w + d * delta) + tl.sum(e * zm, axis=1)
+            d = d * scale + tl.sum(e, axis=1)
+            m = m_new
+            hit = cols[None, :] == target[:, None]
+            target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+            found = found | tl.max(hit.to(tl.int32), axis=1)
+    out = state_ptr + split.to(tl.int64) * n_rows + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + n_states, d, mask=row_ok)
+    tl.store(out + 2 * n_states, w, mask=row_ok)
+    tl.store(out + 3 * n_states, target_z, mask=row_ok)
+    tl.store(out + 4 * n_states, found.to(tl.float32), mask=row_ok)
+    tl.store(out + 5 * n_states, bad.to(tl.float32), mask=row_ok)
+
+
+@triton.jit
+def linear_stats_merge_kernel(
+    state_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr, n_rows, n_splits, n_states, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    m = tl.full([BLOCK], -float("inf"), tl.float32)
+    d = tl.zeros([BLOCK], dtype=tl.float32)
+    w = tl.zeros([BLOCK], dtype=tl.float32)
+    target_z = tl.zeros([BLOCK], dtype=tl.float32)
+    found = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(0, n_splits):
+        src = state_ptr + split * n_rows + rows
+        m_b = tl.load(src, mask=row_ok, other=-float("inf"))
+        d_b = tl.load(src + n_states, mask=row_ok, other=0.0)
+        w_b = tl.load(src + 2 * n_states, mask=row_ok, other=0.0)
+        target_z += tl.load(src + 3 * n_states, mask=row_ok, other=0.0)
+        found = tl.maximum(found, tl.load(src + 4 * n_states, mask=row_ok, other=0.0))
+        bad = tl.maximum(bad, tl.load(src + 5 * n_states, mask=row_ok, other=0.0))
+        m_new = tl.maximum(m, m_b)
+        shift = tl.where(m_new > -float("inf"), m_new, 0.0)
+        delta_a = tl.where(m > -float("inf"), m - shift, 0.0)
+        delta_b = tl.where(m_b > -float("inf"), m_b - shift, 0.0)
+        scale_a = tl.where(m > -float("inf"), tl.exp(delta_a), 0.0)
+        scale_b = tl.where(m_b > -float("inf"), tl.exp(delta_b), 0.0)
+        w = scale_a * (w + d * delta_a) + scale_b * (w_b + d_b * delta_b)
+        d = d * scale_a + d_b * scale_b
+        m = m_new
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    active = row_ok & (target != ignore_index)
+    d = tl.where(active, d, 1.0)  # rows never computed: keep log(0) and 0 / 0 out of the arithmetic
+    log_d = tl.log(d)
+    lse = tl.where(m > -float("inf"), m, 0.0) + log_d
+    entropy = log_d - w / d
+    logp = tl.where(found > 0, target_z - lse, float("nan"))  # out-of-range id: NaN, never a silent 0
+    row_bad = bad > 0
+    lse = tl.where(row_bad, float("nan"), lse)
+    entropy = tl.where(row_bad, float("nan"), entropy)
+    logp = tl.where(row_bad, float("nan"), logp)
+    tl.store(logp_ptr + rows, tl.where(active, logp, 0.0), mask=row_ok)
+    tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
+
+
+@triton.jit
+def linear_grad_hidden_kernel(
+    hidden_ptr, stride_outer, stride_inner, inner,
+    weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr,
+    n_rows, hidden_size, vocab, inv_temperature, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    active = row_ok & (target != ignore_index)
+    if tl.max(active.to(tl.int32), axis=0) > 0:  # grad_hidden starts zeroed: ignored tiles stay 0
+        row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+        lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+        mean_z = lse - tl.load(entropy_ptr + rows, mask=active, other=0.0)  # E_p[z] = lse - H
+        g_logp = tl.zeros([BLOCK_N], dtype=tl.float32)
+        g_ent = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_GRAD_LOGP:
+            g_logp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0)
+        if HAS_GRAD_ENTROPY:
+            g_ent = tl.load(grad_entropy_ptr + rows, mask=active, other=0.0)
+        ks = tl.arange(0, BLOCK_H)
+        out_rows = grad_hidden_ptr + rows.to(tl.int64)[:, None] * hidden_size
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < vocab
+            z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
+                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENTROPY).to(weight_ptr.dtype.element_ty)
+            w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
+            for k0 in range(0, hidden_size, BLOCK_H):
+                k = k0 + ks
+                k_ok = k < hidden_size
+                w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                out_mask = row_ok[:, None] & k_ok[None, :]
+                acc = tl.load(out_rows + k[None, :], mask=out_mask, other=0.0)
+                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+                tl.store(out_rows + k[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def linear_grad_weight_kernel(
+    hidden_ptr, stride_outer, stride_inner, inner,
+    weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    grad_weight_ptr, grad_bias_ptr,
+    n_rows, hidden_size, vocab, inv_temperature, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < vocab
+    ks = tl.arange(0, BLOCK_H)
+    out_cols = grad_weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
+    bias_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for n0 in range(0, n_rows, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        active = row_ok & (target != ignore_index)
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+            lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+            mean_z = lse - tl.load(entropy_ptr + rows, mask=active, other=0.0)
+            g_logp = tl.zeros([BLOCK_N], dtype=tl.float32)
+            g_ent = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if HAS_GRAD_LOGP:
+                g_logp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0)
+            if HAS_GRAD_ENTROPY:
+                g_ent = tl.load(grad_entropy_ptr + rows, mask=active, other=0.0)
+            z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
+                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
+            bias_acc += tl.sum(dz, axis=0)
+            dz_t = tl.trans(dz.to(weight_ptr.dtype.element_ty))
+            for k0 in range(0, hidden_size, BLOCK_H):
+                k = k0 + ks
+                k_ok = k < hidden_size
+                # Ignored rows load as zeros: whatever they hold (even NaN) never reaches grad_weight.
+                h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=active[:, None] & k_ok[None, :],
+                            other=0.0)
+                out_mask = col_ok[:, None] & k_ok[None, :]
+                acc = tl.load(out_cols + k[None, :], mask=out_mask, other=0.0)
+                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                tl.store(out_cols + k[None, :], acc, mask=out_mask)
+    if HAS_BIAS:
+        tl.store(grad_bias_ptr + cols, bias_acc, mask=col_ok)
+
+
+def tiles(dtype: torch.dtype) -> tuple:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) used for this input dtype here."""
+    if TILES is not None:
+        return TILES
+    return INTERPRETER_TILES if os.environ.get("TRITON_INTERPRET") == "1" else GPU_TILES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 heads must not round their inputs to tf32: the results are to match the torch backend to fp32
+    # rounding. 16-bit inputs multiply exactly in fp32 accumulators either way.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device: torch.device) -> int:
+    """How many programs share one row tile's vocabulary in the forward (1 when the row tiles fill the GPU)."""
+    v_tiles = triton.cdiv(vocab, block_v)
+    if SPLIT_V is not None:
+        return max(1, min(SPLIT_V, v_tiles))
+    if device.type != "cuda":
+        return 1
+    wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_tiles, triton.cdiv(wanted, triton.cdiv(n_rows, block_n))))
+
+
+def _bias_arg(bias, weight):
+    return bias if bias is not None else weight  # never read: HAS_BIAS=False
+
+
+def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
+    """Flat float32 (logp, entropy, lse), each [N], for the rows of `hidden` (a RowLayout of [..., H])."""
+    n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
+    device = weight.device
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if n_rows == 0:
+        return logp, entropy, lse
+    block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
+    splits = vocab_splits(n_rows, vocab, block_n, block_v, device)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v
+    splits = triton.cdiv(vocab, v_per_split)  # no split left without vocabulary
+    state = torch.empty((STATE_FIELDS, splits, n_rows), dtype=torch.float32, device=device)
+    linear_stats_fwd_kernel[(triton.cdiv(n_rows, block_n), splits)](
+        hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
+        weight, _bias_arg(bias, weight), targets, state,
+        n_rows, splits * n_rows, hidden_size, vocab, v_per_split, inv_temperature, ignore_index,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        DOT_PRECISION=dot_precision(weight.dtype), num_warps=warps, num_stages=stages,
+    )
+    linear_stats_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
+        state, targets, logp, entropy, lse, n_rows, splits, splits * n_rows, ignore_index, BLOCK=MERGE_BLOCK,
+    )
+    return logp, entropy, lse
+
+
+def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float,
+             ignore_index: int):
+    """(grad_hidden [N, H] f32 contiguous, grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
+    n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
+    device = weight.device
+    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
+    grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
+    grad_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=device)
+    if n_rows == 0 or (grad_logp is None and grad_entropy is None):
+        return grad_hidden, grad_weight, grad_bias
+    block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
+    common = (
+        hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
+        weight, _bias_arg(bias, weight), targets, lse, entropy,
+        grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse,
+    )
+    sizes = (n_rows, hidden_size, vocab, inv_temperature, ignore_index)
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=dot_precision(weight.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    linear_grad_hidden_kernel[(triton.cdiv(n_rows, block_n),)](*common, grad_hidden, *sizes, **meta)
+    linear_grad_weight_kernel[(triton.cdiv(vocab, block_v),)](
+        *common, grad_weight, _bias_arg(grad_bias, grad_weight), *sizes, **meta,
+    )
+    return grad_hidden, grad_weight, grad_bias
