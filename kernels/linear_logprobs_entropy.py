@@ -56,6 +56,19 @@ MERGE_BLOCK = 256
 STATE_FIELDS = 6  # m, d, w, target z, target found, bad
 
 
+# Triton 3.7's interpreter multiplies bf16 tiles as their raw uint16 bits in tl.dot. Under the interpreter the
+# operands are widened to fp32 first: bf16 products are exact in fp32, so the sums are the same up to order.
+_WIDEN_DOT_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _WIDEN_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 @triton.jit
 def _row_offsets(rows, inner, stride_outer, stride_inner):
     rows = rows.to(tl.int64)
@@ -75,7 +88,7 @@ def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col
         k_ok = k < hidden_size
         h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=load_rows[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(weight_ptr + w_cols[None, :] + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)
+        acc = _dot(h, w_t, acc, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
@@ -137,7 +150,7 @@ def linear_stats_fwd_kernel(
             w = scale * (w + d * delta) + tl.sum(e * zm, axis=1)
             d = d * scale + tl.sum(e, axis=1)
             m = m_new
-            hit = cols[None, :] == target[:, None]
+            hit = (cols[None, :] == target[:, None]) & col_ok[None, :]
             target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
             found = found | tl.max(hit.to(tl.int32), axis=1)
     out = state_ptr + split.to(tl.int64) * n_rows + rows
@@ -233,7 +246,7 @@ def linear_grad_hidden_kernel(
                 w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 out_mask = row_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_rows + k[None, :], mask=out_mask, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+                acc = _dot(dz, w, acc, DOT_PRECISION)
                 tl.store(out_rows + k[None, :], acc, mask=out_mask)
 
 
@@ -280,7 +293,7 @@ def linear_grad_weight_kernel(
                             other=0.0)
                 out_mask = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_cols + k[None, :], mask=out_mask, other=0.0)
-                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                acc = _dot(dz_t, h, acc, DOT_PRECISION)
                 tl.store(out_cols + k[None, :], acc, mask=out_mask)
     if HAS_BIAS:
         tl.store(grad_bias_ptr + cols, bias_acc, mask=col_ok)
@@ -299,15 +312,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device: torch.device) -> int:
-    """How many programs share one row tile's vocabulary in the forward (1 when the row tiles fill the GPU)."""
+def forward_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(S, V per split): how many programs share one row tile's vocabulary in the forward, 1 when the row
+    tiles alone fill the GPU. V per split is a whole number of tiles; no split is left without vocabulary."""
+    block_n, block_v = tiles(dtype)[:2]
     v_tiles = triton.cdiv(vocab, block_v)
     if SPLIT_V is not None:
-        return max(1, min(SPLIT_V, v_tiles))
-    if device.type != "cuda":
-        return 1
-    wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_tiles, triton.cdiv(wanted, triton.cdiv(n_rows, block_n))))
+        splits = SPLIT_V
+    elif device.type == "cuda":
+        wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(wanted, triton.cdiv(n_rows, block_n))
+    else:
+        splits = 1
+    v_per_split = triton.cdiv(v_tiles, max(1, min(splits, v_tiles))) * block_v
+    splits = triton.cdiv(vocab, v_per_split)
+    # The merge addresses its 6 x S x N scratch floats with int32 offsets.
+    assert STATE_FIELDS * splits * n_rows < 2**31, "too many rows for one launch of the fused head"
+    return splits, v_per_split
 
 
 def _bias_arg(bias, weight):
@@ -324,9 +345,7 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
     if n_rows == 0:
         return logp, entropy, lse
     block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
-    splits = vocab_splits(n_rows, vocab, block_n, block_v, device)
-    v_per_split = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v
-    splits = triton.cdiv(vocab, v_per_split)  # no split left without vocabulary
+    splits, v_per_split = forward_plan(n_rows, vocab, weight.dtype, device)
     state = torch.empty((STATE_FIELDS, splits, n_rows), dtype=torch.float32, device=device)
     linear_stats_fwd_kernel[(triton.cdiv(n_rows, block_n), splits)](
         hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
