@@ -135,6 +135,14 @@ def head_backward_case(kernel, dtype, has_bias, has_logp, has_entropy):
     return kernel, signature, constexprs, divisible, warps, stages
 
 
+def head_merge_case():
+    signature = {"state_ptr": "*fp32", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "n_rows": "i32", "n_splits": "i32", "n_states": "i32", "ignore_index": "i32",
+                 "BLOCK": "constexpr"}
+    divisible = ("state_ptr", "targets_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "n_rows", "n_states")
+    return head.linear_stats_merge_kernel, signature, {"BLOCK": head.MERGE_BLOCK}, divisible, 4, 1
+
+
 def head_cases():
     """The fused LM head kernels (kernels/linear_logprobs_entropy.py) at their GPU tiles."""
     for arch, dtype in itertools.product(ARCHS, DTYPES):
@@ -143,6 +151,7 @@ def head_cases():
                                                                             True, True, True)
         yield f"head-dweight-sm{arch}-{dtype}", arch, head_backward_case(head.linear_grad_weight_kernel, dtype,
                                                                             True, True, True)
+    yield "head-merge-sm90", 90, head_merge_case()
     yield "head-fwd-sm90-bf16-nobias", 90, head_forward_case("bf16", False)
     yield "head-dhidden-sm90-bf16-logp", 90, head_backward_case(head.linear_grad_hidden_kernel, "bf16", False,
                                                                 True, False)
