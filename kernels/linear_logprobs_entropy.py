@@ -335,12 +335,25 @@ def forward_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
     return splits, v_per_split
 
 
+def _check_operands(hidden, weight, bias, targets) -> None:
+    """The layout this module relies on (the op validates user input; this catches a caller's slip)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != hidden.vocab:
+        raise ValueError(f"weight must be a contiguous [V, {hidden.vocab}] tensor, got {tuple(weight.shape)}")
+    if hidden.tensor.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError("hidden, weight and bias must share one dtype")
+    if bias is not None and (not bias.is_contiguous() or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] tensor, got {tuple(bias.shape)}")
+    if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.numel() != hidden.n_rows:
+        raise ValueError(f"targets must be {hidden.n_rows} contiguous int64 ids")
+
+
 def _bias_arg(bias, weight):
     return bias if bias is not None else weight  # never read: HAS_BIAS=False
 
 
 def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
     """Flat float32 (logp, entropy, lse), each [N], for the rows of `hidden` (a RowLayout of [..., H])."""
+    _check_operands(hidden, weight, bias, targets)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -367,6 +380,7 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float,
              ignore_index: int):
     """(grad_hidden [N, H] f32 contiguous, grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
+    _check_operands(hidden, weight, bias, targets)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
