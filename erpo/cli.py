@@ -47,12 +47,21 @@ def _plot(args) -> int:
     return 0
 
 
+def _source_checkout() -> str | None:
+    """The repository root erpo was installed from (editable install or plain checkout), if it has bench/."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.isfile(os.path.join(root, "bench", "__main__.py")) else None
+
+
 def _bench(argv: list) -> int:
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError:
-        raise ValueError("`erpo bench` runs the benchmark suite of a source checkout: run it from the repository "
-                         "root (it forwards to `python -m bench`)") from None
+    root = _source_checkout()
+    if root is None:
+        raise ValueError("`erpo bench` runs the benchmark suite of erpo's source checkout (bench/), which this "
+                         "install does not have: clone the repository and `pip install -e .` from it")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.__main__ import main as bench_main
+
     return bench_main(argv)
 
 
@@ -90,20 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"erpo {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 a user error (bad flag, config, path, data, checkpoint), one line on stderr, no
+    traceback; 1 a run that stopped on its own terms (NaN/inf, a failed checkpoint write), one line saying
+    how to continue; 130 interrupted."""
+    from erpo.train.errors import CheckpointWriteError, NonFiniteError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to `python -m bench`, options included
-        try:
-            return _bench(argv[1:])
-        except ValueError as err:
-            print(f"erpo bench: error: {err}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+        command, run = "bench", lambda: _bench(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.run(args)
     try:
-        return args.run(args)
+        return run()
     except (ValueError, TypeError) as err:
-        print(f"erpo {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(command, str(err), 2)
+    except OSError as err:  # a path the user gave that cannot be read or written
+        where = f" {err.filename!r}" if err.filename else ""
+        return _fail(command, f"{err.strerror or err}{where}", 2)
+    except (NonFiniteError, CheckpointWriteError) as err:
+        return _fail(command, str(err), 1)
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted", 130)
 
 
 if __name__ == "__main__":

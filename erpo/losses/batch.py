@@ -17,6 +17,9 @@ from torch import Tensor
 from erpo.losses.config import LossConfig
 
 IGNORE_INDEX = -100
+# Log-probs are <= 0; an engine's rounding (bf16 logits, another kernel) may give a hair above. Anything beyond
+# this is not a log-prob (a probability, a sign error) and is refused.
+LOGP_SLACK = 1e-3
 KNOWN_KEYS = {"targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids"}
 
 
@@ -191,8 +194,12 @@ def _check_values(vocab, flat_mask, valid, flat_targets, old, ref, advantages, r
         out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocab))
         checks.append((out_of_range, f"batch['targets'] has an id outside [0, {vocab}) where mask is 1"))
     checks.append((valid & ~torch.isfinite(old.reshape(-1)), "batch['old_logp'] is NaN or inf on a valid token"))
+    checks.append((valid & (old.reshape(-1) > LOGP_SLACK),
+                   f"batch['old_logp'] has a value > 0 on a valid token (log-probs are <= 0; slack {LOGP_SLACK})"))
     if ref is not None:
         checks.append((valid & ~torch.isfinite(ref.reshape(-1)), "batch['ref_logp'] is NaN or inf on a valid token"))
+        checks.append((valid & (ref.reshape(-1) > LOGP_SLACK),
+                       f"batch['ref_logp'] has a value > 0 on a valid token (log-probs are <= 0; slack {LOGP_SLACK})"))
     if advantages is not None:
         checks.append((~torch.isfinite(advantages), "batch['advantages'] has NaN or inf"))
     if rewards is not None:

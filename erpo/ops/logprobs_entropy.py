@@ -130,7 +130,7 @@ def _validate(logits, targets, temperature, backend, inplace_grad) -> str:
         raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
     if logits.device != targets.device:
         raise ValueError(f"logits are on {logits.device} but targets on {targets.device}")
-    if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")

@@ -23,6 +23,8 @@ from transformers.utils import logging as hf_logging
 
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# What makes a directory an `erpo train` run, and everything `--overwrite` deletes (nothing else in it).
+RUN_ENTRIES = ("train_config.json", "metrics.jsonl", "metrics.png", "checkpoints", "vllm_init")
 
 
 class CheckpointError(ValueError):
@@ -72,6 +74,27 @@ def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_c
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp-step_{step:06d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, step, model, tokenizer, trainer_state, train_config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full, I/O error) leaves no debris
+        raise
+    if os.path.exists(final):  # a re-save of the same step: the old copy stays whole until the new one is in place
+        old = os.path.join(root, f".tmp-old-step_{step:06d}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if keep:
+        # The checkpoint just written is always kept, whatever other step numbers the directory holds.
+        others = [s for s in list_steps(run_dir) if s != step]
+        for old_step in others[: max(0, len(others) - (keep - 1))]:
+            shutil.rmtree(os.path.join(root, f"step_{old_step:06d}"), ignore_errors=True)
+    return final
+
+
+def _write(tmp: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict) -> None:
     os.makedirs(tmp)
     hf_logging.disable_progress_bar()  # no per-save "Writing model shards" bar over the training progress
     model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
@@ -84,13 +107,32 @@ def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_c
         json.dump(manifest, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
-    if os.path.exists(final):  # a re-save of the same step (e.g. the end of a resumed run)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if keep:
-        for old in list_steps(run_dir)[:-keep]:
-            shutil.rmtree(os.path.join(root, f"step_{old:06d}"), ignore_errors=True)
-    return final
+
+
+def holds_run(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in RUN_ENTRIES)
+
+
+def remove_run(path: str) -> None:
+    """Delete the run in `path` (what `--overwrite` replaces): erpo's own entries only, nothing else."""
+    for name in RUN_ENTRIES:
+        full = os.path.join(path, name)
+        if os.path.isdir(full):
+            shutil.rmtree(full)
+        elif os.path.exists(full):
+            os.remove(full)
+
+
+def check_writable(run_dir: str) -> None:
+    """Fail before any work when the run directory cannot be created or written."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"out_dir {run_dir!r} is not writable: {err.strerror or err}") from None
 
 
 def list_steps(run_dir: str) -> list[int]:
@@ -101,18 +143,33 @@ def list_steps(run_dir: str) -> list[int]:
 
 
 def clean_temp(run_dir: str) -> None:
-    """Remove temp directories left by a writer that was killed."""
+    """Remove temp directories left by a writer that was killed (after restoring a half-swapped re-save)."""
+    recover_swap(run_dir)
     root = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(root):
         for name in os.listdir(root):
-            if name.startswith(".tmp-step_"):
+            if name.startswith((".tmp-step_", ".tmp-old-step_")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def recover_swap(run_dir: str) -> None:
+    """Finish a re-save that was killed between its two renames: the old copy goes back under its name."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        match = re.match(r"^\.tmp-old-(step_\d{6,})-\d+$", name)
+        if match and not os.path.exists(os.path.join(root, match.group(1))):
+            os.replace(os.path.join(root, name), os.path.join(root, match.group(1)))
 
 
 def resolve(path: str) -> str:
     """A checkpoint directory, or a run directory (then its latest checkpoint)."""
     if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_DIR.match(os.path.basename(os.path.normpath(path))):
         return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume {path!r}: no such directory")
+    recover_swap(path)
     steps = list_steps(path)
     if not steps:
         raise CheckpointError(f"--resume {path!r}: no checkpoint found (expected {path}/checkpoints/step_NNNNNN/)")
@@ -141,9 +198,8 @@ def verify(path: str) -> dict:
             raise CheckpointError(f"checkpoint {path!r} is incomplete: {name} is missing")
         if _sha256(full) != digest:
             raise CheckpointError(f"checkpoint {path!r} is corrupt: {name} does not match its sha256 in {MANIFEST}")
-    extra = set(_files(path)) - set(files)
-    if extra:
-        raise CheckpointError(f"checkpoint {path!r} has files not in its manifest: {sorted(extra)}")
+    # Files not in the manifest (an editor's backup, .DS_Store, a note) are not part of the checkpoint: nothing
+    # reads them, so they are ignored rather than blocking a resume.
     return manifest
 
 

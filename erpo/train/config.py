@@ -62,7 +62,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, sampling and model init")
     sft_warmup_steps: int = _f(40, "supervised warm-up steps before RL (built-in task only)")
     out_dir: str = _f("", "run directory (metrics, checkpoints, plots); empty = runs/<date-time>")
-    resume: str = _f("", "continue from a run directory (its latest checkpoint) or one checkpoint directory")
+    resume: str = _f("", "continue from a run directory (its latest checkpoint) or one checkpoint directory; the run's saved config is restored (only RESUME_CHANGEABLE keys may be given with a new value)")
+    overwrite: bool = _f(False, "replace the run already in out_dir (its checkpoints, metrics, config and plot are deleted first); without it an existing run is never touched")
     save_every: int = _f(100, "checkpoint every K steps (and at the end; 0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest deleted; 0 = keep all)")
     eval_every: int = _f(100, "evaluate pass@1 on the held-out prompts every K steps (and at the end; 0 = never)")
@@ -99,6 +100,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# What a resume may change: how long the run goes on and how it reports, never what or how it trains.
+# (`steps` may only grow; `out_dir` may name a fresh directory to continue into.)
+RESUME_CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "progress", "plots", "threads",
+                     "on_nonfinite", "max_nonfinite", "out_dir", "resume", "overwrite")
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -110,6 +116,8 @@ def _unknown(key: str, where: str) -> ValueError:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     kind = _TYPES[name]
+    if kind is not bool and isinstance(value, bool):
+        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got the bool {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is dict and value is None:
@@ -177,9 +185,50 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
             if name == "loss_args":
                 value = {**values.get("loss_args", {}), **dict(parse_loss_arg(t) for t in value)}
             values[name] = value
+    if values.get("resume"):
+        values = resumed_values(values)
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def resumed_values(given: dict) -> dict:
+    """The config of a resumed run: the checkpoint's saved config, with the given keys that may change.
+
+    A given key whose value differs from the saved one and is not in RESUME_CHANGEABLE is refused, naming
+    the key and both values: a resume never silently trains something other than the run it continues.
+    """
+    from erpo.train import checkpoint
+
+    path = checkpoint.resolve(given["resume"])
+    config_path = os.path.join(path, "train_config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--resume {given['resume']!r}: checkpoint {path!r} has no train_config.json")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume {given['resume']!r}: cannot read {config_path!r} ({err})") from None
+    saved = {k: v for k, v in saved.items() if k in FIELDS}  # keys of older versions are ignored
+    values = dict(from_dict(saved, f"saved config {config_path!r}").to_dict())
+    # Where the run lives now is where the checkpoint is (runs may be moved or copied); --overwrite never
+    # carries over from the saved config.
+    values["out_dir"], values["overwrite"] = "", False
+    if "steps" in given and given["steps"] != values["steps"] and values["lr_schedule"] != "constant":
+        raise ValueError(
+            f"--resume {given['resume']!r}: steps {values['steps']} -> {given['steps']} would reshape the run's "
+            f"lr_schedule {values['lr_schedule']!r} mid-run; only runs with lr_schedule 'constant' change their steps"
+        )
+    for key, value in given.items():
+        if key in RESUME_CHANGEABLE or value == values[key]:
+            values[key] = value
+            continue
+        raise ValueError(
+            f"--resume {given['resume']!r}: {key} is {values[key]!r} in the run but {value!r} was given; a resume "
+            f"may only change {', '.join(k for k in RESUME_CHANGEABLE if k not in ('resume', 'out_dir', 'overwrite'))}"
+            f" (to train differently from these weights, start a new run with --model {os.path.join(path, 'model')})"
+        )
+    return values
 
 
 def from_dict(values: dict, where: str = "config") -> TrainConfig:
@@ -192,5 +241,8 @@ def from_dict(values: dict, where: str = "config") -> TrainConfig:
 
 
 def save(config: TrainConfig, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    """Write the config atomically: a kill mid-write leaves the previous file, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(config.to_dict(), handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -64,7 +64,9 @@ def load(source: str, prompt_field: str = "prompt", answer_field: str = "answer"
         return _check_rows(enumerate(tiny_task.problems()), "prompt", "answer", source)
     if source.startswith("tiny:"):
         raise ValueError(f"unknown built-in task {source!r}; the built-in task is {tiny_task.DATA_NAME!r}")
-    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+    if source.endswith((".jsonl", ".json")):
+        if not os.path.isfile(source):
+            raise ValueError(f"data file {source!r} does not exist")
         return read_jsonl(source, prompt_field, answer_field)
     if os.path.isdir(source):
         import datasets
@@ -75,6 +77,9 @@ def load(source: str, prompt_field: str = "prompt", answer_field: str = "answer"
                 raise ValueError(f"{source}: a DatasetDict needs a 'train' split, has {list(data)}")
             data = data["train"]
         return _check_rows(enumerate(data), prompt_field, answer_field, f"{source} (rows numbered from 0)")
+    if not os.path.exists(source):
+        raise ValueError(f"data {source!r} does not exist (expected the built-in task {tiny_task.DATA_NAME!r}, a .jsonl "
+                         "file or a saved `datasets` directory)")
     raise ValueError(f"data {source!r} is not the built-in task, a .jsonl file or a saved `datasets` directory")
 
 

@@ -29,18 +29,33 @@ class MetricsLog:
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and os.path.exists(path):
-            kept = [line for line in read(path) if line.get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as handle:
+            # Rows past the checkpoint are trained again; a last line cut short by a kill is dropped.
+            kept = [line for line in read(path, partial_tail=True) if line.get("step", 0) <= resume_step]
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(line) + "\n" for line in kept)
+            os.replace(tmp, path)  # atomic: a kill here leaves the old log, never a truncated one
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
 
-def read(path: str) -> list[dict]:
+def read(path: str, partial_tail: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl. `partial_tail`: a last line without its newline (the writer was killed
+    mid-line) is skipped instead of failing."""
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = handle.readlines()
+    if partial_tail and lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    return records
 
 
 class _BarAndMetrics(Progress):

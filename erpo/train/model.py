@@ -1,10 +1,62 @@
 """Loading the policy, its tokenizer and the reference model."""
 import copy
+import os
+import re
+import socket
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from erpo.train import tiny_task
+
+HUB_HOST = "huggingface.co"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
+    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def locate(source: str, what: str = "model") -> dict:
+    """Where `source` loads from, found before any loading starts, or a ValueError saying what was tried.
+
+    A local directory must hold a transformers `config.json`; a hub name is looked up in the local cache
+    first, then on the hub only when it is reachable (a 3-second probe, not a minute of retries) and
+    HF_HUB_OFFLINE is not set. Returns the from_pretrained keyword arguments to use.
+    """
+    marker = "config.json" if what == "model" else "tokenizer_config.json"
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, marker)):
+            raise ValueError(f"{what} {source!r} is a directory without {marker}: not a saved transformers {what} "
+                             f"(save one with `{what}.save_pretrained(dir)`)")
+        return {}
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1  # hub names are 'name' or 'org/name'
+    if looks_local or not HUB_REPO_ID.match(source):
+        raise ValueError(f"{what} {source!r}: no such local directory (and not a hub name like 'org/name')")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(source, marker), str)
+    except Exception:  # an unusual cache layout: fall through to the hub rules below
+        cached = False
+    if cached:
+        return {"local_files_only": True} if _offline() or not _hub_reachable() else {}
+    tried = f"tried: local directory {source!r} (none), the local Hugging Face cache (not there)"
+    if _offline():
+        raise ValueError(f"{what} {source!r} cannot be loaded with HF_HUB_OFFLINE set; {tried}")
+    if not _hub_reachable():
+        raise ValueError(f"{what} {source!r} cannot be loaded: {tried}, {HUB_HOST} (unreachable within 3 s)")
+    return {}
 
 
 def load_policy(source: str, tokenizer_source: str, seed: int, sft_warmup_steps: int):
@@ -15,11 +67,14 @@ def load_policy(source: str, tokenizer_source: str, seed: int, sft_warmup_steps:
         if sft_warmup_steps:
             tiny_task.warm_up(model, tokenizer, steps=sft_warmup_steps, seed=seed)
         return model, tokenizer
+    model_kwargs = locate(source, "model")
+    tokenizer_kwargs = locate(tokenizer_source, "tokenizer") if tokenizer_source else model_kwargs
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except OSError as err:
-        raise ValueError(f"cannot load model {source!r}: {err}") from None
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source, **tokenizer_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **model_kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load model {source!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # responses are cut at the first EOS, so pad == EOS is safe
     tokenizer.padding_side = "left"

@@ -32,6 +32,12 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir!r} has no metrics.jsonl: is it an `erpo train` run directory?")
+    out = out or os.path.join(run_dir, "metrics.png")
+    if not os.path.splitext(out)[1]:
+        out += ".png"  # what matplotlib would write anyway: say so, and return the real path
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out!r}: folder {folder!r} does not exist")
     records = read(path)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     for ax, (key, title) in zip(axes, PANELS):
@@ -50,7 +56,6 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=9)
     fig.tight_layout()
-    out = out or os.path.join(run_dir, "metrics.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

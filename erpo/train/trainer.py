@@ -5,8 +5,11 @@ log-probs with the fused op's no-grad path -> `erpo.policy_loss` -> AdamW step (
 accumulated over micro-batches of whole groups) -> loss-controller step -> weights synced to the rollout
 engine -> metrics, eval, checkpoint. Read top to bottom; the parts live in the sibling modules.
 """
+import dataclasses
+import difflib
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -17,17 +20,20 @@ from erpo.losses import LossConfig, advantages as advantages_lib, make_controlle
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
 from erpo.train.config import TrainConfig, save as save_config
+from erpo.train.errors import CheckpointWriteError, NonFiniteError
 from erpo.train.evaluate import evaluate
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
     if "temperature" in cfg.loss_args or "method" in cfg.loss_args:
         raise ValueError("set `temperature` and `loss` as top-level config keys, not in loss_args "
                          "(rollouts and loss must share the temperature)")
+    known = {f.name for f in dataclasses.fields(LossConfig)}
+    for key in cfg.loss_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"loss_args: unknown LossConfig key {key!r}{hint}; docs/losses.md lists them all")
     try:
         return LossConfig(method=cfg.loss, temperature=cfg.temperature, **cfg.loss_args)
     except TypeError as err:
@@ -94,7 +100,11 @@ class Trainer:
         if resume:
             checkpoint.verify(resume)  # before anything is loaded from it
         self.run_dir = self._run_dir(resume)
+        if cfg.rollout == "vllm":
+            rollout_lib.require_vllm()  # before anything is written for it
+        distributed.barrier(self.dist)  # every rank has checked the run dir before rank 0 writes into it
 
+        self.rows, self.eval_rows = self._data()  # before the model: a bad data path fails in a second
         initial = None
         if resume:
             policy, self.tokenizer = model_lib.load_policy(os.path.join(resume, "model"), "", cfg.seed, 0)
@@ -109,7 +119,6 @@ class Trainer:
         if self.loss_cfg.needs_ref and self.ref is None:
             raise ValueError("the loss needs reference log-probs but ref_model gave none")
 
-        self.rows, self.eval_rows = self._data()
         self.sampler = data.PromptSampler(len(self.rows), cfg.seed)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
@@ -123,25 +132,49 @@ class Trainer:
 
         # Every random draw of training (sampling, Clip-Cov picks) comes from here on; resuming restores it.
         checkpoint.seed_all(cfg.seed * 1000 + self.dist.rank)
+        self.resumed_from = None
         if resume:
             self._load(resume)
-        if self.dist.is_main:
+            self.resumed_from = resume
+            if cfg.steps < self.step:
+                raise ValueError(f"--resume {cfg.resume!r}: steps={cfg.steps} is below the checkpoint's step "
+                                 f"{self.step}; give --steps {self.step} or more")
+        self.finished = resume is not None and self.step == cfg.steps
+        self.log = None
+        if self.dist.is_main and not self.finished:  # a finished run's files are left exactly as they are
+            self.cfg = cfg = dataclasses.replace(cfg, out_dir=self.run_dir, overwrite=False)
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "train_config.json"))
             checkpoint.clean_temp(self.run_dir)
-        self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), self.step if resume else None) \
-            if self.dist.is_main else None
-        if self.dist.is_main and not resume and os.path.exists(self.log.path):
-            os.remove(self.log.path)
+            self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                              self.step if resume else None)
 
     # --- setup helpers -----------------------------------------------------------------------------
     def _run_dir(self, resume):
+        """Where this run writes. An existing run is never touched unless this run continues it (resume)
+        or replaces it on purpose (overwrite)."""
+        source = os.path.dirname(os.path.dirname(os.path.normpath(resume))) if resume else None  # RUN/checkpoints/step_N
         if self.cfg.out_dir:
-            return self.cfg.out_dir
-        if resume:  # .../RUN/checkpoints/step_N -> RUN
-            return os.path.dirname(os.path.dirname(os.path.normpath(resume)))
-        stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
-        return os.path.join("runs", stamp)
+            run_dir = self.cfg.out_dir
+        elif source:
+            run_dir = source
+        else:
+            stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
+            run_dir, n = os.path.join("runs", stamp), 1
+            while checkpoint.holds_run(run_dir):  # two runs started in the same second
+                n += 1
+                run_dir = os.path.join("runs", f"{stamp}-{n}")
+        continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
+        if not continuing and checkpoint.holds_run(run_dir):
+            if not self.cfg.overwrite or resume:
+                what = "resume it with --resume" if not resume else "continue a checkpoint into a fresh directory"
+                raise ValueError(f"out_dir {run_dir!r} already holds a run: {what}, pick another --out-dir, "
+                                 "or pass --overwrite to replace it (its checkpoints and metrics are deleted)")
+            if self.dist.is_main:
+                checkpoint.remove_run(run_dir)
+        if self.dist.is_main:
+            checkpoint.check_writable(run_dir)
+        return run_dir
 
     def _data(self):
         cfg = self.cfg
@@ -163,7 +196,12 @@ class Trainer:
             self.policy.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
         distributed.barrier(self.dist)
-        return rollout_lib.VLLMRollout(path, self.tokenizer, seed=self.cfg.seed + self.dist.rank)
+        try:
+            return rollout_lib.VLLMRollout(path, self.tokenizer, seed=self.cfg.seed + self.dist.rank)
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(path, ignore_errors=True)  # nothing of a failed engine start stays behind
+            raise
 
     def _load(self, path: str) -> None:
         state = checkpoint.load_trainer_state(path)
@@ -189,8 +227,16 @@ class Trainer:
                 "controller": None if self.controller is None else self.controller.state_dict(),
                 "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
             }
-            checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
-                            keep=self.cfg.keep_checkpoints)
+            try:
+                checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
+                                keep=self.cfg.keep_checkpoints)
+            except OSError as err:
+                steps = checkpoint.list_steps(self.run_dir)
+                intact = f"the latest intact checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+                raise CheckpointWriteError(
+                    f"step {self.step}: writing the checkpoint failed ({err.strerror or err}); {intact}; fix the "
+                    f"cause and continue with `erpo train --resume {self.run_dir}`"
+                ) from None
         distributed.barrier(self.dist)
 
     # --- one step ----------------------------------------------------------------------------------
@@ -310,10 +356,18 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, main = self.cfg, self.dist.is_main
         history = []
+        if self.finished:
+            if main:
+                print(f"run {self.run_dir} is already complete: its checkpoint is at step {self.step} of steps="
+                      f"{cfg.steps}; nothing to train (give --steps N larger than {self.step} to extend it)")
+            distributed.cleanup(self.dist)
+            return history
         with metrics_lib.LiveProgress(cfg.steps, self.step, cfg.progress and main) as self.progress:
             if main:
-                self._report(f"run dir {self.run_dir}; loss {self.loss_cfg.method}; world {self.dist.world}; "
-                             f"device {self.device}")
+                start = (f"resumed from {self.resumed_from} at step {self.step} of {cfg.steps}"
+                         if self.resumed_from else f"new run, {cfg.steps} steps")
+                self._report(f"run dir {self.run_dir}; {start}; loss {self.loss_cfg.method}; "
+                             f"world {self.dist.world}; device {self.device}")
             if cfg.eval_every and self.step == 0 and main:  # the "before" figure of a fresh run
                 before = {"step": 0, **self.run_eval()}
                 self.log.write(before)

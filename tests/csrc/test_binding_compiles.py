@@ -13,6 +13,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
+from tests.nvcc import find_nvcc
 from torch.utils import cpp_extension
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -20,11 +22,7 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 def _cuda_include_dir() -> Path:
     candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("ERPO_SKIP_NVCC") == "1":
-            pytest.skip("nvcc not found and ERPO_SKIP_NVCC=1")
-        pytest.fail("nvcc not found on PATH: needed for CUDA's headers (set ERPO_SKIP_NVCC=1 to skip on purpose)")
+    nvcc = find_nvcc()
     candidates.append(Path(nvcc).resolve().parent.parent / "include")
     dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
     top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)

@@ -80,5 +80,54 @@ def test_keep_deletes_oldest_and_resolve_errors(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step, keep=2)
     assert checkpoint.list_steps(str(tmp_path)) == [2, 3]
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint found"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such directory"):
         checkpoint.resolve(str(tmp_path / "elsewhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint found"):
+        checkpoint.resolve(str(tmp_path / "empty"))
+
+
+def test_retention_never_deletes_the_checkpoint_just_written(tmp_path):
+    for step in (10, 20, 30):  # e.g. left by another run in the same directory
+        _save(tmp_path, step)
+    path, _, _ = _save(tmp_path, 5, keep=1)
+    assert checkpoint.list_steps(str(tmp_path)) == [5] and checkpoint.resolve(str(tmp_path)) == path
+    _save(tmp_path, 6, keep=2)
+    assert checkpoint.list_steps(str(tmp_path)) == [5, 6]
+
+
+def test_stray_file_in_a_checkpoint_does_not_block_resume(tmp_path):
+    path, _, _ = _save(tmp_path, 4)
+    (tmp_path / "checkpoints" / "step_000004" / ".DS_Store").write_bytes(b"\x00junk")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    assert checkpoint.verify(checkpoint.resolve(str(tmp_path)))["step"] == 4
+
+
+def test_resave_of_a_step_killed_between_its_renames_is_recovered(tmp_path):
+    path, _, _ = _save(tmp_path, 7)
+    manifest = checkpoint.verify(path)
+    # The state a kill leaves after the old copy was moved aside and before the new one took its name:
+    os.replace(path, os.path.join(tmp_path, "checkpoints", ".tmp-old-step_000007-4242"))
+    assert checkpoint.resolve(str(tmp_path)) == path
+    assert checkpoint.verify(path) == manifest
+    checkpoint.clean_temp(str(tmp_path))
+    assert checkpoint.list_steps(str(tmp_path)) == [7]
+
+
+@pytest.mark.parametrize("errno_code", [28, 5])  # ENOSPC, EIO
+def test_failed_write_leaves_previous_checkpoint_and_no_debris(tmp_path, monkeypatch, errno_code):
+    first, _, _ = _save(tmp_path, 1, keep=1)
+    manifest = checkpoint.verify(first)
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError(errno_code, os.strerror(errno_code))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        _save(tmp_path, 2, keep=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoint.list_steps(str(tmp_path)) == [1] and checkpoint.verify(first) == manifest
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001"]

@@ -40,8 +40,13 @@ def test_empty_and_unknown_sources(tmp_path):
         data.load(str(path))
     with pytest.raises(ValueError, match="built-in task"):
         data.load("tiny:mul")
-    with pytest.raises(ValueError, match="not the built-in task"):
+    with pytest.raises(ValueError, match="data file '.*missing.jsonl' does not exist"):
         data.load(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="'.*nowhere' does not exist"):
+        data.load(str(tmp_path / "nowhere"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not the built-in task, a .jsonl file"):
+        data.load(str(tmp_path / "notes.txt"))
 
 
 def test_saved_datasets_dir(tmp_path):

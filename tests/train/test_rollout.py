@@ -62,5 +62,5 @@ def test_training_forward_scores_what_generate_sampled(tiny):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_vllm_missing_is_a_clear_error(tiny):
     _, tok = tiny
-    with pytest.raises(RuntimeError, match="needs vLLM, which is not installed"):
+    with pytest.raises(ValueError, match="needs vLLM, which is not installed"):
         rollout.VLLMRollout("/nonexistent", tok, seed=0)

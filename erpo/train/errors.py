@@ -1,0 +1,9 @@
+"""The ways a run stops on its own terms (not a user error): the CLI reports them in one line, exit code 1."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient with on_nonfinite='stop', or max_nonfinite skipped updates in a row."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, I/O error); the previous checkpoints are intact."""
