@@ -80,8 +80,8 @@ class Inputs:
             batch = {
                 "targets": self.targets.view(b, seq_len).cpu(),
                 "mask": mask,
-                "old_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
-                "ref_logp": logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen),
+                "old_logp": (logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen)).clamp(max=0.0),
+                "ref_logp": (logp + LOGP_NOISE * torch.randn(b, seq_len, generator=gen)).clamp(max=0.0),
                 "advantages": torch.randn(b, generator=gen),
                 "group_ids": torch.arange(b) // GROUP_SIZE,
             }

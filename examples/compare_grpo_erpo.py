@@ -34,8 +34,11 @@ def run_all(methods, seeds, steps, runs_dir, jobs, extra):
             log = os.path.join(out, "metrics.jsonl")
             if os.path.exists(log) and sum(1 for r in read(log) if "reward" in r) >= steps:
                 continue
-            cmd = [sys.executable, "-m", "erpo", "train", "--loss", method, "--seed", str(seed), "--steps", str(steps),
-                   "--out-dir", out, "--no-progress", "--threads", "1", *extra]
+            if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+                cmd = [sys.executable, "-m", "erpo", "train", "--resume", out, "--no-progress"]  # its own config
+            else:  # nothing to resume from: start over (erpo never replaces a run unless told to)
+                cmd = [sys.executable, "-m", "erpo", "train", "--loss", method, "--seed", str(seed), "--steps",
+                       str(steps), "--out-dir", out, "--no-progress", "--threads", "1", "--overwrite", *extra]
             pending.append((cmd, out))
     running = []
     while pending or running:

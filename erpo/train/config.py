@@ -46,6 +46,7 @@ class TrainConfig:
     # Loss and updates
     loss: str = _f("grpo", "policy-loss method: grpo, dapo, dr_grpo, erpo, high_entropy_mask, clip_cov, kl_cov, repo, repo_r, adapo")
     loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
+    fused_head: bool = _f(True, "policy loss and old/ref log-probs straight from the final hidden states and the LM head (erpo.linear_policy_loss): the [tokens, vocab] logits are never stored; --no-fused-head takes the logits path")
     ref_model: str = _f("auto", "reference model for KL / ERPO progress: 'auto' (a frozen copy of the initial policy when the loss needs one), 'none', 'init', or a path")
     ppo_epochs: int = _f(1, "optimizer passes over each rollout batch (1 = on-policy)")
     micro_batch_groups: int = _f(0, "groups per forward/backward micro-batch, gradients accumulated (0 = whole batch)")

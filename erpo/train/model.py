@@ -3,6 +3,7 @@ import copy
 import os
 import re
 import socket
+import urllib.parse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,10 +15,10 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
-    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname or HUB_HOST, port), timeout=timeout).close()
         return True
     except OSError:
         return False

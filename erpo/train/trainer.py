@@ -62,14 +62,59 @@ def response_logits(model, batch: dict, rows: slice, autocast: bool):
     return out.logits[:, :-1]
 
 
+def response_hidden(model, batch: dict, rows: slice, autocast: bool):
+    """Final hidden states predicting each response token, [n, R, H] (a strided view: read in place by the
+    fused head). The model computes logits for one position only: the head runs inside erpo's loss."""
+    width_r = batch["targets"].shape[1]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                    position_ids=batch["position_ids"][rows], logits_to_keep=1, use_cache=False,
+                    output_hidden_states=True)
+    return out.hidden_states[-1][:, -(width_r + 1):-1]
+
+
+def output_head(model, dtype: torch.dtype):
+    """The LM head's (weight [V, H], bias [V] or None), cast to the hidden states' dtype (a differentiable cast:
+    the gradient reaches the float32 parameters)."""
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return head.weight.to(dtype), bias
+
+
+def check_plain_head(model) -> None:
+    """The fused head computes hidden @ W.T + b; refuse models whose logits are something else (soft-capping,
+    a logit scale), before training, instead of training on a different loss."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"fused_head: the model's output embeddings are a {type(head).__name__}, not nn.Linear; "
+                         "use --no-fused-head")
+    device = head.weight.device
+    ids = torch.arange(3, 11, device=device).remainder(head.weight.shape[0]).view(1, -1)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1].float()
+        linear = hidden @ head.weight.float().T + (0 if head.bias is None else head.bias.float())
+        logits = out.logits.float()
+    if not torch.allclose(linear, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-6):
+        raise ValueError("fused_head: this model's logits are not final hidden states @ lm_head.weight.T (+ bias) "
+                         "(e.g. logit soft-capping or scaling); use --no-fused-head")
+
+
 @torch.no_grad()
-def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool) -> torch.Tensor:
+def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool,
+                   fused_head: bool = False) -> torch.Tensor:
     """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks."""
     out = []
     for start in range(0, batch["targets"].shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = response_logits(model, batch, rows, autocast)
-        logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
+        if fused_head:
+            hidden = response_hidden(model, batch, rows, autocast)
+            weight, bias = output_head(model, hidden.dtype)
+            logp, _ = erpo.linear_logprobs_and_entropy(hidden, weight, batch["targets"][rows], bias,
+                                                       temperature=temperature)
+        else:
+            logits = response_logits(model, batch, rows, autocast)
+            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
         out.append(logp)
     return torch.cat(out)
 
@@ -114,6 +159,8 @@ class Trainer:
         self.ref = model_lib.load_reference(cfg.ref_model, self.loss_cfg.needs_ref, cfg.model, cfg.seed,
                                             cfg.sft_warmup_steps, initial)
         self.policy = policy.to(self.device)
+        if cfg.fused_head:
+            check_plain_head(self.policy)
         if self.ref is not None:
             self.ref.to(self.device)
         if self.loss_cfg.needs_ref and self.ref is None:
@@ -264,8 +311,8 @@ class Trainer:
         group_ids = torch.arange(n, device=self.device) // cfg.group_size
         adv = advantages_lib.compute(loss_cfg.adv_estimator, rewards, group_ids)
         group_chunk = (cfg.micro_batch_groups or cfg.prompts_per_step) * cfg.group_size
-        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast)
-        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast) \
+        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head)
+        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head) \
             if loss_cfg.needs_ref else None
 
         sums, nonfinite, grad_norm = {}, False, 0.0
@@ -276,13 +323,19 @@ class Trainer:
                 sync = index == len(micro_rows) - 1
                 context = self.model.no_sync() if self.dist.enabled and not sync else _nullcontext()
                 with context:
-                    logits = response_logits(self.model, batch, rows, self.autocast)
                     micro = {"targets": batch["targets"][rows], "mask": batch["mask"][rows],
                              "old_logp": old_logp[rows], "advantages": adv.advantages[rows],
                              "group_ids": group_ids[rows]}
                     if ref_logp is not None:
                         micro["ref_logp"] = ref_logp[rows]
-                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
+                    if cfg.fused_head:
+                        hidden = response_hidden(self.model, batch, rows, self.autocast)
+                        weight, bias = output_head(self.policy, hidden.dtype)
+                        result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
+                                                         generator=self.loss_generator)
+                    else:
+                        logits = response_logits(self.model, batch, rows, self.autocast)
+                        result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
                     weight = micro_weight(loss_cfg.agg, batch["mask"], rows)
                     (result.loss * weight).backward()
                 share = weight / cfg.ppo_epochs
@@ -322,8 +375,11 @@ class Trainer:
             where = f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
                     f"(loss {loss_value}, grad norm {norm})"
             if cfg.on_nonfinite == "stop" or self.nonfinite_streak >= cfg.max_nonfinite:
+                steps = checkpoint.list_steps(self.run_dir)
+                kept = f"checkpoints up to step {steps[-1]} are intact" if steps else "no checkpoint was written"
                 raise NonFiniteError(f"{where}; stopping (on_nonfinite={cfg.on_nonfinite!r}, "
-                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite})")
+                                     f"{self.nonfinite_streak} in a row, max_nonfinite={cfg.max_nonfinite}); {kept} "
+                                     f"(erpo train --resume {self.run_dir} continues from there)")
             self._report(f"[yellow]{where}: update skipped[/]")
             return norm, True
         self.nonfinite_streak = 0

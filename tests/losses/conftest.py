@@ -16,10 +16,10 @@ def random_batch(B=6, L=7, V=19, group_size=3, dtype=torch.float32, with_ref=Tru
     batch = {
         "targets": targets,
         "mask": mask,
-        "old_logp": (logp + 0.3 * torch.randn(B, L)).float(),
+        "old_logp": (logp + 0.3 * torch.randn(B, L)).clamp(max=0.0).float(),  # log-probs: <= 0
     }
     if with_ref:
-        batch["ref_logp"] = (logp + 0.5 * torch.randn(B, L)).float()
+        batch["ref_logp"] = (logp + 0.5 * torch.randn(B, L)).clamp(max=0.0).float()
     group_ids = torch.arange(B) // group_size * 7 + 3  # arbitrary (not dense) ids
     if rewards:
         batch["rewards"] = torch.randint(0, 3, (B,)).float()

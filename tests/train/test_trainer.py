@@ -89,3 +89,49 @@ def test_every_method_trains_a_step(tmp_path, method):
         assert trainer.ref is not None and "cdp_rate" in record
     if trainer.controller is not None:
         assert trainer.controller.state_dict()["steps"] == 1
+
+
+@pytest.mark.parametrize("method,over", [("grpo", {}), ("erpo", {"micro_batch_groups": 1}), ("kl_cov", {"ppo_epochs": 2})])
+def test_fused_head_trains_like_the_logits_path(tmp_path, monkeypatch, method, over):
+    """The default fused head (hidden states + LM head, logits never stored) and --no-fused-head give the same
+    steps to fp32 rounding: same samples, rewards, losses, metrics and weights (one-pass and two-pass losses,
+    micro-batches, an off-policy second epoch)."""
+    import erpo
+
+    calls = {"linear_policy_loss": 0, "linear_logprobs_and_entropy": 0}
+    for name in calls:
+        real = getattr(erpo, name)
+        monkeypatch.setattr(erpo, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        trainer = make(tmp_path / str(fused), loss=method, fused_head=fused, **over)
+        before = dict(calls)
+        records = [trainer.train_step()[0] for _ in range(3)]
+        used = {name: calls[name] - before[name] for name in calls}
+        assert all(used.values()) if fused else not any(used.values()), (fused, used)  # the path asked for ran
+        runs[fused] = records, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    (fused_records, fused_weights), (logit_records, logit_weights) = runs[True], runs[False]
+    for got, want in zip(fused_records, logit_records):
+        assert got["reward"] == want["reward"] and got["response_len"] == want["response_len"]  # same samples
+        for key in ("loss", "entropy", "approx_kl", "grad_norm", "ratio_mean"):
+            assert got[key] == pytest.approx(want[key], rel=2e-4, abs=1e-6), key
+    for key, value in logit_weights.items():
+        torch.testing.assert_close(fused_weights[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_head_refuses_a_model_whose_logits_are_not_the_head(tmp_path, monkeypatch):
+    from erpo.train import tiny_task
+
+    real = tiny_task.build_model
+
+    def capped(tokenizer):  # a soft-capped head, as Gemma 2 has: logits != hidden @ W.T
+        model = real(tokenizer)
+        model.get_output_embeddings().register_forward_hook(lambda m, i, out: 5 * torch.tanh(out / 5))
+        return model
+
+    monkeypatch.setattr(tiny_task, "build_model", capped)
+    with pytest.raises(ValueError, match="fused_head: this model's logits are not"):
+        make(tmp_path)
+    make(tmp_path / "logits", fused_head=False)  # the logits path takes it
