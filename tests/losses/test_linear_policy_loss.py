@@ -45,8 +45,6 @@ def rel_err(actual, expected):
 
 def make_inputs(dtype=torch.float32, empty_rows=(1,), **batch_kwargs):
     _, batch = random_batch(B=B, L=L, V=V, empty_rows=empty_rows, **batch_kwargs)
-    for key in ("old_logp", "ref_logp"):  # log-probs: policy_loss refuses values > 0
-        batch[key] = batch[key].clamp_max(-1e-3)
     hidden = torch.randn(B, L, H).to(dtype)
     weight = (torch.randn(V, H) * 0.6).to(dtype)
     bias = torch.randn(V).to(dtype)
