@@ -105,7 +105,7 @@ def minimal_bytes(result: dict) -> int:
     """Bytes the op cannot avoid moving: read the logits once forward; read them again and write the gradient
     once backward (per-row inputs and outputs are O(N) and left out). Linear kind: read hidden and weight
     twice and write their gradients once (matmul-bound: its GB/s column is only indicative)."""
-    if result["kind"] == "linear":
+    if result.get("kind") == "linear":
         shape = Shape(result["n_tokens"], result["vocab"], result["dtype"], result["hidden_size"])
         return 3 * (shape.n_tokens + shape.vocab) * shape.hidden_size * shape.element_bytes
     shape = Shape(result["n_tokens"], result["vocab"], result["dtype"])

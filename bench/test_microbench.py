@@ -59,7 +59,7 @@ def test_case(benchmark, inputs, case, kind, method, mode):
 
     out = benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
     assert all(torch.isfinite(torch.tensor(run.checksum(out)))), "non-finite output"
-    nbytes = minimal_bytes({"mode": mode, **SHAPE.__dict__})
+    nbytes = minimal_bytes({"mode": mode, "kind": kind, **SHAPE.__dict__})
     benchmark.extra_info.update(
         device=DEVICE, n_tokens=SHAPE.n_tokens, vocab=SHAPE.vocab, dtype=SHAPE.dtype, min_bytes=nbytes,
         GBps_at_median=nbytes / benchmark.stats.stats.median / 1e9,

@@ -40,13 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). GPU ones are GEMM-like tiles
-# (the fp32 tiles are narrower over H so the pipelined shared-memory buffers fit sm_80); the interpreter runs
-# each tile as numpy, so small tiles keep tests fast. Tests override TILES to cross tile edges.
+# Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). The GPU ones are the largest
+# of those tried that ptxas compiles without spills for sm_80 and sm_90 (tests/kernels/compile_for_gpu.py
+# reports registers, spills and shared memory); fp32 dots run on FMA units ("ieee"), hence smaller tiles.
+# Not tuned on a GPU. The interpreter runs each tile as numpy: small tiles keep tests fast. Tests override TILES.
 GPU_TILES = {
-    torch.bfloat16: (64, 128, 64, 8, 3),
-    torch.float16: (64, 128, 64, 8, 3),
-    torch.float32: (64, 128, 32, 8, 2),
+    torch.bfloat16: (128, 64, 64, 8, 3),
+    torch.float16: (128, 64, 64, 8, 3),
+    torch.float32: (32, 64, 32, 4, 2),
 }
 INTERPRETER_TILES = (16, 32, 16, 4, 1)
 TILES: Optional[tuple] = None  # fixed (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for every dtype
@@ -54,6 +55,19 @@ SPLIT_V: Optional[int] = None  # fixed number of vocabulary splits in the forwar
 PROGRAMS_PER_SM = 4  # the forward splits V until it has about this many programs per SM
 MERGE_BLOCK = 256
 STATE_FIELDS = 6  # m, d, w, target z, target found, bad
+
+
+# Triton 3.7's interpreter multiplies bf16 tiles as their raw uint16 bits in tl.dot. Under the interpreter the
+# operands are widened to fp32 first: bf16 products are exact in fp32, so the sums are the same up to order.
+_WIDEN_DOT_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _WIDEN_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -75,7 +89,7 @@ def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col
         k_ok = k < hidden_size
         h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=load_rows[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(weight_ptr + w_cols[None, :] + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)
+        acc = _dot(h, w_t, acc, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
@@ -124,7 +138,7 @@ def linear_stats_fwd_kernel(
             col_ok = cols < v_end
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
                              inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
+            bad = bad | tl.max((~(z < float("inf"))).to(tl.int32), axis=1)  # NaN or +inf
             live = (z > -float("inf")) & (z < float("inf"))
             m_new = tl.maximum(m, tl.max(tl.where(live, z, -float("inf")), axis=1))
             # Until a finite value is seen m_new is -inf: shift by 0 then (d and w are still 0).
@@ -137,7 +151,10 @@ def linear_stats_fwd_kernel(
             w = scale * (w + d * delta) + tl.sum(e * zm, axis=1)
             d = d * scale + tl.sum(e, axis=1)
             m = m_new
-            hit = cols[None, :] == target[:, None]
+            # The target's lane in this tile (-1: not here), compared in int32 over the tile, not int64.
+            in_tile = (target >= v0) & (target < tl.minimum(v0 + BLOCK_V, v_end))
+            target_lane = tl.where(in_tile, target - v0, -1).to(tl.int32)
+            hit = tl.arange(0, BLOCK_V)[None, :] == target_lane[:, None]
             target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
             found = found | tl.max(hit.to(tl.int32), axis=1)
     out = state_ptr + split.to(tl.int64) * n_rows + rows
@@ -233,7 +250,7 @@ def linear_grad_hidden_kernel(
                 w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 out_mask = row_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_rows + k[None, :], mask=out_mask, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+                acc = _dot(dz, w, acc, DOT_PRECISION)
                 tl.store(out_rows + k[None, :], acc, mask=out_mask)
 
 
@@ -280,7 +297,7 @@ def linear_grad_weight_kernel(
                             other=0.0)
                 out_mask = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_cols + k[None, :], mask=out_mask, other=0.0)
-                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                acc = _dot(dz_t, h, acc, DOT_PRECISION)
                 tl.store(out_cols + k[None, :], acc, mask=out_mask)
     if HAS_BIAS:
         tl.store(grad_bias_ptr + cols, bias_acc, mask=col_ok)
@@ -299,15 +316,35 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device: torch.device) -> int:
-    """How many programs share one row tile's vocabulary in the forward (1 when the row tiles fill the GPU)."""
+def forward_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(S, V per split): how many programs share one row tile's vocabulary in the forward, 1 when the row
+    tiles alone fill the GPU. V per split is a whole number of tiles; no split is left without vocabulary."""
+    block_n, block_v = tiles(dtype)[:2]
     v_tiles = triton.cdiv(vocab, block_v)
     if SPLIT_V is not None:
-        return max(1, min(SPLIT_V, v_tiles))
-    if device.type != "cuda":
-        return 1
-    wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_tiles, triton.cdiv(wanted, triton.cdiv(n_rows, block_n))))
+        splits = SPLIT_V
+    elif device.type == "cuda":
+        wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(wanted, triton.cdiv(n_rows, block_n))
+    else:
+        splits = 1
+    v_per_split = triton.cdiv(v_tiles, max(1, min(splits, v_tiles))) * block_v
+    splits = triton.cdiv(vocab, v_per_split)
+    # The merge addresses its 6 x S x N scratch floats with int32 offsets.
+    assert STATE_FIELDS * splits * n_rows < 2**31, "too many rows for one launch of the fused head"
+    return splits, v_per_split
+
+
+def _check_operands(hidden, weight, bias, targets) -> None:
+    """The layout this module relies on (the op validates user input; this catches a caller's slip)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != hidden.vocab:
+        raise ValueError(f"weight must be a contiguous [V, {hidden.vocab}] tensor, got {tuple(weight.shape)}")
+    if hidden.tensor.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError("hidden, weight and bias must share one dtype")
+    if bias is not None and (not bias.is_contiguous() or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] tensor, got {tuple(bias.shape)}")
+    if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.numel() != hidden.n_rows:
+        raise ValueError(f"targets must be {hidden.n_rows} contiguous int64 ids")
 
 
 def _bias_arg(bias, weight):
@@ -316,6 +353,7 @@ def _bias_arg(bias, weight):
 
 def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
     """Flat float32 (logp, entropy, lse), each [N], for the rows of `hidden` (a RowLayout of [..., H])."""
+    _check_operands(hidden, weight, bias, targets)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -324,9 +362,7 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
     if n_rows == 0:
         return logp, entropy, lse
     block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
-    splits = vocab_splits(n_rows, vocab, block_n, block_v, device)
-    v_per_split = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v
-    splits = triton.cdiv(vocab, v_per_split)  # no split left without vocabulary
+    splits, v_per_split = forward_plan(n_rows, vocab, weight.dtype, device)
     state = torch.empty((STATE_FIELDS, splits, n_rows), dtype=torch.float32, device=device)
     linear_stats_fwd_kernel[(triton.cdiv(n_rows, block_n), splits)](
         hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
@@ -344,6 +380,7 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float,
              ignore_index: int):
     """(grad_hidden [N, H] f32 contiguous, grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
+    _check_operands(hidden, weight, bias, targets)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)

@@ -8,8 +8,11 @@ cannot be compiled): `python -m tests.kernels.compile_for_gpu`. The arguments ar
 import itertools
 import json
 import re
+import subprocess
 import sys
+import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -18,6 +21,7 @@ from bench.static import ptxas_report
 
 from erpo.kernels.logprobs_entropy import (CONFIGS, logprobs_entropy_bwd_kernel, logprobs_entropy_fwd_kernel,
                                            logprobs_entropy_merge_kernel, logprobs_entropy_partial_kernel)
+from erpo.kernels import linear_logprobs_entropy as head
 from erpo.kernels.policy_loss import policy_loss_token_kernel
 
 ARCHS = (80, 90)
@@ -121,12 +125,120 @@ def compile_case(arch, kernel, signature, constexprs, divisible, num_warps):
     }
 
 
+HEAD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def head_signature(dtype):
+    return {"hidden_ptr": f"*{dtype}", "stride_outer": "i64", "stride_inner": "i64", "inner": "i64",
+            "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64"}
+
+
+def head_tiles(dtype, has_bias):
+    block_n, block_v, block_h, warps, stages = head.GPU_TILES[HEAD_DTYPES[dtype]]
+    constexprs = {"HAS_BIAS": has_bias, "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h,
+                  "DOT_PRECISION": head.dot_precision(HEAD_DTYPES[dtype])}
+    return constexprs, warps, stages
+
+
+def head_forward_case(dtype, has_bias):
+    signature = {**head_signature(dtype), "state_ptr": "*fp32"}
+    signature.update({name: "i32" for name in ("n_rows", "n_states", "hidden_size", "vocab", "v_per_split")})
+    signature.update({"inv_temperature": "fp32", "ignore_index": "i32"})
+    constexprs, warps, stages = head_tiles(dtype, has_bias)
+    signature.update({name: "constexpr" for name in constexprs})
+    divisible = ("hidden_ptr", "stride_outer", "stride_inner", "weight_ptr", "bias_ptr", "targets_ptr", "state_ptr",
+                 "n_states", "hidden_size", "vocab", "v_per_split")
+    return head.linear_stats_fwd_kernel, signature, constexprs, divisible, warps, stages
+
+
+def head_backward_case(kernel, dtype, has_bias, has_logp, has_entropy):
+    signature = {**head_signature(dtype), "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32",
+                 "grad_entropy_ptr": "*fp32"}
+    outputs = ("grad_hidden_ptr",) if kernel is head.linear_grad_hidden_kernel else ("grad_weight_ptr",
+                                                                                      "grad_bias_ptr")
+    signature.update({name: "*fp32" for name in outputs})
+    signature.update({"n_rows": "i32", "hidden_size": "i32", "vocab": "i32", "inv_temperature": "fp32",
+                      "ignore_index": "i32"})
+    constexprs, warps, stages = head_tiles(dtype, has_bias)
+    constexprs = {"HAS_BIAS": has_bias, "HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy, **constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    divisible = ("hidden_ptr", "stride_outer", "stride_inner", "weight_ptr", "bias_ptr", "targets_ptr", "lse_ptr",
+                 "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", *outputs, "hidden_size", "vocab")
+    return kernel, signature, constexprs, divisible, warps, stages
+
+
+def head_merge_case():
+    signature = {"state_ptr": "*fp32", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "n_rows": "i32", "n_splits": "i32", "n_states": "i32", "ignore_index": "i32",
+                 "BLOCK": "constexpr"}
+    divisible = ("state_ptr", "targets_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "n_rows", "n_states")
+    return head.linear_stats_merge_kernel, signature, {"BLOCK": head.MERGE_BLOCK}, divisible, 4, 1
+
+
+def head_cases():
+    """The fused LM head kernels (kernels/linear_logprobs_entropy.py) at their GPU tiles."""
+    for arch, dtype in itertools.product(ARCHS, DTYPES):
+        yield f"head-fwd-sm{arch}-{dtype}", arch, head_forward_case(dtype, True)
+        yield f"head-dhidden-sm{arch}-{dtype}", arch, head_backward_case(head.linear_grad_hidden_kernel, dtype,
+                                                                            True, True, True)
+        yield f"head-dweight-sm{arch}-{dtype}", arch, head_backward_case(head.linear_grad_weight_kernel, dtype,
+                                                                            True, True, True)
+    yield "head-merge-sm90", 90, head_merge_case()
+    yield "head-fwd-sm90-bf16-nobias", 90, head_forward_case("bf16", False)
+    yield "head-dhidden-sm90-bf16-logp", 90, head_backward_case(head.linear_grad_hidden_kernel, "bf16", False,
+                                                                True, False)
+    yield "head-dweight-sm90-bf16-entropy", 90, head_backward_case(head.linear_grad_weight_kernel, "bf16", False,
+                                                                   False, True)
+
+
+def ptxas_usage(ptx, arch):
+    """Registers, spill bytes and static shared memory as `ptxas -v` reports them for this PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
+        src.write(ptx)
+        src.flush()
+        out = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src.name,
+                              "-o", "/dev/null"], capture_output=True, text=True, check=True)
+    log = out.stderr + out.stdout
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else None
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack_frame": number(r"(\d+) bytes stack frame")}
+
+
+def compile_head_case(arch, kernel, signature, constexprs, divisible, num_warps, num_stages):
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    return {
+        "cubin": "cubin" in compiled.asm,
+        "shared_bytes": compiled.metadata.shared,
+        "local_memory": ".local" in ptx,
+        "tensor_core_mma": bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)\.", ptx)),
+        "tf32_mma": bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)\.[a-z0-9._]*tf32", ptx)),
+        **ptxas_usage(ptx, arch),
+    }
+
+
 def main():
     report = {}
     for name, arch, case in cases():
         try:
             report[name] = compile_case(arch, *case)
         except Exception as err:  # reported per case: one broken kernel must not hide the others
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
+    for name, arch, case in head_cases():
+        try:
+            report[name] = compile_head_case(arch, *case)
+        except Exception as err:
             report[name] = {"error": f"{type(err).__name__}: {err}"}
     json.dump(report, sys.stdout)
 

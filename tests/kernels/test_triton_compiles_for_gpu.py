@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.compile_for_gpu import cases
+from tests.kernels.compile_for_gpu import cases, head_cases
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = [name for name, _, _ in cases()]
+HEAD_CASES = [name for name, _, _ in head_cases()]
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes one block may use on A100 / H100
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
 
@@ -44,3 +46,21 @@ def test_kernel_compiles_to_the_plan(report, case):
         assert result["vector_store"], "no 16-byte vector store in the PTX"
     assert result["registers"] > 0, "ptxas -v reported no register count"
     assert result["spill_bytes"] == 0, f"ptxas spills {result['spill_bytes']} bytes ({result['registers']} registers)"
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_head_kernel_compiles_to_the_plan(report, case):
+    """The fused LM head (tile matmuls): tensor cores for 16-bit heads, never tf32 for fp32 ones, shared
+    memory within the architecture's limit, and no spills for the production dtypes (bf16, fp16)."""
+    result = report[case]
+    assert "error" not in result, result.get("error")
+    assert result["cubin"], "ptxas produced no cubin"
+    assert result["registers"] is not None, "ptxas -v reported no register count"
+    assert result["shared_bytes"] <= SHARED_MEMORY_LIMIT[int(case.split("-sm")[1][:2])], "shared memory"
+    if "-merge" in case:  # [N]-sized merge of the vocabulary splits: no matmul
+        assert result["spill_stores"] == 0
+    elif "-fp32" in case:
+        assert not result["tf32_mma"], "an fp32 head must multiply in full precision"
+    else:
+        assert result["tensor_core_mma"], "the tile matmul does not use tensor cores"
+        assert result["spill_stores"] == 0 and not result["local_memory"], "register spills"

@@ -190,8 +190,8 @@ def test_chunking_from_the_budget_and_override_agree(monkeypatch):
     assert torch_head.chunk_rows(37, 50, torch.device("cpu")) == 10
     for other in results[1:]:
         torch.testing.assert_close(other[0], results[0][0], rtol=1e-6, atol=1e-6)
-        for got, want in zip(other[2], results[0][2]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(other[2], results[0][2]):  # sums over chunks in another order: fp32 rounding
+            assert rel_err(got, want.double()) < 1e-5
 
 
 class _LargestTensor(TorchDispatchMode):
