@@ -63,3 +63,22 @@ def test_normal_install_ships_kernels_inside_erpo(tmp_path):
     assert installed.read_bytes() == (REPO / "kernels" / KERNEL).read_bytes()
     site = ":".join(p for p in sys.path if p.endswith("site-packages"))
     assert _probe(tmp_path, env_path=f"{target}:{site}") == installed
+
+
+def test_bare_name_kernels_is_never_this_folder(tmp_path):
+    """From the checkout's root (cwd first on sys.path, as under `python -m pytest`), `import kernels` must give
+    Hugging Face's package when installed (transformers >= 5.25 imports it) or fail as absent — never erpo's."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, os\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
+            "else:\n    print(os.path.dirname(os.path.abspath(kernels.__file__)))\n"
+            "import erpo.kernels.logprobs_entropy\nprint('erpo.kernels ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    import os
+
+    where, ok = out.stdout.splitlines()
+    assert ok == "erpo.kernels ok"
+    assert where == "absent" or os.path.realpath(where) != os.path.realpath(os.path.join(REPO, "kernels"))
