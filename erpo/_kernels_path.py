@@ -3,7 +3,9 @@
 An install (normal or editable) maps the repository folder `kernels/` to `erpo.kernels` through
 `package_dir` in setup.py. A checkout used without installing (`PYTHONPATH=.`, running from the repo root)
 has no such mapping, so we register the same folder under the same name here. Either way one folder of
-source is imported: there is no second copy of the kernels.
+source is imported: there is no second copy of the kernels. A checkout imported ahead of an install of another
+checkout (a git worktree on PYTHONPATH, with main installed editable) maps its own `kernels/`, never the
+installed one: erpo and its kernels always come from the same tree.
 """
 import importlib.util
 import os
@@ -11,9 +13,15 @@ import sys
 
 
 def ensure_kernels_package() -> None:
-    if "erpo.kernels" in sys.modules or importlib.util.find_spec("erpo.kernels") is not None:
+    if "erpo.kernels" in sys.modules:
         return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "kernels")
+    # A checkout: setup.py beside erpo/ and erpo's own kernels (in site-packages `kernels/` is Hugging Face's).
+    is_checkout = os.path.exists(os.path.join(root, "setup.py")) and os.path.exists(
+        os.path.join(folder, "logprobs_entropy.py"))
+    if not is_checkout and importlib.util.find_spec("erpo.kernels") is not None:
+        return
     init = os.path.join(folder, "__init__.py")
     if not os.path.exists(init):
         raise ImportError(

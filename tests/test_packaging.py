@@ -82,3 +82,13 @@ def test_bare_name_kernels_is_never_this_folder(tmp_path):
     where, ok = out.stdout.splitlines()
     assert ok == "erpo.kernels ok"
     assert where == "absent" or os.path.realpath(where) != os.path.realpath(os.path.join(REPO, "kernels"))
+
+
+def test_checkout_on_path_ahead_of_an_install_maps_its_own_kernels(tmp_path):
+    """A second checkout (a git worktree) on PYTHONPATH while this repo is installed: erpo and erpo.kernels both
+    come from that checkout, never erpo from one tree and its kernels from the other."""
+    checkout = tmp_path / "worktree"
+    for folder in ("erpo", "kernels"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "setup.py", checkout / "setup.py")
+    assert _probe(tmp_path, env_path=str(checkout)) == checkout / "kernels" / KERNEL
