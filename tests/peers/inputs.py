@@ -1,0 +1,46 @@
+"""Identical random inputs for erpo and a peer: padded [B, L] per-token tensors in float32 (odd sizes, ragged
+masks, both advantage signs, ratios on both sides of every clip range)."""
+from dataclasses import dataclass
+
+import torch
+
+RTOL = 1e-5  # relative tolerance of every parity check (fp32)
+
+
+@dataclass
+class TokenInputs:
+    logp: torch.Tensor  # [B, L] leaf, requires grad
+    entropy: torch.Tensor  # [B, L] leaf, requires grad
+    old: torch.Tensor
+    ref: torch.Tensor
+    rollout: torch.Tensor
+    mask: torch.Tensor  # [B, L] float 0/1, every row has >= 1 valid token
+    advantages: torch.Tensor  # [B]
+
+    def fresh(self):
+        """Copies of logp and entropy as new leaves (one per side of a comparison)."""
+        return (self.logp.detach().clone().requires_grad_(True), self.entropy.detach().clone().requires_grad_(True))
+
+
+def token_inputs(batch: int = 5, length: int = 7, spread: float = 0.3, dtype=torch.float32) -> TokenInputs:
+    logp = torch.log(torch.rand(batch, length, dtype=dtype) * 0.9 + 0.05)
+    old = logp + spread * torch.randn(batch, length, dtype=dtype)
+    ref = logp + spread * torch.randn(batch, length, dtype=dtype)
+    rollout = old + spread * torch.randn(batch, length, dtype=dtype)
+    lengths = torch.randint(1, length + 1, (batch,))
+    lengths[0] = length  # one full row, so the padded length is the longest response
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).to(dtype)
+    advantages = torch.randn(batch, dtype=dtype)
+    entropy = torch.rand(batch, length, dtype=dtype) * 3.0 + 0.1
+    return TokenInputs(logp.requires_grad_(True), entropy.requires_grad_(True), old, ref, rollout, mask, advantages)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
+    """Relative error of the whole tensor (norm of the difference over norm of the peer's value)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs peer {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all() and torch.isfinite(expected).all(), f"{what}: non-finite values"
+    scale = expected.norm().clamp_min(1e-30)
+    error = ((actual - expected).norm() / scale).item()
+    assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.0e} (erpo {actual.flatten()[:6].tolist()}, " \
+                          f"peer {expected.flatten()[:6].tolist()})"
