@@ -22,15 +22,23 @@ class TokenInputs:
         return (self.logp.detach().clone().requires_grad_(True), self.entropy.detach().clone().requires_grad_(True))
 
 
+def near(logp: torch.Tensor, spread: float) -> torch.Tensor:
+    """Log-probs near `logp` (a random log-ratio of scale `spread`), kept <= 0 as log-probs must be."""
+    return -(logp + spread * torch.randn_like(logp)).abs() - 1e-4
+
+
 def token_inputs(batch: int = 5, length: int = 7, spread: float = 0.3, dtype=torch.float32) -> TokenInputs:
     logp = torch.log(torch.rand(batch, length, dtype=dtype) * 0.9 + 0.05)
-    old = logp + spread * torch.randn(batch, length, dtype=dtype)
-    ref = logp + spread * torch.randn(batch, length, dtype=dtype)
-    rollout = old + spread * torch.randn(batch, length, dtype=dtype)
+    old = near(logp, spread)
+    ref = near(logp, spread)
+    rollout = near(old, spread)
     lengths = torch.randint(1, length + 1, (batch,))
     lengths[0] = length  # one full row, so the padded length is the longest response
     mask = (torch.arange(length)[None, :] < lengths[:, None]).to(dtype)
     advantages = torch.randn(batch, dtype=dtype)
+    # Every branch is hit: a large ratio (e^1.5 > dual_clip_c = 3) on a negative- and on a positive-advantage row
+    old[0::2, 0] = logp[0::2, 0].detach() - 1.5
+    advantages[0], advantages[2 % batch] = -advantages[0].abs() - 0.1, advantages[2 % batch].abs() + 0.1
     entropy = torch.rand(batch, length, dtype=dtype) * 3.0 + 0.1
     return TokenInputs(logp.requires_grad_(True), entropy.requires_grad_(True), old, ref, rollout, mask, advantages)
 

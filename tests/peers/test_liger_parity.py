@@ -6,7 +6,7 @@ Both take TRL's options; erpo's LossConfig comes from `loss_config_from_trl` on 
 import pytest
 import torch
 
-from tests.peers.inputs import assert_close, token_inputs
+from tests.peers.inputs import assert_close, near, token_inputs
 from tests.peers.trl_reference import vllm_ratio
 
 VOCAB, HIDDEN = 37, 16
@@ -47,9 +47,8 @@ def test_fused_linear_loss_and_grads_match_liger(liger_grpo, tmp_path, loss_type
     with torch.no_grad():  # old / ref log-probs near the current policy's, so ratios fall on both sides of the clip
         logits = (hidden @ weight.T + bias) / options.get("temperature", 1.0)
         current = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    x.old = current + 0.3 * torch.randn_like(current)
-    x.ref = current + 0.3 * torch.randn_like(current)
-    x.rollout = x.old + 0.3 * torch.randn_like(current)
+    x.old, x.ref = near(current, 0.3), near(current, 0.3)
+    x.rollout = near(x.old, 0.3)
     num_items = x.mask.sum() * 2
 
     trl_args = dict(options)
