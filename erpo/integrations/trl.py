@@ -161,7 +161,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
         targets = completion_ids.masked_fill(~valid, -100)
         temperature = self.loss_config.temperature
         if self._erpo_fused_head:
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, erpo_hidden_states=True)
+            with self.accelerator.autocast():  # the backbone in the run's mixed precision, as TRL runs it
+                hidden = model(input_ids=input_ids, attention_mask=attention_mask, erpo_hidden_states=True)
             hidden = hidden[:, -n_completion - 1:-1]
             unwrapped = self.accelerator.unwrap_model(model)
             unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -170,10 +171,12 @@ class GRPOTrainer(_TRLGRPOTrainer):
             if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: the head is gathered, as TRL's fused head does
                 weight = weight.full_tensor()
                 bias = bias.full_tensor() if bias is not None else None
+            # The head runs outside autocast, on the head's own dtype (fp32 master weights: fp32 logits statistics)
             hidden = hidden.to(weight.dtype)
             return erpo.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=n_completion + 1).logits[:, :-1]
+        with self.accelerator.autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           logits_to_keep=n_completion + 1).logits[:, :-1]
         return erpo.logprobs_and_entropy(logits, targets, temperature=temperature)
 
     def _compute_loss(self, model, inputs):

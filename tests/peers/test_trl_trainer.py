@@ -1,0 +1,136 @@
+"""erpo.integrations.trl.GRPOTrainer (TRL 1.16's GRPOTrainer with erpo's loss) on the built-in task's tiny Llama:
+it trains on CPU, logs erpo's metrics through TRL, and on one identical batch its loss and gradients equal TRL's
+own GRPOTrainer path (TRL's fused head + TRL's loss) for the loss types both support, fp32, 1e-5 relative."""
+import copy
+
+import pytest
+import torch
+
+from tests.peers.inputs import assert_close
+
+
+def _task():
+    from datasets import Dataset
+
+    from erpo.train import tiny_task
+
+    tokenizer = tiny_task.build_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_task.build_model(tokenizer).float()
+    rows = tiny_task.problems()[:16]
+    return tokenizer, model, Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+
+
+def _reward(completions, answer, **kwargs):
+    return [float(c.strip().startswith(a)) + 0.1 * len(c) for c, a in zip(completions, answer)]
+
+
+def _args(tmp_path, **overrides):
+    from trl import GRPOConfig
+
+    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                  max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                  seed=0, temperature=1.0,
+                  bf16=False)  # GRPOConfig defaults to bf16 autocast; the parity checks are fp32
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def test_trains_with_erpo_loss_and_logs_its_metrics(trl_grpo, tmp_path, monkeypatch):
+    import erpo
+    from erpo import LossConfig
+    from erpo.integrations.trl import GRPOTrainer
+
+    calls = []
+    original = erpo.token_policy_loss
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].method)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(erpo, "token_policy_loss", counting)
+    tokenizer, model, data = _task()
+    before = copy.deepcopy(model.state_dict())
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, bf16=True), train_dataset=data,
+                          processing_class=tokenizer, loss_config=LossConfig(method="kl_cov", kl_cov_ratio=0.2))
+    trainer.train()
+    assert calls and set(calls) == {"kl_cov"}, "the trainer did not compute its loss with erpo"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "two optimizer steps left every parameter unchanged"
+    logged = {k for record in trainer.state.log_history for k in record}
+    assert "erpo/entropy" in logged and "erpo/n_valid_tokens" in logged, sorted(logged)
+
+
+def _batch(model, tokenizer, seed=0):
+    """One GRPO batch as TRL's _generate_and_score_completions hands it to _compute_loss (fixed, random)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, prompt_len, completion_len = 4, 5, 6
+    vocab = model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_len), generator=gen)
+    completion_ids = torch.randint(3, vocab, (batch, completion_len), generator=gen)
+    completion_mask = torch.ones(batch, completion_len, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[3, 2:] = 0
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, prompt_len - 1:-1].float(), -1)
+        logp = logp.gather(-1, completion_ids[..., None])[..., 0]
+    noise = 0.3 * torch.randn(logp.shape, generator=gen)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.randn(batch, generator=gen),
+        "old_per_token_logps": -(logp + noise).abs() - 1e-4, "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+# (loss_type, GRPOConfig overrides, head): "logits" is the path of models whose head erpo cannot fuse
+@pytest.mark.parametrize("loss_type,overrides,head", [
+    ("dapo", {}, "fused"), ("grpo", {}, "fused"), ("dr_grpo", {}, "fused"), ("bnpo", {}, "fused"),
+    ("cispo", {"epsilon_high": 1.3}, "fused"), ("sapo", {}, "fused"),
+    ("luspo", {"importance_sampling_level": "sequence"}, "fused"), ("vespo", {}, "fused"),
+    ("dapo", {"top_entropy_quantile": 0.4}, "fused"), ("dapo", {"temperature": 0.7, "delta": 1.5}, "fused"),
+    ("dapo", {}, "logits"), ("grpo", {"temperature": 0.7}, "logits"),
+])
+def test_loss_and_grads_equal_trl_on_one_batch(trl_grpo, tmp_path, loss_type, overrides, head):
+    from erpo.integrations.trl import GRPOTrainer
+
+    tokenizer, model, data = _task()
+    args = _args(tmp_path, loss_type=loss_type, **overrides)
+    ours = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=data,
+                       processing_class=tokenizer)
+    assert ours._erpo_fused_head, "the tiny Llama's head is a plain Linear: erpo must fuse it"
+    ours._erpo_fused_head = head == "fused"
+    theirs = trl_grpo.GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=data,
+                                  processing_class=tokenizer)
+    inputs = _batch(model, tokenizer)
+    results = []
+    for trainer in (ours, theirs):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this test does not run
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}))
+    (loss, grads), (expected, expected_grads) = results
+    assert_close(loss, expected, f"{loss_type} loss")
+    assert grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        assert_close(grads[name], expected_grads[name], f"{loss_type} d loss / d {name}", )
+
+
+def test_option_erpo_cannot_honour_raises(trl_grpo, tmp_path):
+    from erpo.integrations.trl import GRPOTrainer
+
+    tokenizer, model, data = _task()
+    with pytest.raises(ValueError, match="use_adaptive_entropy"):
+        GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, use_adaptive_entropy=True),
+                    train_dataset=data, processing_class=tokenizer)
+
+
+def test_conflicting_trl_option_and_loss_config_raise(trl_grpo, tmp_path):
+    from erpo import LossConfig
+    from erpo.integrations.trl import loss_config_from_trl
+
+    with pytest.raises(ValueError, match="beta=0.1"):
+        loss_config_from_trl(_args(tmp_path, beta=0.1), LossConfig(method="erpo"))
+    config = loss_config_from_trl(_args(tmp_path, temperature=0.7), LossConfig(method="erpo"))
+    assert config.method == "erpo" and config.temperature == 0.7
