@@ -213,6 +213,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             batch["num_items_in_batch"] = normalizer
+        elif self.loss_config.agg != "token-mean":
+            # TRL's per-response means divide by every completion of the micro-batch, empty ones included
+            batch["num_seqs_in_batch"] = torch.tensor(float(mask.size(0)), device=mask.device)
         result = erpo.token_policy_loss(logp, entropy, batch, self.loss_config, generator=self._erpo_generator)
         loss = result.loss if self._erpo_global_tokens else result.loss / accumulation
         self._log_erpo_metrics(mode, result.metrics)

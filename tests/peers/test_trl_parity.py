@@ -44,7 +44,7 @@ def _grpo_config(tmp_path, loss_type, overrides, vllm_mode):
     return GRPOConfig(**kwargs)
 
 
-def erpo_side(args, x, vllm_mode, num_items=None):
+def erpo_side(args, x, vllm_mode, num_items=None, num_seqs=None):
     import erpo
     from erpo.integrations.trl import loss_config_from_trl
 
@@ -57,6 +57,8 @@ def erpo_side(args, x, vllm_mode, num_items=None):
         batch["rollout_logp"] = x.rollout
     if num_items is not None:
         batch["num_items_in_batch"] = num_items
+    if num_seqs is not None:
+        batch["num_seqs_in_batch"] = num_seqs
     result = erpo.token_policy_loss(logp, entropy, batch, config)
     result.loss.backward()
     return result, logp.grad, entropy.grad
@@ -111,3 +113,20 @@ def test_entropy_bonus_under_seq_mean_differs_from_trl(trl_grpo, tmp_path):
     seq_mean = ((x.entropy * mask).sum(-1) / mask.sum(-1)).mean()
     # the two differ by exactly the entropy term's aggregation
     assert_close(result.loss - expected, -0.05 * (seq_mean - token_mean), "difference of the entropy terms")
+
+
+def test_empty_response_counts_like_trl_with_num_seqs(trl_grpo, tmp_path):
+    """Deliberate difference: TRL's per-response mean (grpo, sapo, luspo, dr_grpo) divides by every completion of the
+    micro-batch, a completion with no valid token included; erpo's seq-mean divides by the responses that have a
+    valid token (as verl's agg_loss), unless the batch gives num_seqs_in_batch, which the TRL drop-in passes."""
+    args = _grpo_config(tmp_path, "grpo", {}, None)
+    x = token_inputs()
+    x.mask[3] = 0
+    logp, entropy = x.fresh()
+    expected, _ = trl_loss(trl_grpo, args, logp, entropy, trl_inputs(x))
+    expected.backward()
+    result, _, _ = erpo_side(args, x, None)
+    assert_close(result.loss * 4 / 5, expected, "erpo's mean over the 4 non-empty responses, rescaled to TRL's 5")
+    result, grad_logp, _ = erpo_side(args, x, None, num_seqs=torch.tensor(5.0))
+    assert_close(result.loss, expected, "loss with num_seqs_in_batch = 5")
+    assert_close(grad_logp, logp.grad, "d loss / d logp with num_seqs_in_batch = 5")

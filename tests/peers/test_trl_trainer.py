@@ -71,6 +71,7 @@ def _batch(model, tokenizer, seed=0):
     completion_mask = torch.ones(batch, completion_len, dtype=torch.long)
     completion_mask[1, 4:] = 0
     completion_mask[3, 2:] = 0
+    completion_mask[2, :] = 0  # a completion with no valid token (all tool output, or masked truncation)
     with torch.no_grad():
         ids = torch.cat([prompt_ids, completion_ids], 1)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, prompt_len - 1:-1].float(), -1)
