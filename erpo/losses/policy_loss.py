@@ -14,7 +14,7 @@ from torch import Tensor
 
 from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
-from erpo.losses.batch import prepare
+from erpo.losses.batch import prepare, prepare_tokens
 from erpo.losses.config import LossConfig
 from erpo.losses.controls import Tokens, apply_controls
 from erpo.losses.importance import token_extras
