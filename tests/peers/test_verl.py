@@ -206,3 +206,23 @@ def test_ppo_loss_hook_hands_verl_entropy_to_erpo(verl_core, verl_erpo, monkeypa
                                        entropy=x.entropy.detach())
     assert_close(loss, expected, "hooked loss", floor=loss_floor(x.advantages))
     assert_close(grad, expected_grad, "hooked d loss / d log_prob")
+
+
+def test_gspo_sequence_log_ratio_cap_differs_from_verl(verl_core):
+    """Deliberate difference (docs/losses.md, "Parity with the peers"): verl clamps GSPO's sequence log-ratio at 10
+    (value capped, gradient stopped), erpo does not clamp a ratio (its clip range does that where it applies). They
+    differ only on a response whose mean log-ratio exceeds 10 with a negative advantage (the unclipped side)."""
+    x = token_inputs()
+    x.old = x.old.clone()
+    x.old[1] = x.logp.detach()[1] - 12.0  # response 1: log s = 12
+    x.advantages[1] = -1.0
+    config = actor_config()
+    expected, expected_grad = run_verl(verl_core, "gspo", x, config)
+    loss, grad = run_erpo(x, _erpo_config(method="gspo", eps_low=0.15, eps_high=0.25, agg="token-mean"))
+    row = x.mask[1].bool()
+    assert (expected_grad[1][row] == 0).all(), "verl's clamp (max=10) stops the gradient of that response"
+    assert (grad[1][row] != 0).all(), "erpo keeps it: -a s_i per token"
+    assert loss > expected, "the unclipped -a s_i term with s_i = e^12 > e^10"
+    others = torch.ones_like(x.mask, dtype=torch.bool)
+    others[1] = False
+    assert_close(grad[others], expected_grad[others], "gspo gradient on the other responses")
