@@ -32,7 +32,7 @@ def _ids(case):
 
 
 @pytest.mark.parametrize("loss_type,options,vllm_mode", CASES, ids=[_ids(c) for c in CASES])
-def test_fused_linear_loss_and_grads_match_liger(liger_grpo, tmp_path, loss_type, options, vllm_mode):
+def test_fused_linear_loss_and_grads_match_liger(liger_grpo, trl_grpo, tmp_path, loss_type, options, vllm_mode):
     import erpo
     from trl import GRPOConfig
 
