@@ -130,3 +130,19 @@ def test_empty_response_counts_like_trl_with_num_seqs(trl_grpo, tmp_path):
     result, grad_logp, _ = erpo_side(args, x, None, num_seqs=torch.tensor(5.0))
     assert_close(result.loss, expected, "loss with num_seqs_in_batch = 5", floor=loss_floor(x.advantages))
     assert_close(grad_logp, logp.grad, "d loss / d logp with num_seqs_in_batch = 5")
+
+
+def test_entropy_bonus_with_80_20_mask_differs_from_trl(trl_grpo, tmp_path):
+    """Deliberate difference: with top_entropy_quantile < 1, TRL's entropy bonus is the mean entropy of the kept
+    (high-entropy) tokens only; erpo's 80/20 mask drops the policy-gradient term only, and the entropy bonus stays
+    on every valid token (docs/losses.md, "Method details" and "Parity with the peers")."""
+    args = _grpo_config(tmp_path, "bnpo", {"entropy_coef": 0.02, "top_entropy_quantile": 0.5}, None)
+    x = token_inputs(dtype=torch.float64)
+    logp, entropy = x.fresh()
+    expected, _ = trl_loss(trl_grpo, args, logp, entropy, trl_inputs(x))
+    result, _, _ = erpo_side(args, x, None)
+    valid = x.mask.bool()
+    kept = valid & (x.entropy >= torch.quantile(x.entropy[valid], 0.5))
+    all_mean, kept_mean = x.entropy[valid].mean(), x.entropy[kept].mean()
+    assert kept.sum() < valid.sum()
+    assert_close(result.loss - expected, -0.02 * (all_mean - kept_mean), "difference of the entropy terms")
