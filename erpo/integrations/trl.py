@@ -155,6 +155,17 @@ class GRPOTrainer(_TRLGRPOTrainer):
             _add_hidden_states_forward(unwrapped)
         self._erpo_generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed)
 
+    def _generate_and_score_completions(self, inputs):
+        """TRL's batch plus `erpo_group_ids` [B]: the prompt group of each completion (TRL's sampler repeats each
+        prompt num_generations times, in order, across processes), which travels with the rows through TRL's
+        shuffle and split; ERPO's gate normalises the entropy within these groups."""
+        output = super()._generate_and_score_completions(inputs)
+        local = output["completion_ids"].size(0)
+        first = self.accelerator.process_index * local
+        output["erpo_group_ids"] = torch.div(torch.arange(first, first + local, device=output["completion_ids"].device),
+                                             self.num_generations, rounding_mode="floor")
+        return output
+
     def _per_token_stats(self, model, input_ids, attention_mask, completion_ids, valid):
         """(logp, entropy) [B, C] of the completion tokens, differentiable w.r.t. the model."""
         n_completion = completion_ids.size(1)
@@ -198,6 +209,11 @@ class GRPOTrainer(_TRLGRPOTrainer):
         old = inputs.get("old_per_token_logps")
         batch = {"mask": mask, "advantages": advantages,
                  "old_logp": logp.detach() if old is None else old}
+        if self.loss_config.needs_groups:
+            if "erpo_group_ids" not in inputs:
+                raise ValueError(f"LossConfig(controls={self.loss_config.controls}) needs each completion's prompt group; "
+                                 "the batch has no 'erpo_group_ids' (set by this trainer's _generate_and_score_completions)")
+            batch["group_ids"] = inputs["erpo_group_ids"]
         if self.loss_config.kl_coef > 0 or self.loss_config.needs_ref:
             batch["ref_logp"] = inputs["ref_per_token_logps"]
         behaviour = inputs.get("sampling_per_token_logps")

@@ -49,16 +49,32 @@ def test_trains_with_erpo_loss_and_logs_its_metrics(trl_grpo, tmp_path, monkeypa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(erpo, "token_policy_loss", counting)
+    seen = []
+    compute_loss = GRPOTrainer._compute_loss
+
+    def recording(self, model, inputs):
+        seen.append((inputs["prompt_ids"].clone(), inputs["erpo_group_ids"].clone()))
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", recording)
     tokenizer, model, data = _task()
     before = copy.deepcopy(model.state_dict())
-    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, bf16=True), train_dataset=data,
-                          processing_class=tokenizer, loss_config=LossConfig(method="kl_cov", kl_cov_ratio=0.2))
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, bf16=True, num_generations=2),
+                          train_dataset=data,
+                          processing_class=tokenizer,
+                          loss_config=LossConfig(method="erpo", controls=("erpo", "kl_cov"), kl_cov_ratio=0.2, eta=0.0))
     trainer.train()
-    assert calls and set(calls) == {"kl_cov"}, "the trainer did not compute its loss with erpo"
+    assert calls and set(calls) == {"erpo"}, "the trainer did not compute its loss with erpo"
+    for prompt_ids, groups in seen:  # ERPO's groups: the completions of one prompt, after TRL's shuffle
+        assert len(set(groups.tolist())) == 2
+        for group in groups.unique():
+            rows = prompt_ids[groups == group]
+            assert len(rows) == 2 and torch.equal(rows[0], rows[1])
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "two optimizer steps left every parameter unchanged"
     logged = {k for record in trainer.state.log_history for k in record}
     assert "erpo/entropy" in logged and "erpo/n_valid_tokens" in logged, sorted(logged)
+    assert any(k.startswith("erpo/") and "gate" in k for k in logged), sorted(logged)  # ERPO's gate ran on groups
 
 
 def _batch(model, tokenizer, seed=0):
