@@ -226,3 +226,17 @@ def test_gspo_sequence_log_ratio_cap_differs_from_verl(verl_core):
     others = torch.ones_like(x.mask, dtype=torch.bool)
     others[1] = False
     assert_close(grad[others], expected_grad[others], "gspo gradient on the other responses")
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_global_batch_info_normalises_like_verl(verl_core, verl_erpo, agg):
+    """verl's global_batch_info (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) becomes erpo's
+    global normalisers: erpo_gpg equals verl's gpg under data parallelism's scaling."""
+    x = token_inputs()
+    config = actor_config(agg)
+    config.global_batch_info.update(dp_size=2, batch_num_tokens=int(x.mask.sum()) * 3, global_batch_size=x.mask.shape[0] * 3,
+                                    loss_scale_factor=11)
+    expected, expected_grad = run_verl(verl_core, "gpg", x, config)
+    loss, grad = run_verl(verl_core, "erpo_gpg", x, config)
+    assert_close(loss, expected, f"{agg} loss", floor=loss_floor(x.advantages))
+    assert_close(grad, expected_grad, f"{agg} d loss / d log_prob")
