@@ -11,7 +11,8 @@ Load it in every worker with `actor_rollout_ref.model.external_lib=erpo.integrat
 `actor_rollout_ref.actor.policy_loss.loss_mode=erpo_dapo`. verl's loss signature has no entropy: importing
 this module also wraps verl's `ppo_loss` (verl.workers.utils.losses, and the worker module that imported it)
 so that it hands the per-token entropy verl already computed (`actor_rollout_ref.actor.calculate_entropy=True`)
-to erpo's loss through `per_token_entropy`; a control that needs the entropy raises when none was handed over.
+and the batch's rollout log-probs to erpo's loss through `per_token_entropy`; a config that needs either raises
+when it was not handed over.
 Config keys: docs/integrations.md.
 """
 import contextlib
@@ -29,6 +30,7 @@ import erpo
 from erpo.losses.config import LossConfig, METHODS
 
 _ENTROPY: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_entropy", default=None)
+_ROLLOUT: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_rollout_log_probs", default=None)
 # Controls that read the per-token entropy (the others read log-probs and advantages only).
 ENTROPY_CONTROLS = ("high_entropy_mask", "erpo", "repo", "repo_r", "entropy_advantage", "archer", "adapo")
 # verl's ppo_loss lives here; the worker modules import it by name, so each holder is patched.
@@ -44,13 +46,15 @@ class PolicyLossConfig(_VerlPolicyLossConfig):
 
 
 @contextlib.contextmanager
-def per_token_entropy(entropy: Optional[torch.Tensor]):
-    """Within the block, erpo's registered losses use `entropy` ([B, T], as verl's log_prob) as the per-token entropy."""
-    token = _ENTROPY.set(entropy)
+def per_token_entropy(entropy: Optional[torch.Tensor], rollout_log_probs: Optional[torch.Tensor] = None):
+    """Within the block, erpo's registered losses use `entropy` ([B, T], as verl's log_prob) as the per-token entropy
+    and `rollout_log_probs` (the inference engine's, same layout) for erpo's rollout correction and off-policy mask."""
+    tokens = _ENTROPY.set(entropy), _ROLLOUT.set(rollout_log_probs)
     try:
         yield
     finally:
-        _ENTROPY.reset(token)
+        _ENTROPY.reset(tokens[0])
+        _ROLLOUT.reset(tokens[1])
 
 
 def _get(config, key, default=None):
@@ -125,7 +129,8 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
     if rollout_is_weights is not None:
         raise ValueError(
             "verl passed rollout_is_weights (algorithm.rollout_correction.rollout_is is set): erpo applies its own "
-            "rollout correction; set algorithm.rollout_correction.rollout_is=null")
+            "rollout correction (LossConfig rollout_is, from the rollout log-probs); set "
+            "algorithm.rollout_correction.rollout_is=null")
     loss_config = loss_config_from_verl(config, preset)
     if loss_config.agg != loss_agg_mode:
         loss_config = loss_config.replace(agg=loss_agg_mode)
@@ -138,6 +143,14 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
             "which verl did not compute: set actor_rollout_ref.actor.calculate_entropy=True (and load "
             "erpo.integrations.verl through external_lib or VERL_USE_EXTERNAL_MODULES so its ppo_loss hook runs)")
     batch = {"mask": mask, "old_logp": old_log_prob, "advantages": _sequence_advantages(advantages, mask)}
+    rollout = _ROLLOUT.get()
+    if loss_config.needs_rollout and rollout is None:
+        raise ValueError(
+            f"LossConfig(rollout_is={loss_config.rollout_is!r}) needs the rollout log-probs, which verl did not hand "
+            "over: set actor_rollout_ref.rollout.calculate_log_probs=True (and load erpo.integrations.verl through "
+            "external_lib or VERL_USE_EXTERNAL_MODULES so its ppo_loss hook runs)")
+    if rollout is not None and (loss_config.needs_rollout or loss_config.off_policy_mask is not None):
+        batch["rollout_logp"] = rollout
     _global_normalizers(config, batch)
     if "max_len" in batch:
         loss_config = loss_config.replace(max_len=int(batch.pop("max_len")))
@@ -165,7 +178,10 @@ def _with_entropy(ppo_loss):
         entropy = model_output.get("entropy", None)
         if entropy is not None:
             entropy = verl_losses.no_padding_2_padding(entropy, data)
-        with per_token_entropy(entropy):
+        rollout = None
+        if "rollout_log_probs" in data.keys():  # padded exactly as ppo_loss pads old_log_probs
+            rollout = data.select("rollout_log_probs").to_padded_tensor()["rollout_log_probs"]
+        with per_token_entropy(entropy, rollout):
             return ppo_loss(config, model_output, data, *args, **kwargs)
 
     hooked.__erpo_entropy_hook__ = True

@@ -188,6 +188,28 @@ def test_token_level_advantages_raise(verl_core, verl_erpo):
                                                  "token-mean", actor_config())
 
 
+def test_rollout_correction_through_the_registered_loss_matches_verl(verl_core, verl_erpo):
+    """erpo's rollout_is from the rollout log-probs handed over by the hook == verl's TIS weights + vanilla loss."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    x = token_inputs(spread=0.2)
+    weights, _ = compute_rollout_correction_weights(x.old - x.rollout, x.mask, "token", "1.5")
+    expected, expected_grad = run_verl(verl_core, "vanilla", x, actor_config(), rollout_is_weights=weights)
+    raw = {"_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp", "rollout_n": 1,
+           "ppo_micro_batch_size_per_gpu": 1, "clip_ratio_low": 0.15, "clip_ratio_high": 0.25,
+           "policy_loss": {"_target_": "erpo.integrations.verl.PolicyLossConfig", "loss_mode": "erpo_dapo",
+                           "erpo": {"dual_clip": True, "rollout_is": "token_truncate", "rollout_is_max": 1.5}}}
+    from verl.utils.config import omega_conf_to_dataclass
+
+    config = omega_conf_to_dataclass(raw)
+    with pytest.raises(ValueError, match="calculate_log_probs=True"):
+        run_verl(verl_core, "erpo_dapo", x, config)
+    with verl_erpo.per_token_entropy(None, x.rollout):
+        loss, grad = run_verl(verl_core, "erpo_dapo", x, config)
+    assert_close(loss, expected, "loss", floor=loss_floor(x.advantages))
+    assert_close(grad, expected_grad, "d loss / d log_prob")
+
+
 def test_ppo_loss_hook_hands_verl_entropy_to_erpo(verl_core, verl_erpo, monkeypatch):
     """The hook on verl's ppo_loss is installed where verl defines it, and hands model_output["entropy"] (after
     verl's no-padding -> padded conversion) to the registered loss: the entropy-masked loss equals erpo's."""
@@ -201,7 +223,10 @@ def test_ppo_loss_hook_hands_verl_entropy_to_erpo(verl_core, verl_erpo, monkeypa
     def fake_ppo_loss(config, model_output, data):  # stands for verl's body: it calls the registered loss
         return run_verl(verl_core, "erpo_high_entropy_mask", x, config)
 
-    loss, grad = verl_erpo._with_entropy(fake_ppo_loss)(config, {"entropy": x.entropy.detach()}, None)
+    from tensordict import TensorDict
+
+    data = TensorDict({"response_mask": x.mask}, batch_size=[x.mask.shape[0]])  # no rollout log-probs in it
+    loss, grad = verl_erpo._with_entropy(fake_ppo_loss)(config, {"entropy": x.entropy.detach()}, data)
     expected, expected_grad = run_erpo(x, verl_erpo.loss_config_from_verl(config, "high_entropy_mask"),
                                        entropy=x.entropy.detach())
     assert_close(loss, expected, "hooked loss", floor=loss_floor(x.advantages))
@@ -240,3 +265,20 @@ def test_global_batch_info_normalises_like_verl(verl_core, verl_erpo, agg):
     loss, grad = run_verl(verl_core, "erpo_gpg", x, config)
     assert_close(loss, expected, f"{agg} loss", floor=loss_floor(x.advantages))
     assert_close(grad, expected_grad, f"{agg} d loss / d log_prob")
+
+
+def test_ppo_loss_hook_hands_rollout_log_probs_from_verl_batch(verl_core, verl_erpo):
+    """The hook pads the batch's jagged rollout_log_probs as verl's ppo_loss pads old_log_probs and hands them over."""
+    from tensordict import TensorDict
+
+    x = token_inputs()
+    lengths = x.mask.sum(-1).long().tolist()
+    jagged = torch.nested.nested_tensor([x.rollout[i, :n] for i, n in enumerate(lengths)], layout=torch.jagged)
+    data = TensorDict({"rollout_log_probs": jagged}, batch_size=[len(lengths)])
+    handed = []
+
+    def fake_ppo_loss(config, model_output, data):
+        handed.append(verl_erpo._ROLLOUT.get())
+
+    verl_erpo._with_entropy(fake_ppo_loss)(actor_config(), {}, data)
+    assert_close(handed[0] * x.mask, x.rollout * x.mask, "rollout log-probs handed to erpo")
