@@ -267,14 +267,17 @@ def test_global_batch_info_normalises_like_verl(verl_core, verl_erpo, agg):
     assert_close(grad, expected_grad, f"{agg} d loss / d log_prob")
 
 
-def test_ppo_loss_hook_hands_rollout_log_probs_from_verl_batch(verl_core, verl_erpo):
-    """The hook pads the batch's jagged rollout_log_probs as verl's ppo_loss pads old_log_probs and hands them over."""
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_ppo_loss_hook_hands_rollout_log_probs_from_verl_batch(verl_core, verl_erpo, layout):
+    """The hook pads the batch's rollout_log_probs as verl's ppo_loss pads old_log_probs (padded [B, T] in verl
+    0.9.1's batch, or jagged) and hands them over."""
     from tensordict import TensorDict
 
     x = token_inputs()
     lengths = x.mask.sum(-1).long().tolist()
-    jagged = torch.nested.nested_tensor([x.rollout[i, :n] for i, n in enumerate(lengths)], layout=torch.jagged)
-    data = TensorDict({"rollout_log_probs": jagged}, batch_size=[len(lengths)])
+    rollout = x.rollout if layout == "padded" else torch.nested.nested_tensor(
+        [x.rollout[i, :n] for i, n in enumerate(lengths)], layout=torch.jagged)
+    data = TensorDict({"rollout_log_probs": rollout}, batch_size=[len(lengths)])
     handed = []
 
     def fake_ppo_loss(config, model_output, data):
