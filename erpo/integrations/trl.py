@@ -10,6 +10,8 @@ TRL's `GRPOConfig` is mapped onto a `LossConfig` by `loss_config_from_trl`; a TR
 honour raises and names the option. Written against TRL 1.16.0 (tests/peers pin it).
 """
 import functools
+import json
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +19,9 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 
 import erpo
 from erpo.losses.config import LossConfig
+from erpo.losses.controllers import make_controller
+
+CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, next to TRL's own files
 
 # TRL 1.16 loss types; each is also an erpo preset with TRL's aggregation (docs/losses.md, "Parity with the peers").
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -51,6 +56,9 @@ def _trl_fields(args) -> dict:
     if args.top_entropy_quantile < 1.0:
         # TRL keeps the tokens whose entropy is >= the (1 - q) quantile: the top q of them, erpo's rho
         fields.update(controls=("high_entropy_mask",), rho=args.top_entropy_quantile)
+    if args.use_adaptive_entropy:
+        fields.update(entropy_target=args.entropy_target, entropy_coef_min=args.entropy_coef_min,
+                      entropy_coef_max=args.entropy_coef_max, entropy_coef_step=args.entropy_coef_delta)
     return fields
 
 
@@ -62,11 +70,10 @@ def _rollout_fields(args, use_vllm: bool) -> dict:
 
 
 def _refuse_unsupported(args) -> None:
-    if getattr(args, "use_adaptive_entropy", False):
+    if args.use_adaptive_entropy and args.top_entropy_quantile < 1.0:
         raise ValueError(
-            "GRPOConfig.use_adaptive_entropy=True: erpo's GRPOTrainer does not run TRL's adaptive entropy controller "
-            "(its coefficient state and gating live in TRL's _compute_loss); use a fixed entropy_coef"
-        )
+            "GRPOConfig.use_adaptive_entropy=True with top_entropy_quantile < 1: TRL measures the controller's entropy "
+            "on the kept high-entropy tokens only, erpo's controller on every valid token; use one of the two")
 
 
 def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vllm: bool = False) -> LossConfig:
@@ -91,6 +98,9 @@ def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vll
             "high_entropy_mask" in loss_config.controls and loss_config.rho == args.top_entropy_quantile):
         conflicts.append(f"top_entropy_quantile={args.top_entropy_quantile} (loss_config has no high_entropy_mask "
                          f"with rho={args.top_entropy_quantile})")
+    if args.use_adaptive_entropy and loss_config.entropy_target != args.entropy_target:
+        conflicts.append(f"use_adaptive_entropy=True with entropy_target={args.entropy_target} "
+                         f"(loss_config.entropy_target={loss_config.entropy_target})")
     if args.entropy_coef != 0 and args.entropy_coef != loss_config.entropy_coef:
         conflicts.append(f"entropy_coef={args.entropy_coef} (loss_config.entropy_coef={loss_config.entropy_coef})")
     if args.delta is not None and args.delta != loss_config.delta:
@@ -154,6 +164,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
         if self._erpo_fused_head:
             _add_hidden_states_forward(unwrapped)
         self._erpo_generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed)
+        # Stateful controls (REPO-R, ADAPO, KL-Cov annealing, adaptive entropy coefficient) step once per optimizer
+        # step on the mean entropy of the accumulation window over all processes (TRL's rule for its controller)
+        self.erpo_controller = make_controller(self.loss_config)
+        self._erpo_window = None  # [sum of entropy, valid tokens] of the current accumulation window
 
     def _generate_and_score_completions(self, inputs):
         """TRL's batch plus `erpo_group_ids` [B]: the prompt group of each completion (TRL's sampler repeats each
@@ -232,10 +246,46 @@ class GRPOTrainer(_TRLGRPOTrainer):
         elif self.loss_config.agg != "token-mean":
             # TRL's per-response means divide by every completion of the micro-batch, empty ones included
             batch["num_seqs_in_batch"] = torch.tensor(float(mask.size(0)), device=mask.device)
-        result = erpo.token_policy_loss(logp, entropy, batch, self.loss_config, generator=self._erpo_generator)
+        config = self.loss_config if self.erpo_controller is None else self.erpo_controller.apply(self.loss_config)
+        result = erpo.token_policy_loss(logp, entropy, batch, config, generator=self._erpo_generator)
         loss = result.loss if self._erpo_global_tokens else result.loss / accumulation
         self._log_erpo_metrics(mode, result.metrics)
+        if self.erpo_controller is not None and mode == "train":
+            self._step_controller(result.metrics)
         return loss
+
+    def _step_controller(self, metrics: dict) -> None:
+        n_valid = metrics["n_valid_tokens"].float()
+        stats = torch.stack([metrics["entropy"].float() * n_valid, n_valid])
+        self._erpo_window = stats if self._erpo_window is None else self._erpo_window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._erpo_window, reduction="sum")
+        self._erpo_window = None
+        self.erpo_controller.step((totals[0] / totals[1].clamp(min=1.0)).item())
+        applied = self.erpo_controller.apply(self.loss_config)
+        for knob in ("entropy_coef", "zeta", "eps_high", "kl_cov_beta"):
+            if getattr(applied, knob) != getattr(self.loss_config, knob):
+                self._metrics["train"][f"erpo/{knob}"].append(float(getattr(applied, knob)))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.erpo_controller is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, CONTROLLER_FILE), "w") as f:
+                json.dump(self.erpo_controller.state_dict(), f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.erpo_controller is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, CONTROLLER_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"resuming from {checkpoint} without {CONTROLLER_FILE}: the state of erpo's "
+                                        f"stateful controls ({self.loss_config.controls}) would restart from scratch")
+            with open(path) as f:
+                self.erpo_controller.load_state_dict(json.load(f))
 
     def _log_erpo_metrics(self, mode: str, metrics: dict) -> None:
         """erpo's metrics into TRL's logging, under TRL's names where TRL has one and `erpo/<name>` always."""

@@ -138,9 +138,49 @@ def test_option_erpo_cannot_honour_raises(trl_grpo, tmp_path):
     from erpo.integrations.trl import GRPOTrainer
 
     tokenizer, model, data = _task()
-    with pytest.raises(ValueError, match="use_adaptive_entropy"):
-        GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path, use_adaptive_entropy=True),
-                    train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="use_adaptive_entropy=True with top_entropy_quantile"):
+        GRPOTrainer(model=model, reward_funcs=_reward, train_dataset=data, processing_class=tokenizer,
+                    args=_args(tmp_path, use_adaptive_entropy=True, top_entropy_quantile=0.5))
+
+
+def test_adaptive_entropy_steps_once_per_optimizer_step(trl_grpo, tmp_path):
+    """TRL's use_adaptive_entropy through erpo's controller: the coefficient moves by entropy_coef_delta once per
+    optimizer step (not per micro-batch), up while the window's entropy is <= entropy_target."""
+    from erpo.integrations.trl import GRPOTrainer
+
+    tokenizer, model, data = _task()
+    args = _args(tmp_path, use_adaptive_entropy=True, entropy_target=50.0, entropy_coef=0.01, entropy_coef_delta=0.004,
+                 gradient_accumulation_steps=2)
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer)
+    assert trainer.loss_config.entropy_target == 50.0
+    trainer.train()
+    assert trainer.erpo_controller.coef == pytest.approx(0.01 + 2 * 0.004)
+    logged = [r["erpo/entropy_coef"] for r in trainer.state.log_history if "erpo/entropy_coef" in r]
+    assert logged and logged[-1] == pytest.approx(0.018)
+
+
+def test_stateful_control_steps_and_its_state_is_checkpointed(trl_grpo, tmp_path):
+    """A stateful erpo control (REPO-R's zeta) is stepped by the trainer, and its state is saved with each checkpoint
+    and required on resume (never silently restarted)."""
+    import json
+    import os
+
+    from erpo import LossConfig
+    from erpo.integrations.trl import CONTROLLER_FILE, GRPOTrainer
+
+    tokenizer, model, data = _task()
+    config = LossConfig(method="repo_r", target_entropy=50.0)
+    args = _args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer,
+                          loss_config=config)
+    trainer.train()
+    assert trainer.erpo_controller.state_dict()["steps"] == 2
+    assert abs(trainer.erpo_controller.value) != abs(config.zeta), "zeta never moved"
+    with open(os.path.join(tmp_path, "checkpoint-2", CONTROLLER_FILE)) as f:
+        assert json.load(f) == trainer.erpo_controller.state_dict()
+    os.remove(os.path.join(tmp_path, "checkpoint-2", CONTROLLER_FILE))
+    with pytest.raises(FileNotFoundError, match=CONTROLLER_FILE):
+        trainer._load_optimizer_and_scheduler(os.path.join(tmp_path, "checkpoint-2"))
 
 
 def test_conflicting_trl_option_and_loss_config_raise(trl_grpo, tmp_path):
