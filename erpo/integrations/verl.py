@@ -28,6 +28,7 @@ from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig
 
 import erpo
 from erpo.losses.config import LossConfig, METHODS
+from erpo.losses.controllers import make_controller
 
 _ENTROPY: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_entropy", default=None)
 _ROLLOUT: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_rollout_log_probs", default=None)
@@ -132,6 +133,12 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
             "rollout correction (LossConfig rollout_is, from the rollout log-probs); set "
             "algorithm.rollout_correction.rollout_is=null")
     loss_config = loss_config_from_verl(config, preset)
+    if make_controller(loss_config) is not None:
+        raise ValueError(
+            f"LossConfig(method={loss_config.method!r}, controls={loss_config.controls}, kl_cov_anneal="
+            f"{loss_config.kl_cov_anneal!r}, entropy_target={loss_config.entropy_target}) has state stepped once per "
+            "optimizer step (REPO-R, ADAPO, KL-Cov annealing, adaptive entropy coefficient), which verl's policy-loss "
+            "registry cannot drive: use the stateless form (e.g. repo instead of repo_r)")
     if loss_config.agg != loss_agg_mode:
         loss_config = loss_config.replace(agg=loss_agg_mode)
     mask = response_mask.to(log_prob.dtype)

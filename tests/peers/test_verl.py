@@ -285,3 +285,13 @@ def test_ppo_loss_hook_hands_rollout_log_probs_from_verl_batch(verl_core, verl_e
 
     verl_erpo._with_entropy(fake_ppo_loss)(actor_config(), {}, data)
     assert_close(handed[0] * x.mask, x.rollout * x.mask, "rollout log-probs handed to erpo")
+
+
+@pytest.mark.parametrize("preset", ["repo_r", "adapo"])
+def test_stateful_controls_raise_under_verl(verl_core, verl_erpo, preset):
+    """A control whose state steps once per optimizer step would silently stay at its initial value in verl's
+    stateless registry: it raises instead."""
+    x = token_inputs()
+    with verl_erpo.per_token_entropy(x.entropy.detach()):
+        with pytest.raises(ValueError, match="cannot drive"):
+            run_verl(verl_core, f"erpo_{preset}", x, actor_config())
