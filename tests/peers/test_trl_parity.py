@@ -137,7 +137,7 @@ def test_entropy_bonus_with_80_20_mask_differs_from_trl(trl_grpo, tmp_path):
     (high-entropy) tokens only; erpo's 80/20 mask drops the policy-gradient term only, and the entropy bonus stays
     on every valid token (docs/losses.md, "Method details" and "Parity with the peers")."""
     args = _grpo_config(tmp_path, "bnpo", {"entropy_coef": 0.02, "top_entropy_quantile": 0.5}, None)
-    x = token_inputs(dtype=torch.float64)
+    x = token_inputs()  # fp32: TRL takes its quantile in fp32, so fp64 entropies could tie differently at it
     logp, entropy = x.fresh()
     expected, _ = trl_loss(trl_grpo, args, logp, entropy, trl_inputs(x))
     result, _, _ = erpo_side(args, x, None)
@@ -145,4 +145,5 @@ def test_entropy_bonus_with_80_20_mask_differs_from_trl(trl_grpo, tmp_path):
     kept = valid & (x.entropy >= torch.quantile(x.entropy[valid], 0.5))
     all_mean, kept_mean = x.entropy[valid].mean(), x.entropy[kept].mean()
     assert kept.sum() < valid.sum()
-    assert_close(result.loss - expected, -0.02 * (all_mean - kept_mean), "difference of the entropy terms")
+    assert_close(result.loss - expected, -0.02 * (all_mean - kept_mean), "difference of the entropy terms",
+                 floor=loss_floor(x.advantages))
