@@ -22,6 +22,9 @@ lpl = importlib.import_module("erpo.losses.linear_policy_loss")  # the module (t
 KNOBS = {
     "erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "high_entropy_mask": dict(rho=0.5),
     "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1), "kl_cov": dict(kl_cov_ratio=0.1),
+    # GSPO's paper eps (3e-4) puts most sequence ratios within fp32 rounding of a clip edge, where fp32 (fused head)
+    # and fp64 (the logits reference) may decide a whole response's clip differently; a wider range tests the same code.
+    "gspo": dict(eps_low=0.2, eps_high=0.28), "luspo": dict(eps_low=0.2, eps_high=0.28),
 }
 # Row-local configs the one-pass schedule must reproduce exactly (methods x the per-token knobs they take).
 ONE_PASS_CONFIGS = [
