@@ -42,6 +42,9 @@ def _eval(args) -> int:
     from erpo.train import checkpoint, data, model as model_lib, rewards, rollout
     from erpo.train.evaluate import evaluate
 
+    if args.temperature < 0 or args.max_new_tokens < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy) and --max-new-tokens >= 0 (0 = the run's), got "
+                         f"{args.temperature} and {args.max_new_tokens}")
     path = checkpoint.resolve(args.checkpoint, "checkpoint")
     checkpoint.verify(path)
     with open(f"{path}/train_config.json", encoding="utf-8") as handle:

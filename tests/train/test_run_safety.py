@@ -171,6 +171,12 @@ def test_plot_writes_where_it_says(finished_run, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == out + ".png" and os.path.isfile(out + ".png")
     missing = erpo("plot", finished_run, "--out", str(tmp_path / "no" / "such" / "p.png"))
     assert "does not exist" in one_line_error(missing, "plot")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    for given in (str(folder), str(folder) + os.sep):  # a folder: the plot goes inside it
+        into = erpo("plot", finished_run, "--out", given)
+        assert into.returncode == 0 and into.stdout.strip() == str(folder / "metrics.png"), into.stderr[-2000:]
+    assert os.listdir(folder) == ["metrics.png"] and not os.path.exists(str(folder) + ".png")
 
 
 def test_bench_runs_from_the_installed_command_anywhere(tmp_path):
@@ -239,6 +245,8 @@ def test_flag_errors_are_one_line_without_the_usage_block(capsys, argv, expected
 def test_eval_errors_name_the_checkpoint_argument(capsys):
     result = in_process(capsys, "eval", "/nonexistent/run")
     assert one_line_error(result, "eval").endswith("checkpoint '/nonexistent/run': no such directory")
+    negative = in_process(capsys, "eval", "/nonexistent/run", "--temperature", "-1")  # refused, not run greedy
+    assert "--temperature must be >= 0" in one_line_error(negative, "eval")
 
 
 def test_model_errors_say_what_was_tried_and_fail_fast(capsys, monkeypatch, tmp_path):
