@@ -87,6 +87,9 @@ def test_every_method_matches_policy_loss_on_the_logits(method):
     # Random advantages, never a batch whose groups all have equal rewards (all-zero gradient).
     hidden, weight, bias, batch = make_inputs(rewards=False)
     config = erpo.LossConfig(method=method, backend="torch", **KNOBS.get(method, {}))
+    if config.is_level == "sequence":  # old log-probs near this head's own, so some sequence ratios fall inside the clip
+        logp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, batch["targets"].clamp_min(0)[..., None])[..., 0]
+        batch["old_logp"] = (logp + 0.1 * torch.randn_like(logp)).clamp(max=0.0)
     want = on_logits(hidden, weight, bias, batch, config)
     assert_same(on_hidden(hidden, weight, bias, batch, config, schedule="two_pass"), want)
     assert_same(on_hidden(hidden, weight, bias, batch, config), want)  # auto
