@@ -345,3 +345,10 @@ def test_several_controllers_compose_and_round_trip_through_the_module_state():
     assert again.current_config() == moved
     with pytest.raises(ValueError, match="controller"):
         erpo.PolicyLoss(erpo.LossConfig(method="repo_r")).load_state_dict(loss_fn.state_dict())
+
+
+def test_an_unknown_name_gets_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean 'erpo'"):
+        erpo.LossConfig(method="erpoo")
+    with pytest.raises(ValueError, match="did you mean 'high_entropy_mask'"):
+        erpo.LossConfig(method="dapo", controls="high_entropy_masks")
