@@ -297,7 +297,9 @@ def test_a_batch_missing_what_the_config_needs_raises_at_once():
     no_ref = {k: v for k, v in batch.items() if k != "ref_logp"}
     with pytest.raises(ValueError, match="ref_logp"):
         erpo.policy_loss(logits, no_ref, erpo.LossConfig(method="cispo", kl_coef=0.1))
-    bad_rollout = {**batch, "rollout_logp": batch["rollout_logp"] + 1.0}
+    positive = batch["rollout_logp"].clone()
+    positive[0, 0] = 0.5  # a valid token (random_batch keeps column 0)
+    bad_rollout = {**batch, "rollout_logp": positive}
     with pytest.raises(ValueError, match="rollout_logp"):
         erpo.policy_loss(logits, bad_rollout, erpo.LossConfig(method="dapo", rollout_is="token_mask", rollout_is_max=2.0))
 
