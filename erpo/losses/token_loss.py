@@ -38,8 +38,8 @@ class TokenParams:
         return {"k1": 1, "k2": 2, "k3": 3}[self.kl_estimator]
 
     @property
-    def kernel_covers(self) -> bool:
-        """Whether the per-token kernels (Triton, CUDA) implement these params (else the torch twin runs)."""
+    def cuda_kernel_covers(self) -> bool:
+        """Whether the CUDA per-token kernel implements these params (the Triton kernel implements all of them)."""
         return self.objective in ("clip", "plain") and self.delta is None and not self.kl_bias_correction
 
 
@@ -152,15 +152,23 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
 
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str,
                 extras: Optional[TokenExtras] = None):
-    """Dispatch on float32 inputs: 'triton' runs kernels/policy_loss.py, 'cuda' csrc/policy_loss_token.cu, where
-    they cover the params (objective clip or plain, no extras); anything else (and float64) the torch twin."""
-    kernel_ok = logp.dtype == torch.float32 and params.kernel_covers and (extras is None or extras.empty)
-    if backend == "triton" and kernel_ok:
+    """Dispatch: 'triton' runs kernels/policy_loss.py for every objective, param and TokenExtras field when all
+    inputs are float32; 'cuda' runs csrc/policy_loss_token.cu where it covers the params (objective clip or
+    plain, no delta, no KL bias correction, no extras). The torch twin runs otherwise: on other dtypes (it is
+    the float64 reference and computes in the inputs' dtype, which a float32 kernel cannot), on the 'torch'
+    backend, and for what the CUDA kernel does not implement yet."""
+    extras = extras if extras is not None else TokenExtras()
+    tensors = [t for t in (logp, entropy, old, adv, ref, klcov_w) if t is not None]
+    tensors += [t for t in (getattr(extras, f.name) for f in dataclasses.fields(extras)) if t is not None]
+    float32 = all(t.dtype == torch.float32 for t in tensors)
+    if backend == "triton" and float32:
         from erpo.kernels import policy_loss as kernel
 
-        args = [t if t is None else t.contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
-        return kernel.token_terms(*args, params)
-    if backend == "cuda" and kernel_ok:
+        args = [t if t is None else t.reshape(-1).contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
+        flat = TokenExtras(**{f.name: None if getattr(extras, f.name) is None
+                              else getattr(extras, f.name).reshape(-1).contiguous() for f in dataclasses.fields(extras)})
+        return kernel.token_terms(*args, params, flat)
+    if backend == "cuda" and float32 and params.cuda_kernel_covers and extras.empty:
         from erpo.ops import cuda_logprobs_entropy
 
         return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params)
