@@ -19,8 +19,8 @@ import triton.language as tl
 
 BLOCK = 1024
 
-# The objective as the kernel's OBJECTIVE constexpr takes it; "plain" also stands for TokenParams.no_clip.
-OBJECTIVES = {"clip": 0, "plain": 1, "cispo": 2, "sapo": 3, "vespo": 4, "gpg": 5, "gmpo": 6}
+# The OBJECTIVE constexpr: TokenParams.objective_code (0 clip, 1 plain, 2 cispo, 3 sapo, 4 vespo, 5 gpg, 6 gmpo).
+VESPO, GMPO = 4, 6
 EXTRA_NAMES = ("log_ratio", "seq_coef", "eps_low", "eps_high", "kl_weight", "pg_weight")
 
 
@@ -159,11 +159,6 @@ def policy_loss_token_kernel(
     tl.store(clip_high_ptr + offs, clip_high.to(tl.int8), mask=live)
 
 
-def objective_code(params) -> int:
-    """The OBJECTIVE constexpr: TokenParams.no_clip turns any objective into plain, as in the torch twin."""
-    return OBJECTIVES["plain"] if params.no_clip else OBJECTIVES[params.objective]
-
-
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras=None):
     """Flat float32 [N] (loss, dloss/dlogp, dloss/dH, clip_low bool, clip_high bool); see the module doc.
     `extras` is a TokenParams' TokenExtras (or None); every tensor is a contiguous float32 [N]."""
@@ -173,8 +168,8 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras=None):
     for name, tensor in named.items():
         if tensor is not None and tensor.numel() != n:  # the kernel reads n values of each: no broadcasting
             raise ValueError(f"per-token input {name} has {tensor.numel()} values, expected one per token ({n})")
-    code = objective_code(params)
-    if code in (OBJECTIVES["vespo"], OBJECTIVES["gmpo"]) and given["seq_coef"] is None:
+    code = params.objective_code
+    if code in (VESPO, GMPO) and given["seq_coef"] is None:
         raise ValueError(f"objective {params.objective!r} needs TokenExtras.seq_coef (the response's weight)")
     out = [torch.empty(n, dtype=torch.float32, device=logp.device) for _ in range(3)]
     flags = [torch.empty(n, dtype=torch.int8, device=logp.device) for _ in range(2)]

@@ -38,6 +38,12 @@ class TokenParams:
         return {"k1": 1, "k2": 2, "k3": 3}[self.kl_estimator]
 
     @property
+    def objective_code(self) -> int:
+        """The objective as the kernels (Triton, CUDA) take it; no_clip makes any objective plain (as the twin)."""
+        objective = "plain" if self.no_clip else self.objective
+        return {"clip": 0, "plain": 1, "cispo": 2, "sapo": 3, "vespo": 4, "gpg": 5, "gmpo": 6}[objective]
+
+    @property
     def cuda_kernel_covers(self) -> bool:
         """Whether the CUDA per-token kernel implements these params (the Triton kernel implements all of them)."""
         return self.objective in ("clip", "plain") and self.delta is None and not self.kl_bias_correction

@@ -99,7 +99,7 @@ TOKEN_MODE_DEFAULTS = dict(
     HAS_KL_WEIGHT=False, HAS_PG_WEIGHT=False)
 ALL_EXTRAS = dict(HAS_LOG_RATIO=True, HAS_SEQ_COEF=True, HAS_EPS_LOW=True, HAS_EPS_HIGH=True, HAS_KL_WEIGHT=True,
                   HAS_PG_WEIGHT=True)
-# Representative modes (OBJECTIVE codes: kernels/policy_loss.py OBJECTIVES): each objective once, each optional
+# Representative modes (OBJECTIVE codes: TokenParams.objective_code): each objective once, each optional
 # input and flag in at least one of them.
 TOKEN_MODES = {
     "clip-dual-k3": dict(DUAL_CLIP=True, HAS_REF=True, KL_EST=3),
