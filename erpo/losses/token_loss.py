@@ -1,7 +1,7 @@
 """The per-token loss as one autograd Function over [N]: (logp, entropy) -> per-token loss term.
 
-Its forward runs the per-token kernel (Triton on CUDA, or under the interpreter when asked) or its torch
-twin below, which returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH; its
+Its forward runs a per-token kernel (Triton on CUDA or under the interpreter when asked, or the CUDA C++
+one of csrc/) for every objective, param and TokenExtras field on float32 inputs, or else its torch twin below, which returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH; its
 backward only multiplies them by the incoming gradient. Those two [N] vectors then go to the fused op's
 backward, the only pass over the vocabulary. Everything else the loss needs (token advantage, KL-Cov
 weights) arrives already computed and detached.
@@ -42,11 +42,6 @@ class TokenParams:
         """The objective as the kernels (Triton, CUDA) take it; no_clip makes any objective plain (as the twin)."""
         objective = "plain" if self.no_clip else self.objective
         return {"clip": 0, "plain": 1, "cispo": 2, "sapo": 3, "vespo": 4, "gpg": 5, "gmpo": 6}[objective]
-
-    @property
-    def cuda_kernel_covers(self) -> bool:
-        """Whether the CUDA per-token kernel implements these params (the Triton kernel implements all of them)."""
-        return self.objective in ("clip", "plain") and self.delta is None and not self.kl_bias_correction
 
 
 @dataclass
@@ -158,11 +153,9 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
 
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str,
                 extras: Optional[TokenExtras] = None):
-    """Dispatch: 'triton' runs kernels/policy_loss.py for every objective, param and TokenExtras field when all
-    inputs are float32; 'cuda' runs csrc/policy_loss_token.cu where it covers the params (objective clip or
-    plain, no delta, no KL bias correction, no extras). The torch twin runs otherwise: on other dtypes (it is
-    the float64 reference and computes in the inputs' dtype, which a float32 kernel cannot), on the 'torch'
-    backend, and for what the CUDA kernel does not implement yet."""
+    """Dispatch: on float32 inputs 'triton' runs kernels/policy_loss.py and 'cuda' csrc/policy_loss_token.cu, for
+    every objective, param and TokenExtras field. The torch twin runs on the 'torch' backend and on other dtypes
+    (it is the float64 reference and computes in the inputs' dtype, which the float32 kernels cannot)."""
     extras = extras if extras is not None else TokenExtras()
     tensors = [t for t in (logp, entropy, old, adv, ref, klcov_w) if t is not None]
     tensors += [t for t in (getattr(extras, f.name) for f in dataclasses.fields(extras)) if t is not None]
@@ -174,10 +167,10 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, back
         flat = TokenExtras(**{f.name: None if getattr(extras, f.name) is None
                               else getattr(extras, f.name).reshape(-1).contiguous() for f in dataclasses.fields(extras)})
         return kernel.token_terms(*args, params, flat)
-    if backend == "cuda" and float32 and params.cuda_kernel_covers and extras.empty:
+    if backend == "cuda" and float32:
         from erpo.ops import cuda_logprobs_entropy
 
-        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params)
+        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras)
     return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params, extras)
 
 

@@ -277,6 +277,11 @@ def test_twin_derivatives_match_autograd_every_objective_and_extras(objective):
         torch.testing.assert_close(weight * dent, g_ent, rtol=1e-12, atol=0, msg=lambda m: f"{what}: {m}")
 
 
+def on_device(x, e: TokenExtras):
+    return ({k: v.to(DEVICE) for k, v in x.items()},
+            TokenExtras(**{f: None if getattr(e, f) is None else getattr(e, f).to(DEVICE) for f in EXTRA_FIELDS}))
+
+
 def assert_kernel_equals_twin(got, want, what):
     # Both float32 and the same operations in the same order; exp/sigmoid in Triton (numpy under the
     # interpreter) and torch may differ by an ulp, which a product carries on: a few ulps of the magnitude.
@@ -291,15 +296,11 @@ def assert_kernel_equals_twin(got, want, what):
 @pytest.mark.parametrize("objective", list(OBJECTIVE_OPTIONS))
 def test_kernel_matches_twin_every_extras_subset(objective, backend):
     """Odd N past one block, every extras subset x KL bias correction, options and KL estimators cycled."""
-    if backend == "cuda":
-        pytest.skip("the CUDA per-token kernel covers clip/plain without extras (TokenParams.cuda_kernel_covers)")
     n = 1031  # not a multiple of BLOCK: the second program is partly masked
     flags_seen = [False, False]
     for p, chosen in grid(objective):
         x, seq = segment_inputs(n)
-        x = {k: v.to(DEVICE) for k, v in x.items()}
-        e = make_extras(n, chosen, seq)
-        e = TokenExtras(**{f: None if getattr(e, f) is None else getattr(e, f).to(DEVICE) for f in EXTRA_FIELDS})
+        x, e = on_device(x, make_extras(n, chosen, seq))
         got = token_terms(*twin_args(x, p), p, backend, e)
         want = token_terms_torch(*twin_args(x, p), p, twin_extras(e, p))
         assert_kernel_equals_twin(got, want, f"{p} with {sorted(chosen)}")
@@ -309,21 +310,23 @@ def test_kernel_matches_twin_every_extras_subset(objective, backend):
         assert all(flags_seen), flags_seen
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("objective", list(OBJECTIVE_OPTIONS))
-def test_kernel_matches_twin_all_params_with_all_extras(objective):
+def test_kernel_matches_twin_all_params_with_all_extras(objective, backend):
     """Every option x KL estimator x bias correction x entropy coefficient, all extras given, N = 1 and odd."""
     for option, kl, bias, entropy_coef, n in itertools.product(
             OBJECTIVE_OPTIONS[objective], KL_MODES, [False, True], [0.0, 0.01], [1, 77]):
         p = params(**{"objective": objective, "kl_bias_correction": bias, "entropy_coef": entropy_coef, **kl, **option})
         x, seq = segment_inputs(n)
-        e = make_extras(n, EXTRA_FIELDS, seq)
-        got = token_terms(*twin_args(x, p), p, "triton", e)
+        x, e = on_device(x, make_extras(n, EXTRA_FIELDS, seq))
+        got = token_terms(*twin_args(x, p), p, backend, e)
         want = token_terms_torch(*twin_args(x, p), p, twin_extras(e, p))
         assert_kernel_equals_twin(got, want, f"{p} n={n}")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("objective", list(OBJECTIVE_OPTIONS))
-def test_kernel_propagates_nan_like_twin(objective):
+def test_kernel_propagates_nan_like_twin(objective, backend):
     """NaN in logp, old, adv, ref or an extra: the kernel's outputs equal the twin's, NaN for NaN; where the
     ratio is NaN and the objective's term depends on it, the loss is NaN (never a finite clipped value)."""
     n = 1031
@@ -340,7 +343,8 @@ def test_kernel_propagates_nan_like_twin(objective):
         x["ref"][9::31] = nan
         for name in chosen:
             getattr(e, name)[11::37] = nan
-        got = token_terms(*twin_args(x, p), p, "triton", e)
+        x, e = on_device(x, e)
+        got = token_terms(*twin_args(x, p), p, backend, e)
         want = token_terms_torch(*twin_args(x, p), p, twin_extras(e, p))
         assert_kernel_equals_twin(got, want, f"{p} with {sorted(chosen)}")
         lr = (x["logp"] - x["old"]) if e.log_ratio is None else e.log_ratio
@@ -351,15 +355,15 @@ def test_kernel_propagates_nan_like_twin(objective):
 
 def test_kernel_empty_and_bad_inputs():
     p = params(objective="gmpo")
-    empty = torch.empty(0)
+    empty = torch.empty(0, device=DEVICE)
     got = token_terms(empty, empty, empty, empty, None, None, p, "triton", TokenExtras(seq_coef=empty))
     assert [t.shape for t in got] == [(0,)] * 5 and got[3].dtype == torch.bool
-    x = inputs(5)
+    x = {k: v.to(DEVICE) for k, v in inputs(5).items()}
     with pytest.raises(ValueError, match="seq_coef"):
         token_terms(x["logp"], x["entropy"], x["old"], x["adv"], None, None, p, "triton", TokenExtras())
     with pytest.raises(ValueError, match="eps_high has 1 values"):
         token_terms(x["logp"], x["entropy"], x["old"], x["adv"], None, None, params(), "triton",
-                    TokenExtras(eps_high=torch.ones(1)))
+                    TokenExtras(eps_high=torch.ones(1, device=DEVICE)))
 
 
 def test_dispatch_runs_the_kernel_for_extras(monkeypatch):
@@ -371,7 +375,7 @@ def test_dispatch_runs_the_kernel_for_extras(monkeypatch):
     monkeypatch.setattr(kernel, "token_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
     for objective in OBJECTIVE_OPTIONS:
         x, seq = segment_inputs(9)
-        e = make_extras(9, EXTRA_FIELDS, seq)
+        x, e = on_device(x, make_extras(9, EXTRA_FIELDS, seq))
         p = params(objective=objective, delta=1.5 if objective == "clip" else None, kl_bias_correction=True)
         token_terms(*twin_args(x, p), p, "triton", e)
     assert len(calls) == len(OBJECTIVE_OPTIONS)
@@ -379,3 +383,20 @@ def test_dispatch_runs_the_kernel_for_extras(monkeypatch):
     x, seq = segment_inputs(9, torch.float64)
     token_terms(*twin_args(x, params()), params(), "triton", make_extras(9, EXTRA_FIELDS, seq, torch.float64))
     assert len(calls) == len(OBJECTIVE_OPTIONS)
+
+
+def test_dispatch_sends_extras_to_the_cuda_kernel(monkeypatch):
+    """backend='cuda' hands every objective and extras to erpo.ops.cuda_logprobs_entropy.token_terms (recorded
+    here without the extension; the kernel itself runs in tests/csrc)."""
+    from erpo.ops import cuda_logprobs_entropy
+
+    seen = []
+    monkeypatch.setattr(cuda_logprobs_entropy, "token_terms",
+                        lambda *a: seen.append((a[6].objective, a[7])) or token_terms_torch(*a))
+    for objective in OBJECTIVE_OPTIONS:
+        x, seq = segment_inputs(9)
+        e = make_extras(9, EXTRA_FIELDS, seq)
+        p = params(objective=objective, kl_bias_correction=True)
+        token_terms(*twin_args(x, p), p, "cuda", e)
+    assert [objective for objective, _ in seen] == list(OBJECTIVE_OPTIONS)
+    assert all(extras.pg_weight is not None for _, extras in seen)
