@@ -140,8 +140,8 @@ void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const 
   TORCH_CHECK(logp.is_cuda(), "erpo._C: logp must be a CUDA tensor, got ", logp.device());
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "erpo._C: kl_estimator must be 1 (k1), 2 (k2) or 3 (k3), got ",
               kl_estimator);
-  TORCH_CHECK(objective >= 0 && objective <= 6, "erpo._C: objective must be 0..6 (TokenParams.objective_code), got ",
-              objective);
+  TORCH_CHECK(objective >= 0 && objective <= 6,
+              "erpo._C: objective must be 0..6 (TokenParams.objective_code), got ", objective);
   TORCH_CHECK(seq_coef || (objective != 4 && objective != 6), "erpo._C: objective ", objective,
               " (vespo/gmpo) needs seq_coef");
   check_token_array(logp, logp, "logp");
@@ -159,7 +159,8 @@ void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const 
                    optional_token_array(ref, logp, "ref_logp"), optional_token_array(klcov_w, logp, "klcov_w"),
                    optional_token_array(log_ratio, logp, "log_ratio"), optional_token_array(seq_coef, logp, "seq_coef"),
                    optional_token_array(eps_low_t, logp, "eps_low"), optional_token_array(eps_high_t, logp, "eps_high"),
-                   optional_token_array(kl_weight, logp, "kl_weight"), optional_token_array(pg_weight, logp, "pg_weight"),
+                   optional_token_array(kl_weight, logp, "kl_weight"),
+                   optional_token_array(pg_weight, logp, "pg_weight"),
                    loss.data_ptr<float>(), dlogp.data_ptr<float>(), dentropy.data_ptr<float>(),
                    static_cast<int8_t*>(clip_low.data_ptr()), static_cast<int8_t*>(clip_high.data_ptr()), logp.numel(),
                    static_cast<float>(eps_low), static_cast<float>(eps_high), static_cast<float>(1.0 - eps_low),

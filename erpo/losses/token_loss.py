@@ -1,7 +1,8 @@
 """The per-token loss as one autograd Function over [N]: (logp, entropy) -> per-token loss term.
 
 Its forward runs a per-token kernel (Triton on CUDA or under the interpreter when asked, or the CUDA C++
-one of csrc/) for every objective, param and TokenExtras field on float32 inputs, or else its torch twin below, which returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH; its
+one of csrc/) for every objective, param and TokenExtras field on float32 inputs, or else its torch twin
+below; each returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH. Its
 backward only multiplies them by the incoming gradient. Those two [N] vectors then go to the fused op's
 backward, the only pass over the vocabulary. Everything else the loss needs (token advantage, KL-Cov
 weights) arrives already computed and detached.
@@ -163,10 +164,12 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, back
     if backend == "triton" and float32:
         from erpo.kernels import policy_loss as kernel
 
-        args = [t if t is None else t.reshape(-1).contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
-        flat = TokenExtras(**{f.name: None if getattr(extras, f.name) is None
-                              else getattr(extras, f.name).reshape(-1).contiguous() for f in dataclasses.fields(extras)})
-        return kernel.token_terms(*args, params, flat)
+        def flat(t):
+            return None if t is None else t.reshape(-1).contiguous()
+
+        args = [flat(t) for t in (logp, entropy, old, adv, ref, klcov_w)]
+        flat_extras = TokenExtras(**{f.name: flat(getattr(extras, f.name)) for f in dataclasses.fields(extras)})
+        return kernel.token_terms(*args, params, flat_extras)
     if backend == "cuda" and float32:
         from erpo.ops import cuda_logprobs_entropy
 

@@ -108,8 +108,8 @@ def test_nan_ratio_stays_nan_every_objective(shim):
     """NaN log-ratio: NaN loss for every objective whose term uses the ratio (clip with delta, cispo, sapo)."""
     logp = torch.tensor([float("nan"), -1.0])
     old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
-    for option in (dict(objective="clip", delta=1.5), dict(objective="cispo"), dict(objective="cispo", cispo_clip="two_sided"),
-                   dict(objective="sapo")):
+    for option in (dict(objective="clip", delta=1.5), dict(objective="cispo"),
+                   dict(objective="cispo", cispo_clip="two_sided"), dict(objective="sapo")):
         params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, False, **option)
         got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
         assert torch.isnan(got[0][0]) and torch.isfinite(got[0][1]), option
