@@ -48,6 +48,12 @@ def rel_err(actual, expected):
     return (actual.double() - expected.double()).abs().max().item() / max(expected.abs().max().item(), 1e-30)
 
 
+def loss_err(actual, expected):
+    """A loss is a sum of O(1) per-token terms that may cancel to a small value: its error is relative to that
+    scale (0.05), not to the cancelled sum."""
+    return (actual.double() - expected.double()).abs().item() / max(expected.abs().item(), 0.05)
+
+
 def make_inputs(dtype=torch.float32, empty_rows=(1,), **batch_kwargs):
     _, batch = random_batch(B=B, L=L, V=V, empty_rows=empty_rows, **batch_kwargs)
     hidden = torch.randn(B, L, H).to(dtype)
@@ -72,7 +78,7 @@ def on_hidden(hidden, weight, bias, batch, config, **kwargs):
 
 def assert_same(got, want, loss_rtol=1e-5, grad_rtol=1e-4):
     (result, grads), (ref, ref_grads) = got, want
-    assert rel_err(result.loss, ref.loss) < loss_rtol
+    assert loss_err(result.loss, ref.loss) < loss_rtol
     for got_grad, want_grad in zip(grads, ref_grads):
         assert got_grad.abs().sum() > 0
         assert rel_err(got_grad, want_grad) < grad_rtol
@@ -97,7 +103,7 @@ def test_every_method_matches_policy_loss_on_the_logits(method):
 
 @pytest.mark.parametrize("knobs", ONE_PASS_CONFIGS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
 def test_one_pass_equals_two_pass_for_every_row_local_config(knobs):
-    hidden, weight, bias, batch = make_inputs()
+    hidden, weight, bias, batch = make_inputs(rewards=False)  # random advantages: never a batch of all-equal rewards
     config = erpo.LossConfig(backend="torch", **knobs)
     assert lpl.one_pass_exact(config)
     two = on_hidden(hidden, weight, bias, batch, config, schedule="two_pass")

@@ -91,14 +91,17 @@ def test_no_host_sync_through_the_fused_head_and_token_entry(method, make_batch,
     from erpo.ops import torch_linear_logprobs_entropy as torch_head
 
     monkeypatch.setattr(torch_head, "COMPACT_IGNORED", False)  # the CUDA path: CPU compacts ignored rows (nonzero)
-    _, batch = make_batch(B=4, L=5, V=13, group_size=2)
+    _, batch = make_batch(B=4, L=5, V=13, group_size=2, rewards=False)  # random advantages: never all 0
     hidden = torch.randn(4, 5, 8, requires_grad=True)
     weight = torch.randn(13, 8, requires_grad=True)
+    with torch.no_grad():  # old log-probs near this head's own, so not every ratio is clipped (no gradient at all)
+        logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, batch["targets"][..., None])[..., 0]
+        batch["old_logp"] = (logp + 0.1 * torch.randn_like(logp)).clamp(max=0.0)
     config = erpo.LossConfig(method=method, check_inputs=False)
     with HostSyncProbe() as probe:
         erpo.linear_policy_loss(hidden, weight, batch, config).loss.backward()
     assert probe.seen_erpo_ops and hidden.grad.abs().sum() > 0
-    logp = torch.randn(4, 5).clamp(max=0).requires_grad_()
+    logp = (batch["old_logp"] + 0.1 * torch.randn(4, 5)).clamp(max=0).requires_grad_()  # ratios near 1
     entropy = torch.rand(4, 5).requires_grad_()
     with HostSyncProbe():
         erpo.token_policy_loss(logp, entropy, batch, config).loss.backward()
