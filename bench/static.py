@@ -123,7 +123,12 @@ def analyse(name, arch, ptxas_fn, instructions, cubin_regs, shared, threads, ele
         "spill_load_bytes": ptxas_fn.spill_load_bytes, "stack_bytes": ptxas_fn.stack_bytes,
         "spills": ptxas_fn.spills, "shared_bytes": shared, "sass_instructions": len(instructions),
     }
-    loop = sass.steady_state_loop(instructions) if loop_kernel else None
+    try:
+        # Every streaming loop of erpo computes one exponential per element it loads: the steady state too.
+        loop = sass.steady_state_loop(instructions, 1 / element_bytes) if loop_kernel else None
+    except ValueError as err:
+        result["error"] = str(err)
+        return result
     if loop_kernel and loop is None:
         result["error"] = "no loop found in the SASS of a kernel whose steady state is a loop"
         return result

@@ -142,41 +142,52 @@ class LoopStats:
     body_instructions: int = 0  # every instruction between the loop's head and its back-branch
 
 
-def steady_state_path(body: list[Instruction]) -> list[Instruction]:
-    """The fewest instructions from the loop head to its back-branch, where a conditional branch may be
-    taken or not and an unconditional one must be taken. A region the code jumps over when nothing changes
-    (the fused forward's rebase, run only when a block raises the row max) is not part of the steady
-    state; straight-line loops are their whole body."""
+def steady_state_path(body: list[Instruction], min_mufu: int = 0) -> list[Instruction] | None:
+    """The fewest instructions from the loop head to its back-branch that execute at least `min_mufu` MUFU
+    instructions, where a conditional branch may be taken or not and an unconditional one must be taken.
+    A region the code jumps over when nothing changes (the fused forward's rebase, run only when a block
+    raises the row max) is not part of the steady state; straight-line loops are their whole body.
+    `min_mufu` keeps the path on the work: without it, a branch that skips the elements' exponentials (the
+    CUDA forward's early exit while no finite logit has been seen, a masked element) would be the
+    "fewest instructions". None when no path has that many MUFU."""
     index = {ins.address: i for i, ins in enumerate(body)}
-    cost = [0] * len(body)  # cost[i]: fewest instructions from i to the end of the body, inclusive
-    step = [None] * len(body)
+    inf = float("inf")
+    # cost[i][k]: fewest instructions from i to the end of the body, inclusive, with k more MUFU still needed.
+    cost = [[inf] * (min_mufu + 1) for _ in body]
+    step = [[None] * (min_mufu + 1) for _ in body]
     for i in range(len(body) - 1, -1, -1):
         ins = body[i]
-        options = []
+        successors = []
         if i + 1 < len(body):
-            fall = [(cost[i + 1], i + 1)]
+            successors = [i + 1]
             if ins.base == "BRA":
                 m = _BRANCH_TARGET.match(ins.operands)
                 target = index.get(int(m.group(1), 16)) if m else None
                 if target is not None and target > i:
-                    options = [(cost[target], target)] + (fall if ins.predicated else [])
-                else:
-                    options = fall
-            else:
-                options = fall
-        best = min(options) if options else (0, None)
-        cost[i], step[i] = (0 if ins.base == "NOP" else 1) + best[0], best[1]
-    path, i = [], 0
+                    successors = [target] + ([i + 1] if ins.predicated else [])
+        own = 0 if ins.base == "NOP" else 1
+        for k in range(min_mufu + 1):
+            left = max(k - (ins.base == "MUFU"), 0)
+            if not successors:
+                cost[i][k], step[i][k] = (own, None) if left == 0 else (inf, None)
+                continue
+            best = min((cost[j][left], j) for j in successors)
+            cost[i][k], step[i][k] = own + best[0], best[1]
+    if not body or cost[0][min_mufu] == inf:
+        return None
+    path, i, k = [], 0, min_mufu
     while i is not None:
         path.append(body[i])
-        i = step[i]
+        i, k = step[i][k], max(k - (body[i].base == "MUFU"), 0)
     return path
 
 
-def steady_state_loop(instructions: list[Instruction]) -> LoopStats | None:
+def steady_state_loop(instructions: list[Instruction], mufu_per_vector_byte: float = 0.0) -> LoopStats | None:
     """The loop that streams the row: the innermost loops holding vector LDGs are the candidates (an outer
     loop over rows contains the inner one); of those, the one loading the most bytes (ties: the longest).
-    Counted along its steady-state path. None when the function has no loop (flat kernels)."""
+    Counted along its steady-state path, which must run `mufu_per_vector_byte` MUFU per byte the trip loads
+    with vector LDGs (1 / element size for erpo's row kernels: one exponential per element). None when the
+    function has no loop (flat kernels); ValueError when no path through the loop runs that many MUFU."""
     found = loops(instructions)
     stats = {span: body_stats(instructions[span[0]:span[1] + 1]) for span in found}
     streaming = [span for span in found if stats[span].vector_load_bytes]
@@ -186,7 +197,11 @@ def steady_state_loop(instructions: list[Instruction]) -> LoopStats | None:
     if not candidates:
         return None
     first, last = max(candidates, key=lambda span: (stats[span].vector_load_bytes, stats[span].instructions))
-    path_stats = body_stats(steady_state_path(instructions[first:last + 1]))
+    needed = int(stats[(first, last)].vector_load_bytes * mufu_per_vector_byte)
+    path = steady_state_path(instructions[first:last + 1], needed)
+    if path is None:
+        raise ValueError(f"no path through the streaming loop runs {needed} MUFU (one per loaded element)")
+    path_stats = body_stats(path)
     path_stats.body_instructions = stats[(first, last)].instructions
     return path_stats
 

@@ -4,6 +4,12 @@ The forward is one pass over V per row and keeps only the logits and two floats 
 the backward, which is one more pass writing dlogits (optionally into the logits' own storage). Nothing of
 size [N, V] in float32 is ever materialised.
 
+`shift=True` takes the unsliced `[..., L+1, V]` logits of a causal LM and scores positions 0..L-1 (the
+forward reads them through a strided view, no copy); the backward runs over all L+1 positions with the
+dropped one marked ignored, so the kernel itself writes its zero gradient and the gradient reaching the
+model is one `[..., L+1, V]` tensor (the logits' own storage with `inplace_grad`), never a slice of one
+that autograd would have to copy into a fresh zero buffer.
+
 The two passes are registered as torch.library custom ops, so `torch.compile(fullgraph=True)` sees opaque
 ops (with shape functions) instead of trying to trace Triton, and one autograd.Function ties them together.
 """
@@ -36,26 +42,46 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
+def _scored_rows(logits: Tensor, shift: bool) -> Tensor:
+    """The positions that are scored: all of them, or with shift all but the last (a view, no copy)."""
+    return logits.narrow(-2, 0, logits.shape[-2] - 1) if shift else logits
+
+
+def _append_dropped(values: Tensor, fill) -> Tensor:
+    """[..., L] -> [..., L+1]: the dropped (last) position's entry appended along the position dim."""
+    return torch.cat([values, values.new_full((*values.shape[:-1], 1), fill)], dim=-1)
+
+
 @torch.library.custom_op("erpo::logprobs_entropy_fwd", mutates_args=())
 def _fwd_op(
-    logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int, backend: str, check_targets: bool
+    logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int, backend: str, check_targets: bool,
+    shift: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     flat_targets = _flat_targets(targets)
     if check_targets:
         _check_target_range(flat_targets, logits.shape[-1], ignore_index)
-    logp, entropy, lse = backends.load(backend).forward(row_layout(logits), flat_targets, inv_temperature, ignore_index)
+    layout = row_layout(_scored_rows(logits, shift))
+    logp, entropy, lse = backends.load(backend).forward(layout, flat_targets, inv_temperature, ignore_index)
     shape = targets.shape
     return logp.view(shape), entropy.view(shape), lse.view(shape)
 
 
 @_fwd_op.register_fake
-def _(logits, targets, inv_temperature, ignore_index, backend, check_targets):
+def _(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift=False):
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     make = lambda: logits.new_empty(targets.shape, dtype=out_dtype)  # noqa: E731
     return make(), make(), make()
 
 
-def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                   backend, shift=False):
+    if shift:
+        # Every position of the full logits gets its gradient from this one kernel launch: the dropped one
+        # is an ignored row (zero gradient, not read). Only [N]-sized per-row values are padded.
+        targets = _append_dropped(targets, ignore_index)
+        lse, entropy = _append_dropped(lse, 0.0), _append_dropped(entropy, 0.0)
+        grad_logp = None if grad_logp is None else _append_dropped(grad_logp, 0.0)
+        grad_entropy = None if grad_entropy is None else _append_dropped(grad_entropy, 0.0)
     layout = row_layout(logits)
     grad_layout = layout if grad_out is logits else contiguous_layout_like(layout, grad_out)
     backends.load(backend).backward(
@@ -70,15 +96,16 @@ def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entr
 def _bwd_op(
     logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-    inv_temperature: float, ignore_index: int, backend: str,
+    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False,
 ) -> Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backward_into(grad, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend)
+    _backward_into(grad, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                   backend, shift)
     return grad
 
 
 @_bwd_op.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend, shift=False):
     return logits.new_empty(logits.shape)
 
 
@@ -86,21 +113,23 @@ def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, i
 def _bwd_inplace_op(
     logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-    inv_temperature: float, ignore_index: int, backend: str,
+    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False,
 ) -> None:
-    _backward_into(logits, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend)
+    _backward_into(logits, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                   backend, shift)
 
 
 class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets):
-        logp, entropy, lse = _fwd_op(logits, targets, inv_temperature, ignore_index, backend, check_targets)
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets, shift):
+        logp, entropy, lse = _fwd_op(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temperature = inv_temperature
         ctx.ignore_index = ignore_index
         # Rows the kernels read from a copy cannot take the gradient in place: it would land in the copy.
         ctx.inplace_grad = inplace_grad and addressable_in_place(logits)
         ctx.backend = backend
+        ctx.shift = shift
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -108,20 +137,32 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 7
-        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend)
+            return (None,) * 8
+        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend,
+                ctx.shift)
         if ctx.inplace_grad:
             _bwd_inplace_op(logits, *args)
-            return (logits,) + (None,) * 6
-        return (_bwd_op(logits, *args),) + (None,) * 6
+            return (logits,) + (None,) * 7
+        return (_bwd_op(logits, *args),) + (None,) * 7
 
 
-def _validate(logits, targets, temperature, backend, inplace_grad) -> str:
+def _validate(logits, targets, temperature, backend, inplace_grad, shift) -> str:
     if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
         raise TypeError(f"logits and targets must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False, got {type(shift).__name__}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
+    if shift:
+        if logits.dim() < 2 or logits.shape[-2] < 1:
+            raise ValueError(f"shift=True needs logits [..., L+1, V] with L+1 >= 1, got {tuple(logits.shape)}")
+        expected = (*logits.shape[:-2], logits.shape[-2] - 1)
+        if targets.shape != expected:
+            raise ValueError(
+                f"with shift=True, targets shape {tuple(targets.shape)} must be the logits' positions minus the "
+                f"last one, {expected} (logits {tuple(logits.shape)})"
+            )
+    elif targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
             f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
@@ -158,6 +199,7 @@ def logprobs_and_entropy(
     inplace_grad: bool = False,
     backend: str = "auto",
     check_targets: bool = True,
+    shift: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax(logits / temperature), without [N, V] temporaries.
 
@@ -175,18 +217,23 @@ def logprobs_and_entropy(
         backend: "auto" (triton on CUDA tensors, torch on CPU), "torch", "triton" or "cuda".
         check_targets: validate target ids are in [0, V) (one host sync); pass False on a hot path whose
             targets are known good.
+        shift: `logits` are the unsliced `[..., L+1, V]` output of a causal LM and `targets` are `[..., L]`:
+            position i of the logits scores targets[..., i] and the last position is dropped. Same values as
+            passing `logits[..., :-1, :]`, but the backward writes the whole `[..., L+1, V]` gradient (zero at
+            the dropped position) in one kernel, so autograd allocates no extra full-size buffer for a slice,
+            and with `inplace_grad` the gradient reaching the model is the logits' own storage.
 
     Returns:
         (logp, entropy), float32 (float64 for float64 logits), shape `[...]`, differentiable w.r.t. logits.
         A row with NaN or +inf logits, or only -inf, gives non-finite outputs for that row only; `-inf`
         entries in an otherwise finite row are a masked vocabulary (p = 0, zero gradient).
     """
-    resolved = _validate(logits, targets, temperature, backend, inplace_grad)
+    resolved = _validate(logits, targets, temperature, backend, inplace_grad, shift)
     inv_temperature = 1.0 / float(temperature)
     if torch.is_grad_enabled() and logits.requires_grad:
         return LogprobsEntropyFunction.apply(
-            logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets
+            logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, shift
         )
     # Inference (old-policy / reference log-probs): nothing is saved for a backward.
-    logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets)
+    logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets, shift)
     return logp, entropy

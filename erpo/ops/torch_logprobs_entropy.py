@@ -5,9 +5,15 @@ chunk-sized float32 buffers reused in place, so the temporaries stay near 10 MiB
 Chunks are views of the logits (never a copy of the whole tensor, also for strided rows). The forward keeps
 per row only lse and entropy; the backward recomputes p from them and writes the gradient chunk by chunk into
 one buffer in the logits' dtype (or into the logits themselves). Accumulation is float32, float64 for float64 logits.
+
+Speed: eagerly, each chunk costs about ten elementwise passes (one torch op each), which makes the backend
+pass-bound on CPU. On large CPU inputs the two per-chunk bodies run through `torch.compile` instead
+(erpo/ops/torch_chunk_bodies.py), which fuses each into one or two loops over the chunk; same formulas,
+same memory plan, eager fallback.
 """
 import torch
 
+from erpo.ops import torch_chunk_bodies as chunk_bodies
 from erpo.ops.row_layout import RowLayout
 
 CHUNK_ELEMENTS = 1 << 20
@@ -37,6 +43,59 @@ def _chunks(layout: RowLayout, tensor: torch.Tensor):
             yield slice(o * inner, p * inner), rows3d[o:p]
 
 
+def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float, ignore_index: int):
+    """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1]."""
+    cdt = _compute_dtype(chunk.dtype)
+    ignored = tgt == ignore_index
+    x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
+    row_max = x.amax(dim=-1, keepdim=True)
+    # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
+    bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(-1)
+    # A finite shift keeps x - max from being -inf - -inf for rows of -inf; such a row still ends
+    # non-finite through log(0), as documented.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    x.sub_(shift)
+    target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
+    e = torch.exp(x)
+    denom = e.sum(dim=-1)
+    # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
+    x.masked_fill_(torch.isneginf(x), 0.0)
+    weighted = e.mul_(x).sum(dim=-1)
+    log_denom = torch.log(denom)
+    nan = torch.full_like(log_denom, float("nan"))
+    zero = torch.zeros_like(log_denom)
+    row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
+    row_logp = torch.where(bad, nan, target_x - log_denom)
+    return (torch.where(ignored, zero, row_logp), torch.where(ignored, zero, row_entropy),
+            shift.squeeze(-1) + log_denom)
+
+
+def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, inv_temperature: float, ignore_index: int):
+    """Write the gradient of one chunk's rows into `out` (which may be `chunk` itself: the in-place gradient).
+    Per-row values come shaped chunk.shape[:-1] + (1,)."""
+    cdt = _compute_dtype(chunk.dtype)
+    ignored = (tgt == ignore_index).unsqueeze(-1)
+    x = chunk.to(cdt, copy=True).mul_(inv_temperature)
+    p = torch.sub(x, row_lse).exp_()
+    if g_ent is not None:
+        # dH/dx_j = p_j (E_p[x] - x_j) with E_p[x] = lse - H: no log p, so p = 0 gives 0, never 0 * -inf.
+        x.sub_(row_lse - row_entropy).masked_fill_(torch.isneginf(x), 0.0)
+        grad = x.mul_(p).mul_(-g_ent)
+    else:
+        grad = x.zero_()
+    if g_logp is not None:
+        grad.sub_(p.mul_(g_logp))
+        if torch.compiler.is_compiling():
+            # The same one-hot term as an elementwise select, which inductor fuses into the chunk's one loop
+            # (a scatter would cost the compiled body a separate buffer and two more passes).
+            cols = torch.arange(chunk.shape[-1], device=chunk.device)
+            grad = grad + torch.where(cols == tgt.unsqueeze(-1), g_logp, 0.0)
+        else:
+            grad.scatter_add_(-1, torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1), g_logp)
+    grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
+    out.copy_(grad)
+
+
 def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
     """Return flat (logp, entropy, lse), each [N], float32 (float64 for float64 logits)."""
     logits = layout.tensor
@@ -44,31 +103,13 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
     logp = torch.empty(layout.n_rows, dtype=cdt, device=logits.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
+    rows_fn = chunk_bodies.pick(_forward_rows, layout, logits)
     for rows, chunk in _chunks(layout, logits):
-        tgt = targets[rows].view(chunk.shape[:-1])
-        ignored = tgt == ignore_index
-        x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
-        row_max = x.amax(dim=-1, keepdim=True)
-        # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
-        bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(-1)
-        # A finite shift keeps x - max from being -inf - -inf for rows of -inf; such a row still ends
-        # non-finite through log(0), as documented.
-        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        x.sub_(shift)
-        target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
-        e = torch.exp(x)
-        denom = e.sum(dim=-1)
-        # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
-        x.masked_fill_(torch.isneginf(x), 0.0)
-        weighted = e.mul_(x).sum(dim=-1)
-        log_denom = torch.log(denom)
-        nan = torch.full_like(log_denom, float("nan"))
-        zero = torch.zeros_like(log_denom)
-        row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
-        row_logp = torch.where(bad, nan, target_x - log_denom)
-        logp[rows] = torch.where(ignored, zero, row_logp).reshape(-1)
-        entropy[rows] = torch.where(ignored, zero, row_entropy).reshape(-1)
-        lse[rows] = (shift.squeeze(-1) + log_denom).reshape(-1)
+        row_logp, row_entropy, row_lse = rows_fn(chunk, targets[rows].view(chunk.shape[:-1]), inv_temperature,
+                                                 ignore_index)
+        logp[rows] = row_logp.reshape(-1)
+        entropy[rows] = row_entropy.reshape(-1)
+        lse[rows] = row_lse.reshape(-1)
     return logp, entropy, lse
 
 
@@ -86,27 +127,15 @@ def backward(
     """Write dlogits = (g_logp (onehot - p) - g_ent p (x - E_p[x])) / T into grad_layout.tensor."""
     logits = layout.tensor
     cdt = _compute_dtype(logits.dtype)
+    rows_fn = chunk_bodies.pick(_backward_rows, layout, logits)
     out_chunks = _chunks(grad_layout, grad_layout.tensor)
     for (rows, chunk), (_, out) in zip(_chunks(layout, logits), out_chunks):
         shape = chunk.shape[:-1]
 
         def per_row(values):
-            return values[rows].to(cdt).view(shape).unsqueeze(-1)
+            return None if values is None else values[rows].to(cdt).view(shape).unsqueeze(-1)
 
-        tgt = targets[rows].view(shape)
-        ignored = (tgt == ignore_index).unsqueeze(-1)
-        row_lse = per_row(lse)
-        x = chunk.to(cdt, copy=True).mul_(inv_temperature)
-        p = torch.sub(x, row_lse).exp_()
-        if grad_entropy is not None:
-            # dH/dx_j = p_j (E_p[x] - x_j) with E_p[x] = lse - H: no log p, so p = 0 gives 0, never 0 * -inf.
-            x.sub_(row_lse - per_row(entropy)).masked_fill_(torch.isneginf(x), 0.0)
-            grad = x.mul_(p).mul_(-per_row(grad_entropy))
-        else:
-            grad = x.zero_()
-        if grad_logp is not None:
-            g_logp = per_row(grad_logp)
-            grad.sub_(p.mul_(g_logp))
-            grad.scatter_add_(-1, torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1), g_logp)
-        grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
-        out.copy_(grad)
+        # The in-place gradient passes the chunk once: a compiled body then sees one tensor, not two aliases.
+        rows_fn(chunk, chunk if out.data_ptr() == chunk.data_ptr() else out, targets[rows].view(shape),
+                per_row(lse), per_row(entropy), per_row(grad_logp), per_row(grad_entropy), inv_temperature,
+                ignore_index)

@@ -102,3 +102,36 @@ def test_prediction_reproduces_the_issue_budget():
     # Few bytes in flight: the latency bound takes over.
     starved = sass.predict_bandwidth_fraction("H100-SXM5", 5.0, 1.0, 2, 4096)
     assert starved["predicted_bound"] == "latency" and starved["predicted_fraction"] < 0.5
+
+
+# A loop shaped like the CUDA forward's: one 16-byte load of 4 fp32 per trip, then an early exit to the
+# back-branch (taken only while no finite logit has been seen) that skips the four exponentials.
+EARLY_EXIT_SASS = """\
+\tcode for sm_90a
+\t\tFunction : early_exit_kernel
+        /*0000*/                   MOV R2, RZ ;                           /* 0x0 */
+        /*0010*/                   LDG.E.128 R4, desc[UR14][R12.64] ;     /* 0x0 */
+        /*0020*/                   FSETP.NEU.AND P0, PT, R3, -INF , PT ; /* 0x0 */
+        /*0030*/               @!P0 BRA 0xa0 ;                            /* 0x0 */
+        /*0040*/                   MUFU.EX2 R4, R4 ;                      /* 0x0 */
+        /*0050*/                   MUFU.EX2 R5, R5 ;                      /* 0x0 */
+        /*0060*/                   MUFU.EX2 R6, R6 ;                      /* 0x0 */
+        /*0070*/                   MUFU.EX2 R7, R7 ;                      /* 0x0 */
+        /*0080*/                   FADD R20, R4, R5 ;                     /* 0x0 */
+        /*0090*/                   FADD R21, R6, R7 ;                     /* 0x0 */
+        /*00a0*/               @P1 BRA 0x10 ;                             /* 0x0 */
+        /*00b0*/                   EXIT ;                                 /* 0x0 */
+"""
+
+
+def test_steady_state_runs_one_exponential_per_loaded_element():
+    instructions = sass.parse_sass(EARLY_EXIT_SASS)["early_exit_kernel"]
+    # Without the requirement, the early exit is the "fewest instructions": 4 per trip, no exponential.
+    assert sass.steady_state_loop(instructions).mufu == 0
+    loop = sass.steady_state_loop(instructions, 1 / 4)  # fp32: 16 loaded bytes = 4 elements = 4 MUFU
+    assert loop.mufu == 4 and loop.instructions == 10 and loop.body_instructions == 10
+    # The bf16 fused-forward demo above keeps its path (one MUFU for its rebase-free trip).
+    demo = sass.parse_sass(SASS)["demo_kernel"]
+    assert sass.steady_state_loop(demo, 1 / 32).instructions == 7
+    with pytest.raises(ValueError, match="no path through the streaming loop runs 2 MUFU"):
+        sass.steady_state_loop(demo, 1 / 16)
