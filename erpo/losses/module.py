@@ -35,13 +35,14 @@ class PolicyLoss(nn.Module):
                 self._generator_state = None
         return self._generator
 
-    def forward(self, logits: torch.Tensor, batch) -> LossResult:
+    def forward(self, logits: torch.Tensor, batch, process_group=None) -> LossResult:
         generator = self._generator_for(logits.device) if self.config.method == "clip_cov" else None
-        return policy_loss(logits, batch, self.current_config(), generator=generator)
+        return policy_loss(logits, batch, self.current_config(), generator=generator, process_group=process_group)
 
     def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
                **options) -> LossResult:
-        """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend)."""
+        """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend,
+        process_group)."""
         generator = self._generator_for(hidden.device) if self.config.method == "clip_cov" else None
         return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias, generator=generator,
                                   **options)

@@ -13,13 +13,14 @@ from torch import Tensor
 
 from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
-from erpo.losses.batch import prepare
+from erpo.losses.batch import prepare, prepare_tokens
 from erpo.losses.config import LossConfig
 from erpo.losses.methods import Tokens, token_advantages
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, token_loss
 from erpo.ops import backends
 from erpo.ops.logprobs_entropy import logprobs_and_entropy
+from erpo.ops.vocab_parallel import global_vocab
 
 
 @dataclass
@@ -49,19 +50,27 @@ def _valid_mean(values: Tensor, valid: Tensor, n_valid: Tensor) -> Tensor:
     return torch.where(valid, values, torch.zeros_like(values)).sum() / n_valid
 
 
-def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None) -> LossResult:
+def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None,
+                process_group=None) -> LossResult:
     """The policy loss of `config.method` on one batch; see docs/losses.md for the batch layouts.
 
     `generator` drives Clip-Cov's random pick; without one a generator seeded with config.seed is used,
     so a call is reproducible (pass your own, e.g. PolicyLoss's, to draw fresh picks each step).
+    `process_group`: the logits are this rank's vocabulary slice (see erpo.logprobs_and_entropy); targets are
+    global ids, checked against the whole vocabulary.
     """
     _check_config(config)
-    flat = prepare(logits, batch, config)
+    if process_group is None:
+        flat = prepare(logits, batch, config)
+    else:
+        flat = prepare_tokens(tuple(logits.shape[:-1]), global_vocab(logits.shape[-1], process_group, logits.device),
+                              logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                              batch, config, "logits")
     backend = backends.resolve(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend,
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
-        inplace_grad=config.inplace_grad,
+        inplace_grad=config.inplace_grad, process_group=process_group,
     )
     return loss_from_token_stats(logp, entropy, flat, config, backend, generator)
 

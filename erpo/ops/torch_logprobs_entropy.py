@@ -37,6 +37,13 @@ def _chunks(layout: RowLayout, tensor: torch.Tensor):
             yield slice(o * inner, p * inner), rows3d[o:p]
 
 
+def _on_row(tgt: torch.Tensor, ignored: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows whose target is one of this row's V entries. An id outside [0, V) that is not ignore_index (possible
+    with check_targets=False, and on a vocabulary shard for targets another shard holds) gives NaN logp and
+    no one-hot term in the gradient, as in the Triton kernels."""
+    return ~ignored & (tgt >= 0) & (tgt < vocab)
+
+
 def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
     """Return flat (logp, entropy, lse), each [N], float32 (float64 for float64 logits)."""
     logits = layout.tensor
@@ -47,6 +54,7 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
     for rows, chunk in _chunks(layout, logits):
         tgt = targets[rows].view(chunk.shape[:-1])
         ignored = tgt == ignore_index
+        hit = _on_row(tgt, ignored, layout.vocab)
         x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
         row_max = x.amax(dim=-1, keepdim=True)
         # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
@@ -55,7 +63,7 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
         # non-finite through log(0), as documented.
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         x.sub_(shift)
-        target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
+        target_x = x.gather(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1)).squeeze(-1)
         e = torch.exp(x)
         denom = e.sum(dim=-1)
         # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
@@ -65,7 +73,7 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
         nan = torch.full_like(log_denom, float("nan"))
         zero = torch.zeros_like(log_denom)
         row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
-        row_logp = torch.where(bad, nan, target_x - log_denom)
+        row_logp = torch.where(bad | ~hit, nan, target_x - log_denom)
         logp[rows] = torch.where(ignored, zero, row_logp).reshape(-1)
         entropy[rows] = torch.where(ignored, zero, row_entropy).reshape(-1)
         lse[rows] = (shift.squeeze(-1) + log_denom).reshape(-1)
@@ -94,6 +102,7 @@ def backward(
             return values[rows].to(cdt).view(shape).unsqueeze(-1)
 
         tgt = targets[rows].view(shape)
+        hit = _on_row(tgt, tgt == ignore_index, layout.vocab)
         ignored = (tgt == ignore_index).unsqueeze(-1)
         row_lse = per_row(lse)
         x = chunk.to(cdt, copy=True).mul_(inv_temperature)
@@ -107,6 +116,6 @@ def backward(
         if grad_logp is not None:
             g_logp = per_row(grad_logp)
             grad.sub_(p.mul_(g_logp))
-            grad.scatter_add_(-1, torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1), g_logp)
+            grad.scatter_add_(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1), torch.where(hit.unsqueeze(-1), g_logp, 0.0))
         grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
         out.copy_(grad)
