@@ -121,3 +121,9 @@ def test_errors(ranks, name, message):
 
 def test_unchecked_id_outside_the_vocabulary_gives_nan(ranks):
     assert all(records["errors"]["unchecked_out_of_range_logp_is_nan"] == "True" for records in ranks)
+
+
+def test_one_collective_per_forward_none_in_the_logits_backward(ranks):
+    # The logits path's backward needs only the merged lse and entropy; the fused head's all-reduces grad_hidden.
+    for record in case(ranks, "collectives"):
+        assert record == dict(logits_forward=1, logits_backward=0, linear_forward=1, linear_backward=1)

@@ -182,6 +182,45 @@ def case_errors(r: Rank):
     return messages
 
 
+def case_collectives(r: Rank):
+    """How many collectives each pass issues (counted at torch.distributed), after the cached shard-size exchange."""
+    counts = {}
+    originals = {name: getattr(dist, name) for name in ("all_gather_single", "all_gather_into_tensor", "all_reduce",
+                                                         "all_gather", "broadcast", "reduce_scatter_tensor")
+                 if hasattr(dist, name)}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    logits = torch.randn(6, r.stop - r.start, requires_grad=True)
+    hidden = torch.randn(6, 5, requires_grad=True)
+    weight = torch.randn(r.stop - r.start, 5, requires_grad=True)
+    targets = torch.randint(0, V, (6,))
+    erpo.logprobs_and_entropy(logits.detach(), targets, process_group=r.group)  # shard sizes exchanged and cached
+    out = {}
+    for name in originals:
+        setattr(dist, name, counting(name))
+    try:
+        for key, run in (("logits", lambda: erpo.logprobs_and_entropy(logits, targets, process_group=r.group,
+                                                                       check_targets=False)),
+                         ("linear", lambda: erpo.linear_logprobs_and_entropy(hidden, weight, targets,
+                                                                             process_group=r.group,
+                                                                             check_targets=False))):
+            counts.clear()
+            logp, entropy = run()
+            out[f"{key}_forward"] = sum(counts.values())
+            counts.clear()
+            (logp.sum() + entropy.sum()).backward()
+            out[f"{key}_backward"] = sum(counts.values())
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return out
+
+
 def cases(world: int):
     yield "logits_f64_torch", lambda r: case_logits(r, torch.float64, "torch", 0.7)
     yield "logits_f32_torch", lambda r: case_logits(r, torch.float32, "torch", 1.0)
@@ -193,6 +232,7 @@ def cases(world: int):
         yield f"linear_policy_loss_{method}", lambda r, m=method: case_linear_policy_loss(r, m)
     yield "linear_policy_loss_dapo_triton", lambda r: case_linear_policy_loss(r, "dapo", "triton")
     yield "errors", case_errors
+    yield "collectives", case_collectives
 
 
 def main(rank: int, world: int, store: str, out_dir: str) -> None:
