@@ -76,5 +76,4 @@ def warm_up(model, tokenizer, steps: int = 40, batch_size: int = 64, lr: float =
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # the last step's gradients must not leak into the RL run's first update
     model.eval()

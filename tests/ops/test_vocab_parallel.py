@@ -77,6 +77,11 @@ def test_logits_op_float32_torch(ranks):
                  dict(logp=1e-5, entropy=1e-5, grad_logits=1e-5, nograd_logp=1e-5, nograd_entropy=1e-5))
 
 
+def test_logits_op_inplace_grad(ranks):
+    assert_close(case(ranks, "logits_f32_torch_inplace"),
+                 dict(logp=1e-5, entropy=1e-5, grad_logits=1e-5, nograd_logp=1e-5, nograd_entropy=1e-5))
+
+
 def test_logits_op_triton_interpreter(ranks):
     assert_close(case(ranks, "logits_f32_triton"),
                  dict(logp=1e-5, entropy=1e-5, grad_logits=1e-5, nograd_logp=1e-5, nograd_entropy=1e-5))

@@ -44,7 +44,7 @@ class Rank:
         return full[..., self.start:self.stop] if full.dim() != 2 or full.shape[0] != V else full[self.start:self.stop]
 
 
-def case_logits(r: Rank, dtype, backend, temperature):
+def case_logits(r: Rank, dtype, backend, temperature, inplace_grad=False):
     torch.manual_seed(1)
     logits = (torch.randn(3, 5, V, dtype=torch.float64) * 2).to(dtype)
     targets = torch.randint(0, V, (3, 5))
@@ -54,8 +54,9 @@ def case_logits(r: Rank, dtype, backend, temperature):
 
     def run(x, group):
         x = x.detach().clone().requires_grad_()
-        logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=temperature, backend=backend,
-                                                  process_group=group)
+        y = x * 1.0 if inplace_grad else x  # in-place gradients need a non-leaf
+        logp, entropy = erpo.logprobs_and_entropy(y, targets, temperature=temperature, backend=backend,
+                                                  process_group=group, inplace_grad=inplace_grad)
         ((logp.double() * a).sum() + (entropy.double() * b).sum()).backward()
         return logp, entropy, x.grad
 
@@ -225,6 +226,7 @@ def cases(world: int):
     yield "logits_f64_torch", lambda r: case_logits(r, torch.float64, "torch", 0.7)
     yield "logits_f32_torch", lambda r: case_logits(r, torch.float32, "torch", 1.0)
     yield "logits_f32_triton", lambda r: case_logits(r, torch.float32, "triton", 0.7)
+    yield "logits_f32_torch_inplace", lambda r: case_logits(r, torch.float32, "torch", 0.7, inplace_grad=True)
     yield "linear_torch", lambda r: case_linear(r, "torch", 0.7)
     yield "linear_triton", lambda r: case_linear(r, "triton", 1.3)
     for method in METHODS:
