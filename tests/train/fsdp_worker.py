@@ -43,7 +43,11 @@ def main(out: str) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(distributed.mean({"loss": float(result.loss.detach())}, d)["loss"])
-    state = distributed.full_model_state(model, d, d.enabled) if d.enabled else model.state_dict()
+    if d.enabled:
+        state = distributed.full_model_state(model, d, True)
+    else:  # one entry per tensor (the tied head once), as full_model_state gives
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        state = {k: v for k, v in model.state_dict().items() if k in names}
     if d.is_main:
         torch.save({k: v.detach().cpu() for k, v in state.items()}, out + ".pt")
         with open(out + ".json", "w") as f:
