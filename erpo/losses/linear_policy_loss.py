@@ -30,6 +30,7 @@ from erpo.losses.token_loss import TokenParams, token_terms
 from erpo.ops import backends
 from erpo.ops import linear_logprobs_entropy as head
 from erpo.ops.row_layout import row_layout
+from erpo.ops.vocab_parallel import global_vocab
 
 SCHEDULES = ("auto", "one_pass", "two_pass")
 # Presets whose token advantage is the sequence advantage itself and whose objective needs no per-response
@@ -83,12 +84,15 @@ def linear_policy_loss(
     generator: Optional[torch.Generator] = None,
     schedule: str = "auto",
     head_backend: Optional[str] = None,
+    process_group=None,
 ) -> LossResult:
     """The policy loss of `config.method` from hidden states `[B, L, H]` (padded) or `[N, H]` (packed) and the
     head `weight [V, H]` (+ `bias [V]`); the batch is policy_loss's, with token positions hidden.shape[:-1].
 
     `schedule`: "auto", "one_pass" (row-local methods only; raises otherwise) or "two_pass".
     `head_backend`: the fused head's backend ("auto" = "torch", "torch", "triton"); default from config.backend.
+    `process_group`: weight/bias are this rank's vocabulary slice (see erpo.linear_logprobs_and_entropy); the
+    two-pass schedule runs (the one-pass one needs the whole row's statistics inside a chunk).
     """
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
@@ -101,7 +105,8 @@ def linear_policy_loss(
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [V, H] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
     resolved_head = _head_backend(config, head_backend)
-    flat = prepare_tokens(tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, torch.float32, batch, config,
+    vocab = weight.shape[0] if process_group is None else global_vocab(weight.shape[0], process_group, hidden.device)
+    flat = prepare_tokens(tuple(hidden.shape[:-1]), vocab, hidden.device, torch.float32, batch, config,
                           "hidden")
     head.validate(hidden, weight, flat.targets, bias, config.temperature, resolved_head)
     token_backend = backends.resolve(config.backend, hidden.is_cuda)
@@ -111,14 +116,18 @@ def linear_policy_loss(
                          f"without batch-wide controls); method {config.method!r} with this config needs 'two_pass'")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     fused = hasattr(head.load(resolved_head), "forward_backward")
+    if schedule == "one_pass" and process_group is not None:
+        raise ValueError("schedule='one_pass' cannot run on a vocabulary-sharded head (process_group=): a chunk's "
+                         "loss coefficients need the whole row's statistics; use schedule='two_pass' or 'auto'")
     if schedule == "one_pass" and not fused:
         raise ValueError(f"schedule='one_pass' needs a head backend with a fused forward-backward (torch), "
                          f"got {resolved_head!r}")
-    if schedule == "one_pass" or (schedule == "auto" and exact and needs_grad and fused):
+    if schedule == "one_pass" or (schedule == "auto" and exact and needs_grad and fused and process_group is None):
         return _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator)
     logp, entropy = head.linear_logprobs_and_entropy(
         hidden, weight, flat.targets, bias, temperature=config.temperature, backend=resolved_head,
         check_targets=False,  # valid targets were range-checked by prepare_tokens (within its one sync)
+        process_group=process_group,
     )
     return loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
 

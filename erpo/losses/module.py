@@ -35,13 +35,15 @@ class PolicyLoss(nn.Module):
                 self._generator_state = None
         return self._generator
 
-    def forward(self, logits: torch.Tensor, batch) -> LossResult:
+    def forward(self, logits: torch.Tensor, batch, process_group=None, shift: bool = False) -> LossResult:
         generator = self._generator_for(logits.device) if "clip_cov" in self.config.controls else None
-        return policy_loss(logits, batch, self.current_config(), generator=generator)
+        return policy_loss(logits, batch, self.current_config(), generator=generator, process_group=process_group,
+                           shift=shift)
 
     def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
                **options) -> LossResult:
-        """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend)."""
+        """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend,
+        process_group)."""
         generator = self._generator_for(hidden.device) if "clip_cov" in self.config.controls else None
         return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias, generator=generator,
                                   **options)

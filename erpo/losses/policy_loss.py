@@ -22,6 +22,7 @@ from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, token_loss
 from erpo.ops import backends
 from erpo.ops.logprobs_entropy import logprobs_and_entropy
+from erpo.ops.vocab_parallel import global_vocab
 
 
 @dataclass
@@ -62,19 +63,33 @@ def _valid_extreme(values: Tensor, valid: Tensor, which: str) -> Tensor:
     return masked.amin() if which == "min" else masked.amax()
 
 
-def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None) -> LossResult:
+def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None,
+                process_group=None, shift: bool = False) -> LossResult:
     """The policy loss of `config.method` on one batch; see docs/losses.md for the batch layouts.
 
     `generator` drives Clip-Cov's random pick; without one a generator seeded with config.seed is used,
     so a call is reproducible (pass your own, e.g. PolicyLoss's, to draw fresh picks each step).
+    `process_group`: the logits are this rank's vocabulary slice (see erpo.logprobs_and_entropy); targets are
+    global ids, checked against the whole vocabulary.
+    `shift=True`: `logits` are a causal LM's unsliced `[B, L+1, V]` (or `[N+1, V]`) output and the batch is that of
+    `logits[..., :-1, :]`; the backward then writes one full-size gradient (zero at the dropped position) instead of
+    autograd copying a slice's gradient into a fresh buffer (see erpo.logprobs_and_entropy).
     """
     _check_config(config)
-    flat = prepare(logits, batch, config)
+    if shift and (not isinstance(logits, Tensor) or logits.dim() < 2):
+        raise ValueError("shift=True needs logits [B, L+1, V] or [N+1, V]")
+    positions = logits[..., :-1, :] if shift else logits  # a view: the token positions the batch describes
+    if process_group is None:
+        flat = prepare(positions, batch, config)
+    else:
+        flat = prepare_tokens(tuple(positions.shape[:-1]), global_vocab(logits.shape[-1], process_group, logits.device),
+                              logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                              batch, config, "logits")
     backend = backends.resolve(config.backend, logits.is_cuda)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend,
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
-        inplace_grad=config.inplace_grad,
+        inplace_grad=config.inplace_grad, process_group=process_group, shift=shift,
     )
     return loss_from_token_stats(logp, entropy, flat, config, backend, generator)
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from erpo.ops import vocab_parallel
 from erpo.ops.logprobs_entropy import FLOAT_DTYPES, _check_target_range, _flat_targets
 from erpo.ops.row_layout import row_layout
 
@@ -122,6 +123,54 @@ class LinearLogprobsEntropyFunction(torch.autograd.Function):
         ) + (None,) * 5
 
 
+def _vocab_parallel_forward(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets,
+                            group, vocab_size):
+    """(logp, entropy, lse, local targets) of this rank's head slice merged over the group (vocab_parallel.py)."""
+    local_vocab = weight.shape[0]
+    offset, total = vocab_parallel.shard_offset(local_vocab, group, hidden.device, vocab_size)
+    if check_targets:
+        _check_target_range(_flat_targets(targets), total, ignore_index)
+    local = vocab_parallel.local_targets(targets, offset, local_vocab, ignore_index)
+    logp_r, entropy_r, lse_r = _fwd_op(hidden, weight, bias, local, inv_temperature, ignore_index, backend, False)
+    logp, entropy, lse = vocab_parallel.merge(logp_r.reshape(-1), entropy_r.reshape(-1), lse_r.reshape(-1),
+                                              local.reshape(-1), local_vocab, ignore_index, group)
+    shape = targets.shape
+    return logp.view(shape), entropy.view(shape), lse.view(shape), local
+
+
+class VocabParallelLinearFunction(torch.autograd.Function):
+    """The fused head on this rank's slice of weight/bias; grad_weight/grad_bias stay local, grad_hidden (a sum
+    over the whole vocabulary) is all-reduced over the group."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, group,
+                vocab_size):
+        logp, entropy, lse, local = _vocab_parallel_forward(
+            hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size)
+        ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.group = inv_temperature, ignore_index, backend, group
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        grad_hidden, grad_weight, grad_bias = _bwd_op(
+            hidden, weight, bias, local, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
+            ctx.ignore_index, ctx.backend,
+        )
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            grad_hidden = vocab_parallel.all_reduce_sum(grad_hidden, ctx.group)  # float32, before the cast
+        return (
+            grad_hidden.to(hidden.dtype) if needs[0] else None,
+            grad_weight.to(weight.dtype) if needs[1] else None,
+            grad_bias.to(bias.dtype) if bias is not None and needs[2] else None,
+        ) + (None,) * 7
+
+
 def _tensor(name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
@@ -178,6 +227,8 @@ def linear_logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     check_targets: bool = True,
+    process_group=None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax((hidden @ weight.T + bias) / temperature).
 
@@ -189,6 +240,12 @@ def linear_logprobs_and_entropy(
             not computed.
         backend: "auto" (= "torch"), "torch" or "triton".
         check_targets: validate target ids are in [0, V) (one host sync); False on a hot path of known-good ids.
+        process_group: a torch.distributed group over which the head is sharded by vocabulary: `weight` [V_r, H]
+            and `bias` [V_r] are this rank's contiguous slice (ranks in order, uneven slices allowed); hidden
+            and the global target ids are the same on every rank. Outputs are those of the whole vocabulary;
+            grad_weight/grad_bias stay per slice, grad_hidden is all-reduced over the group (so do not also
+            all-reduce it upstream). One all_gather in the forward, one all_reduce in the backward.
+        vocab_size: the whole vocabulary, checked against the sum of the slices (or against V without a group).
 
     Returns:
         (logp, entropy), float32 shaped like targets, differentiable w.r.t. hidden, weight and bias.
@@ -200,6 +257,17 @@ def linear_logprobs_and_entropy(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
+    if process_group is not None:
+        vocab_parallel.check_group(process_group)
+        if needs_grad:
+            return VocabParallelLinearFunction.apply(hidden, weight, bias, targets, inv_temperature, ignore_index,
+                                                     resolved, check_targets, process_group, vocab_size)
+        logp, entropy, _, _ = _vocab_parallel_forward(hidden, weight, bias, targets, inv_temperature, ignore_index,
+                                                      resolved, check_targets, process_group, vocab_size)
+        return logp, entropy
+    if vocab_size is not None and vocab_size != weight.shape[0]:
+        raise ValueError(f"vocab_size={vocab_size} but the head weight holds V = {weight.shape[0]} rows "
+                         "(no process_group)")
     if needs_grad:
         return LinearLogprobsEntropyFunction.apply(
             hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets

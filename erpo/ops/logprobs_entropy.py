@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from erpo.ops import backends
+from erpo.ops import backends, vocab_parallel
 from erpo.ops.row_layout import addressable_in_place, contiguous_layout_like, row_layout
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,15 +135,54 @@ class LogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
-        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend,
-                ctx.shift)
-        if ctx.inplace_grad:
-            _bwd_inplace_op(logits, *args)
-            return (logits,) + (None,) * 7
-        return (_bwd_op(logits, *args),) + (None,) * 7
+        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 7
+
+
+def _grad_logits(ctx, grad_logp, grad_entropy) -> Optional[Tensor]:
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None
+    args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend,
+            ctx.shift)
+    if ctx.inplace_grad:
+        _bwd_inplace_op(logits, *args)
+        return logits
+    return _bwd_op(logits, *args)
+
+
+def _vocab_parallel_forward(logits, targets, inv_temperature, ignore_index, backend, check_targets, group,
+                            vocab_size):
+    """(logp, entropy, lse, local targets) of a vocabulary slice merged over the group (erpo/ops/vocab_parallel.py)."""
+    local_vocab = logits.shape[-1]
+    offset, total = vocab_parallel.shard_offset(local_vocab, group, logits.device, vocab_size)
+    if check_targets:
+        _check_target_range(_flat_targets(targets), total, ignore_index)
+    local = vocab_parallel.local_targets(targets, offset, local_vocab, ignore_index)
+    logp_r, entropy_r, lse_r = _fwd_op(logits, local, inv_temperature, ignore_index, backend, False)
+    logp, entropy, lse = vocab_parallel.merge(logp_r.reshape(-1), entropy_r.reshape(-1), lse_r.reshape(-1),
+                                              local.reshape(-1), local_vocab, ignore_index, group)
+    shape = targets.shape
+    return logp.view(shape), entropy.view(shape), lse.view(shape), local
+
+
+class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
+    """The op on this rank's vocabulary slice; the backward needs no collective (merged lse and H are saved)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets, group,
+                vocab_size):
+        logp, entropy, lse, local = _vocab_parallel_forward(
+            logits, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size)
+        ctx.save_for_backward(logits, local, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+        ctx.inplace_grad = inplace_grad and addressable_in_place(logits)
+        ctx.shift = False  # refused with a process group (logprobs_and_entropy)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 8
 
 
 def _validate(logits, targets, temperature, backend, inplace_grad, shift) -> str:
@@ -200,6 +239,8 @@ def logprobs_and_entropy(
     backend: str = "auto",
     check_targets: bool = True,
     shift: bool = False,
+    process_group=None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax(logits / temperature), without [N, V] temporaries.
 
@@ -222,6 +263,11 @@ def logprobs_and_entropy(
             passing `logits[..., :-1, :]`, but the backward writes the whole `[..., L+1, V]` gradient (zero at
             the dropped position) in one kernel, so autograd allocates no extra full-size buffer for a slice,
             and with `inplace_grad` the gradient reaching the model is the logits' own storage.
+        process_group: a torch.distributed group over which the vocabulary is sharded: `logits` is this
+            rank's contiguous slice [..., V_r] (ranks in order, uneven slices allowed), `targets` are global
+            ids, the same on every rank; the outputs are those of the whole vocabulary, on every rank
+            (one all_gather per forward, none in the backward; see erpo/ops/vocab_parallel.py).
+        vocab_size: the whole vocabulary, checked against the sum of the slices (or against V without a group).
 
     Returns:
         (logp, entropy), float32 (float64 for float64 logits), shape `[...]`, differentiable w.r.t. logits.
@@ -230,6 +276,19 @@ def logprobs_and_entropy(
     """
     resolved = _validate(logits, targets, temperature, backend, inplace_grad, shift)
     inv_temperature = 1.0 / float(temperature)
+    if process_group is not None:
+        if shift:
+            raise ValueError("shift=True is not supported with a process_group yet: pass logits[..., :-1, :]")
+        vocab_parallel.check_group(process_group)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return VocabParallelLogprobsEntropyFunction.apply(
+                logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, process_group,
+                vocab_size)
+        logp, entropy, _, _ = _vocab_parallel_forward(logits, targets, inv_temperature, ignore_index, resolved,
+                                                      check_targets, process_group, vocab_size)
+        return logp, entropy
+    if vocab_size is not None and vocab_size != logits.shape[-1]:
+        raise ValueError(f"vocab_size={vocab_size} but the logits hold V = {logits.shape[-1]} ids (no process_group)")
     if torch.is_grad_enabled() and logits.requires_grad:
         return LogprobsEntropyFunction.apply(
             logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, shift

@@ -85,7 +85,7 @@ def _row_stats(z: Tensor, e_buffer: Tensor, tgt: Tensor):
     return e, denom, log_denom, mean_z, target_z - log_denom, bad, shift.squeeze(1)
 
 
-def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, scale: Tensor, g_logp: Optional[Tensor],
+def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, hit: Tensor, scale: Tensor, g_logp: Optional[Tensor],
                   g_ent: Optional[Tensor], z_minus_mean_offset: Tensor) -> Tensor:
     """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the chunk buffers; returns it.
 
@@ -102,7 +102,7 @@ def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, scale: Tensor, g_logp: Opti
     else:
         dz = e.mul_(b.unsqueeze(1))
     if g_logp is not None:
-        dz.scatter_add_(1, tgt.unsqueeze(1), g_logp.unsqueeze(1))
+        dz.scatter_add_(1, tgt.unsqueeze(1), torch.where(hit, g_logp, 0.0).unsqueeze(1))
     return dz
 
 
@@ -132,23 +132,27 @@ class _Grads:
 
 def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int):
     """The two [R, V] float32 chunk buffers (allocated once per call, reused by every chunk), and a generator
-    of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool) per chunk."""
+    of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool, target in [0, V) [r] bool)
+    per chunk."""
     rows = _rows_to_compute(targets, ignore_index)
     step = chunk_rows(rows.numel(), weight.shape[0], weight.device)
     buffers = [torch.empty((step, weight.shape[0]), dtype=torch.float32, device=weight.device) for _ in range(2)]
-    return buffers, _chunk_rows(hidden, targets, ignore_index, rows, step)
+    return buffers, _chunk_rows(hidden, targets, ignore_index, rows, step, weight.shape[0])
 
 
-def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Tensor, step: int):
+def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Tensor, step: int, vocab: int):
     source = _row_source(hidden)
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
         tgt = targets[idx].long()
         ignored = tgt == ignore_index
+        # An id outside [0, V) that is not ignore_index (check_targets=False, or a vocabulary shard's row whose
+        # target another shard holds) gives NaN logp and no one-hot term in the gradient, as in the kernels.
+        hit = ~ignored & (tgt >= 0) & (tgt < vocab)
         h = source(idx)
         if not _compacts(targets):
             h = h.masked_fill(ignored.unsqueeze(1), 0)  # garbage in skipped rows must not reach grad_weight
-        yield idx, h, torch.where(ignored, 0, tgt), ignored
+        yield idx, h, torch.where(hit, tgt, 0), ignored, hit
 
 
 def forward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
@@ -174,16 +178,16 @@ def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], 
     grads = None if coefficients is None else _Grads(n_rows, weight, bias)
     (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
     nan = float("nan")
-    for idx, h, tgt, ignored in chunks:
+    for idx, h, tgt, ignored, hit in chunks:
         z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
         e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, e_buffer, tgt)
         row_entropy = torch.where(bad, nan, log_denom - mean_z).masked_fill(ignored, 0.0)
-        row_logp = torch.where(bad, nan, row_logp).masked_fill(ignored, 0.0)
+        row_logp = torch.where(bad | ~hit, nan, row_logp).masked_fill(ignored, 0.0)
         logp[idx], entropy[idx] = row_logp, row_entropy
         lse[idx] = (shift + log_denom).masked_fill(ignored, 0.0)
         if grads is not None:
             g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
-            grads.add(idx, h, _dlogits_into(z, e, tgt, 1.0 / denom, g_logp, g_ent, -mean_z))
+            grads.add(idx, h, _dlogits_into(z, e, tgt, hit, 1.0 / denom, g_logp, g_ent, -mean_z))
     if grads is None:
         return logp, entropy, lse, None, None, None
     return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
@@ -206,7 +210,7 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
     if grad_logp is None and grad_entropy is None:
         return grads.hidden, grads.weight_grad, grads.bias
     (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
-    for idx, h, tgt, ignored in chunks:
+    for idx, h, tgt, ignored, hit in chunks:
         z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
         z.sub_(lse[idx].unsqueeze(1))  # log p, finite where z is
         p = torch.exp(z, out=e_buffer[: z.shape[0]])
@@ -214,5 +218,5 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
         g_ent = None if grad_entropy is None else grad_entropy[idx]
         g_logp, g_ent = _scaled(g_logp, g_ent, ignored, inv_temperature)
         # z - E_p[z] = log p + H: an exact shift of the finite log p.
-        grads.add(idx, h, _dlogits_into(z, p, tgt, torch.ones_like(lse[idx]), g_logp, g_ent, entropy[idx]))
+        grads.add(idx, h, _dlogits_into(z, p, tgt, hit, torch.ones_like(lse[idx]), g_logp, g_ent, entropy[idx]))
     return grads.hidden, grads.weight_grad, grads.bias

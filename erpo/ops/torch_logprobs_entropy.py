@@ -43,10 +43,18 @@ def _chunks(layout: RowLayout, tensor: torch.Tensor):
             yield slice(o * inner, p * inner), rows3d[o:p]
 
 
+def _on_row(tgt: torch.Tensor, ignored: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows whose target is one of this row's V entries. An id outside [0, V) that is not ignore_index (possible
+    with check_targets=False, and on a vocabulary shard for targets another shard holds) gives NaN logp and
+    no one-hot term in the gradient, as in the Triton kernels."""
+    return ~ignored & (tgt >= 0) & (tgt < vocab)
+
+
 def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float, ignore_index: int):
     """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1]."""
     cdt = _compute_dtype(chunk.dtype)
     ignored = tgt == ignore_index
+    hit = _on_row(tgt, ignored, chunk.shape[-1])
     x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
     row_max = x.amax(dim=-1, keepdim=True)
     # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
@@ -55,7 +63,7 @@ def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float
     # non-finite through log(0), as documented.
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     x.sub_(shift)
-    target_x = x.gather(-1, torch.where(ignored, 0, tgt).long().unsqueeze(-1)).squeeze(-1)
+    target_x = x.gather(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1)).squeeze(-1)
     e = torch.exp(x)
     denom = e.sum(dim=-1)
     # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
@@ -65,7 +73,7 @@ def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float
     nan = torch.full_like(log_denom, float("nan"))
     zero = torch.zeros_like(log_denom)
     row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
-    row_logp = torch.where(bad, nan, target_x - log_denom)
+    row_logp = torch.where(bad | ~hit, nan, target_x - log_denom)
     return (torch.where(ignored, zero, row_logp), torch.where(ignored, zero, row_entropy),
             shift.squeeze(-1) + log_denom)
 
@@ -90,8 +98,10 @@ def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, inv_tem
             # (a scatter would cost the compiled body a separate buffer and two more passes).
             cols = torch.arange(chunk.shape[-1], device=chunk.device)
             grad = grad + torch.where(cols == tgt.unsqueeze(-1), g_logp, 0.0)
-        else:
-            grad.scatter_add_(-1, torch.where(ignored.squeeze(-1), 0, tgt).long().unsqueeze(-1), g_logp)
+        else:  # no one-hot term for an id outside this row (out of range, or held by another vocabulary shard)
+            hit = _on_row(tgt, ignored.squeeze(-1), chunk.shape[-1]).unsqueeze(-1)
+            grad.scatter_add_(-1, torch.where(hit.squeeze(-1), tgt, 0).long().unsqueeze(-1),
+                              torch.where(hit, g_logp, 0.0))
     grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
     out.copy_(grad)
 

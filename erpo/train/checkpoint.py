@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from typing import Optional
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ def _files(root: str) -> list[str]:
     return sorted(f for f in out if f != MANIFEST)
 
 
-def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict, keep: int = 0) -> str:
+def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict, keep: int = 0,
+         model_state: Optional[dict] = None) -> str:
     """Write checkpoint `step` atomically; delete the oldest beyond `keep` (0 = keep all). Returns its path."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -75,7 +77,7 @@ def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_c
     tmp = os.path.join(root, f".tmp-step_{step:06d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, step, model, tokenizer, trainer_state, train_config)
+        _write(tmp, step, model, tokenizer, trainer_state, train_config, model_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full, I/O error) leaves no debris
         raise
@@ -94,10 +96,12 @@ def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_c
     return final
 
 
-def _write(tmp: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict) -> None:
+def _write(tmp: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict,
+           model_state: Optional[dict] = None) -> None:
     os.makedirs(tmp)
     hf_logging.disable_progress_bar()  # no per-save "Writing model shards" bar over the training progress
-    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+    # model_state: the full weights gathered from an FSDP-sharded model (None: the model's own)
+    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as handle:

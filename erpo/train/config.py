@@ -73,6 +73,7 @@ class TrainConfig:
     plots: bool = _f(True, "write PNG plots of the metrics at the end")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
+    fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2 fully_shard) instead of replicating them (DDP); needs --no-fused-head and --eval-every 0 (docs/trainer.md)")
     threads: int = _f(0, "torch CPU threads (0 = 1 for the built-in tiny model, whose small matmuls only lose to thread overhead; torch's default otherwise)")
 
     def validate(self) -> None:

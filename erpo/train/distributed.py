@@ -4,10 +4,11 @@ Each rank samples its own slice of the prompts, generates and scores them, and c
 DDP averages the gradients, so every rank takes the same optimizer step. Scalars that steer training
 (controller inputs, the non-finite flag) are averaged across ranks so every rank makes the same decision.
 
-FSDP for models that do not fit one GPU: replace `wrap` with `torch.distributed.fsdp.fully_shard` applied to
-each decoder layer and then the whole model (FSDP2), and gather a full state dict for checkpoints and for
-`generate` (or use the vLLM rollout, which holds its own copy of the weights). See docs/trainer.md.
+`fsdp=True` (`erpo train --fsdp`) shards parameters, gradients and optimizer state instead (FSDP2,
+`torch.distributed.fsdp.fully_shard` on each decoder layer, then on the whole model): see `shard` and the
+FSDP section of docs/trainer.md for what it supports.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -45,10 +46,84 @@ def setup(device: str) -> Dist:
     return Dist(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
-def wrap(model, d: Dist):
+def wrap(model, d: Dist, fsdp: bool = False):
+    """DDP (replicated weights), or FSDP2 with fsdp=True. Call it before the optimizer is built: fully_shard
+    replaces the parameters with sharded ones, which the optimizer must hold."""
+    if fsdp:
+        return shard(model, d)
     if not d.enabled:
         return model
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def check_fsdp(cfg, d: Dist) -> None:
+    """Refuse, before anything runs, the combinations `--fsdp` does not support (docs/trainer.md says why)."""
+    if not cfg.fsdp:
+        return
+    why = []
+    if not d.enabled:
+        why.append("it needs torchrun with 2 or more processes (one process has nothing to shard over)")
+    if cfg.fused_head:
+        why.append("the fused head reads lm_head.weight outside the model's forward, where FSDP holds only this "
+                   "rank's shard: add --no-fused-head")
+    if cfg.eval_every:
+        why.append("eval runs on rank 0 alone, and a sharded model's forward needs every rank: add --eval-every 0")
+    if cfg.rollout != "hf":
+        why.append(f"rollout {cfg.rollout!r} would need the full weights gathered each step: use --rollout hf")
+    if cfg.resume:
+        why.append("resuming an FSDP run (loading sharded optimizer state) is not implemented")
+    if why:
+        raise ValueError("--fsdp: " + "; ".join(why))
+
+
+def shard(model, d: Dist):
+    """FSDP2: each decoder layer is one all-gather/reduce-scatter unit, the rest (embeddings, final norm, head)
+    the root's. Gradients are averaged over the ranks (as DDP does), so a loss averaged per rank gives the
+    gradient of the global batch's mean."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (model.model.layers)")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    # transformers' own FSDP2 marker: `generate` then keeps every rank stepping until all have finished
+    # (synced_gpus), since ranks whose responses end early must still join the others' all-gathers.
+    model._is_fsdp_managed_module = True
+    return model
+
+
+def no_sync(model, d: Dist, sync: bool):
+    """The context of a micro-batch's backward: DDP skips its all-reduce until the last micro-batch; FSDP2
+    reduce-scatters every micro-batch (its gradients stay sharded, so accumulation costs no full-size copy)."""
+    if d.enabled and not sync and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_model_state(model, d: Dist, fsdp: bool):
+    """The full (unsharded) state dict of an FSDP model on CPU, on rank 0 (a collective: every rank calls it);
+    None without FSDP (the model itself holds full weights)."""
+    if not fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # One entry per tensor, as save_pretrained writes an unsharded model: a tied head (lm_head = embeddings)
+    # comes back under both names, and named_parameters() lists a shared parameter once.
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def full_optimizer_state(optimizer, model, d: Dist, fsdp: bool):
+    """The optimizer state to checkpoint: the full one gathered from the shards under FSDP (a collective)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def mean(values: dict, d: Dist) -> dict:

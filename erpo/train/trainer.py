@@ -133,6 +133,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
+        distributed.check_fsdp(cfg, self.dist)
         threads = cfg.threads or (1 if cfg.model == tiny_task.MODEL_NAME else 0)
         if threads:
             torch.set_num_threads(threads)
@@ -167,12 +168,12 @@ class Trainer:
             raise ValueError("the loss needs reference log-probs but ref_model gave none")
 
         self.sampler = data.PromptSampler(len(self.rows), cfg.seed)
+        self.model = distributed.wrap(self.policy, self.dist, cfg.fsdp)  # before the optimizer: FSDP swaps parameters
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.controller = make_controller(self.loss_cfg)
         self.loss_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
-        self.model = distributed.wrap(self.policy, self.dist)
         self.engine = self._engine()
         self.step = 0
         self.nonfinite_streak = 0
@@ -275,16 +276,18 @@ class Trainer:
     def _save(self) -> None:
         rng = distributed.gather(checkpoint.rng_state(), self.dist)
         generators = distributed.gather(self.loss_generator.get_state(), self.dist)
+        model_state = distributed.full_model_state(self.policy, self.dist, self.cfg.fsdp)  # collectives under FSDP
+        optimizer_state = distributed.full_optimizer_state(self.optimizer, self.policy, self.dist, self.cfg.fsdp)
         if self.dist.is_main:
             state = {
-                "step": self.step, "world": self.dist.world, "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "world": self.dist.world, "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "controller": None if self.controller is None else self.controller.state_dict(),
                 "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
             }
             try:
                 checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
-                                keep=self.cfg.keep_checkpoints)
+                                keep=self.cfg.keep_checkpoints, model_state=model_state)
             except OSError as err:
                 steps = checkpoint.list_steps(self.run_dir)
                 intact = f"the latest intact checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
@@ -329,7 +332,7 @@ class Trainer:
         for _ in range(cfg.ppo_epochs):
             for index, rows in enumerate(micro_rows):
                 sync = index == len(micro_rows) - 1
-                context = self.model.no_sync() if self.dist.enabled and not sync else _nullcontext()
+                context = distributed.no_sync(self.model, self.dist, sync)
                 with context:
                     micro = {"targets": batch["targets"][rows], "mask": batch["mask"][rows],
                              "old_logp": old_logp[rows], "advantages": adv.advantages[rows],
@@ -452,14 +455,6 @@ class Trainer:
             plots.plot_run(self.run_dir)
         distributed.cleanup(self.dist)
         return history
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: TrainConfig) -> list[dict]:
