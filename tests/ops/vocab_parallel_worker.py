@@ -22,6 +22,9 @@ SHARDS = {1: [37], 2: [15, 22], 3: [5, 20, 12]}  # uneven on purpose
 KNOBS = {
     "erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "high_entropy_mask": dict(rho=0.5),
     "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1), "kl_cov": dict(kl_cov_ratio=0.1),
+    # the GSPO paper's 3e-4 clips every response of a random batch (a dead gradient): the same code, a wider range
+    "gspo": dict(eps_low=0.5, eps_high=2.0), "luspo": dict(eps_low=0.5, eps_high=2.0),
+    "gmpo": dict(eps_low=0.9, eps_high=2.0),
 }
 
 
