@@ -8,7 +8,9 @@ from erpo.losses.config import METHODS
 from erpo.losses.naive import naive_logprobs_and_entropy, naive_policy_loss
 from tests.conftest import DEVICE, KERNEL_BACKENDS
 
-KNOBS = {"erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1)}
+KNOBS = {"erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1),
+         # GSPO's 3e-4 clips every response of a random batch (dead gradient): the same code with DAPO's range
+         "gspo": dict(eps_low=0.2, eps_high=0.28), "luspo": dict(eps_low=0.2, eps_high=0.28)}
 
 
 def grad_of(loss_fn, logits, batch, config):
