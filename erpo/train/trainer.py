@@ -54,12 +54,14 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def response_logits(model, batch: dict, rows: slice, autocast: bool):
-    """Logits predicting each response token, [n, R, V]: only the last R + 1 positions are computed."""
+    """Logits around the response, [n, R + 1, V]: only the last R + 1 positions are computed; position i predicts
+    response token i and the last one is dropped by the loss (`shift=True`), so no sliced view's gradient is
+    copied into a fresh full-size buffer in the backward."""
     width_r = batch["targets"].shape[1]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                     position_ids=batch["position_ids"][rows], logits_to_keep=width_r + 1, use_cache=False)
-    return out.logits[:, :-1]
+    return out.logits
 
 
 def response_hidden(model, batch: dict, rows: slice, autocast: bool):
@@ -114,7 +116,7 @@ def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast:
                                                        temperature=temperature)
         else:
             logits = response_logits(model, batch, rows, autocast)
-            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature)
+            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature, shift=True)
         out.append(logp)
     return torch.cat(out)
 
@@ -346,7 +348,7 @@ class Trainer:
                                                          generator=self.loss_generator)
                     else:
                         logits = response_logits(self.model, batch, rows, self.autocast)
-                        result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator)
+                        result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator, shift=True)
                     weight = micro_weight(loss_cfg.agg, batch["mask"], rows)
                     (result.loss * weight).backward()
                 share = weight / cfg.ppo_epochs
