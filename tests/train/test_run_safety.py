@@ -13,7 +13,7 @@ import pytest
 from erpo.cli import build_parser
 from erpo.train import config as config_lib
 
-QUICK = ["--prompts-per-step", "2", "--group-size", "4", "--sft-warmup-steps", "2", "--save-every", "1",
+QUICK = ["--prompts-per-step", "2", "--mini-batches", "2", "--group-size", "4", "--sft-warmup-steps", "2", "--save-every", "1",
          "--keep-checkpoints", "0", "--eval-every", "0", "--threads", "1", "--no-progress", "--no-plots"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
