@@ -1,0 +1,109 @@
+"""Off-policy updates (mini_batches x ppo_epochs optimizer steps per rollout batch, old log-probs fixed at
+sampling), the on-policy warning, DAPO's dynamic sampling and overlong shaping, Dr. GRPO's constant L_max."""
+import dataclasses
+
+import pytest
+
+from erpo.train import dynamic_sampling, offpolicy, reward_shaping, trainer as trainer_lib
+from erpo.train.config import from_dict
+from erpo.train.trainer import Trainer, loss_config
+
+SMALL = dict(prompts_per_step=4, group_size=4, sft_warmup_steps=3, progress=False, plots=False, eval_every=0,
+             save_every=0, threads=1)
+
+
+def make(tmp_path, **over):
+    return Trainer(from_dict({**SMALL, "out_dir": str(tmp_path), **over}))
+
+
+def test_mini_batches_are_optimizer_steps_against_the_sampling_policy(tmp_path, monkeypatch):
+    calls = {"fixed": 0, "opt": 0}
+    real_fixed = trainer_lib.fixed_logprobs
+    monkeypatch.setattr(trainer_lib, "fixed_logprobs",
+                        lambda *a, **k: calls.__setitem__("fixed", calls["fixed"] + 1) or real_fixed(*a, **k))
+    trainer = make(tmp_path, loss="dapo", mini_batches=4, ppo_epochs=2)
+    trainer.optimizer.register_step_post_hook(lambda *a: calls.__setitem__("opt", calls["opt"] + 1))
+    record, _ = trainer.train_step()
+    assert calls["opt"] == 8 and record["optimizer_steps"] == 8
+    assert calls["fixed"] == 2  # old log-probs once at sampling (no reference for DAPO), one policy-shift pass
+    assert record["approx_kl"] > 1e-5 and record["shift_ratio_std"] > 1e-3
+    assert record["shift_ratio_min"] < 1 < record["shift_ratio_max"]
+    assert trainer.scheduler.last_epoch == 1  # the LR schedule counts RL steps
+
+
+def test_fully_on_policy_has_ratio_one(tmp_path):
+    record, _ = make(tmp_path, loss="dapo", mini_batches=1).train_step()
+    assert record["optimizer_steps"] == 1
+    assert record["approx_kl"] < 1e-8 and record["clip_frac_low"] == 0 and record["clip_frac_high"] == 0
+
+
+def test_on_policy_warning_names_the_mechanisms_that_cannot_act(tmp_path, capsys):
+    cfg = from_dict({**SMALL, "mini_batches": 1})
+    for method, named in (("dapo", "clip-higher"), ("adapo", "ADAPO"), ("kl_cov", "KL-Cov"), ("grpo", "PPO clip")):
+        text = offpolicy.on_policy_warning(dataclasses.replace(cfg, loss=method),
+                                           loss_config(dataclasses.replace(cfg, loss=method)))
+        assert text and named in text, method
+    kl_cov = offpolicy.inert_on_policy(loss_config(dataclasses.replace(cfg, loss="kl_cov")))
+    assert not any("PPO clip" in name for name in kl_cov)  # KL-Cov has no clip to lose
+    assert offpolicy.on_policy_warning(dataclasses.replace(cfg, mini_batches=2), loss_config(cfg)) is None
+    assert offpolicy.on_policy_warning(dataclasses.replace(cfg, ppo_epochs=2), loss_config(cfg)) is None
+    make(tmp_path, loss="adapo", mini_batches=1, steps=1).train()
+    printed = capsys.readouterr()
+    assert "warning: mini_batches=1 and ppo_epochs=1" in " ".join((printed.out + printed.err).split())
+
+
+def test_mini_batches_must_hold_a_group(tmp_path):
+    with pytest.raises(ValueError, match=r"mini_batches \(5\) exceeds prompts_per_step \(4\)"):
+        from_dict({**SMALL, "mini_batches": 5})
+
+
+def _group(rewards):
+    return dynamic_sampling.Group([1], [[2]] * len(rewards), [True] * len(rewards), rewards, rewards)
+
+
+def test_dynamic_sampling_keeps_informative_groups_until_full():
+    rounds = iter([[_group([0, 0]), _group([0, 1]), _group([1, 1])], [_group([1, 0]), _group([1, 0]), _group([0, 0])]])
+    got = dynamic_sampling.collect(lambda: next(rounds), 2, True, 4)
+    assert [g.rewards for g in got.groups] == [[0, 1], [1, 0]]
+    assert got.tries == 2 and got.filler == 0 and got.dropped == 3 and len(got.sampled) == 6
+
+
+def test_dynamic_sampling_stops_at_its_cap_and_fills_with_dropped_groups():
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return [_group([0, 0]), _group([1, 1])]
+
+    got = dynamic_sampling.collect(draw, 2, True, 3)
+    assert len(draws) == 3 and got.tries == 3 and got.filler == 2 and len(got.groups) == 2
+    off = dynamic_sampling.collect(lambda: [_group([0, 0]), _group([1, 1])], 2, False, 3)
+    assert off.tries == 1 and off.filler == 0 and [g.rewards for g in off.groups] == [[0, 0], [1, 1]]
+
+
+def test_dynamic_sampling_in_the_trainer(tmp_path):
+    trainer = make(tmp_path, loss="dapo", dynamic_sampling=True, dynamic_sampling_max_tries=3)
+    record, _ = trainer.train_step()
+    assert 1 <= record["sampling_tries"] <= 3
+    assert record["degenerate_groups"] == record["filler_groups"]  # only fillers lack an advantage
+    assert record["filler_groups"] == 0 or record["sampling_tries"] == 3
+
+
+def test_overlong_penalty_is_dapos_linear_ramp():
+    assert reward_shaping.overlong_penalties([1, 2, 3, 4, 5], 5, 2, 1.0) == [0.0, 0.0, 0.0, -0.5, -1.0]
+    assert reward_shaping.overlong_penalties([9, 10], 10, 4, 0.5) == pytest.approx([-0.375, -0.5])
+    assert reward_shaping.overlong_penalties([5], 5, 0, 1.0) == [0.0]
+
+
+def test_overlong_shaping_lowers_the_trained_reward_of_long_responses(tmp_path):
+    record, _ = make(tmp_path, overlong_buffer=2, mini_batches=1).train_step()
+    assert record["truncated_frac"] > 0  # the barely warmed-up model rambles to max_new_tokens
+    assert record["reward_trained"] < record["reward"] - 0.1 * record["truncated_frac"]
+    with pytest.raises(ValueError, match="overlong_buffer must be in"):
+        from_dict({**SMALL, "overlong_buffer": 5})
+
+
+def test_dr_grpo_normalises_by_the_constant_max_new_tokens():
+    cfg = from_dict({**SMALL, "loss": "dr_grpo", "max_new_tokens": 7})
+    assert loss_config(cfg).agg == "seq-mean-token-sum-norm" and loss_config(cfg).max_len == 7
+    assert loss_config(dataclasses.replace(cfg, loss_args={"max_len": 9})).max_len == 9
