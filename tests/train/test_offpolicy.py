@@ -107,3 +107,24 @@ def test_dr_grpo_normalises_by_the_constant_max_new_tokens():
     cfg = from_dict({**SMALL, "loss": "dr_grpo", "max_new_tokens": 7})
     assert loss_config(cfg).agg == "seq-mean-token-sum-norm" and loss_config(cfg).max_len == 7
     assert loss_config(dataclasses.replace(cfg, loss_args={"max_len": 9})).max_len == 9
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_ddp_gradient_equals_the_union_batch_gradient(tmp_path, agg):
+    """2 gloo ranks, micro-batches of one group: the DDP-averaged gradient is the gradient of the loss over
+    both ranks' batches taken as one (the normaliser counts every rank's tokens/responses)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "tests.train.ddp_grad_driver", str(tmp_path), agg]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((tmp_path / "result.json").read_text())
+    assert found["grad_norm"] > 1e-3
+    assert found["global_err"] < 1e-5, found
+    if agg == "token-mean" and found["tokens"][0] != found["tokens"][1]:
+        assert found["local_err"] > 1e-3, found  # the control: rank-local means are a different gradient
