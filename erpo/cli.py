@@ -1,4 +1,5 @@
-"""The `erpo` command: `erpo train`, `erpo compare`, `erpo eval`, `erpo plot`, `erpo bench` (also `python -m erpo ...`)."""
+"""The `erpo` command: `erpo train`, `erpo compare`, `erpo eval`, `erpo plot`, `erpo bench`
+(also `python -m erpo ...`)."""
 import argparse
 import os
 import sys
@@ -21,8 +22,9 @@ def _compare(args) -> int:
     from erpo.train import compare
 
     shared = compare.shared_values(args.config, args.set, args.steps)
-    text = compare.compare(args.method or [], args.seeds, args.baseline, args.out_dir, args.jobs or compare.default_jobs(),
-                           shared, say=lambda line: print(line, flush=True))
+    jobs = args.jobs or compare.default_jobs()
+    text = compare.compare(args.method or [], args.seeds, args.baseline, args.out_dir, jobs, shared,
+                           say=lambda line: print(line, flush=True))
     print(text)
     print(f"report: {os.path.join(args.out_dir, 'report.md')}")
     return 0
