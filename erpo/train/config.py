@@ -121,6 +121,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RESUME_CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "progress", "plots", "threads",
                      "on_nonfinite", "max_nonfinite", "out_dir", "resume", "overwrite")
 _TYPES = typing.get_type_hints(TrainConfig)
+BEFORE_THE_KEY_EXISTED = {"mini_batches": 1}
 
 
 def _unknown(key: str, where: str) -> ValueError:
@@ -225,6 +226,9 @@ def resumed_values(given: dict) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"--resume {given['resume']!r}: cannot read {config_path!r} ({err})") from None
     saved = {k: v for k, v in saved.items() if k in FIELDS}  # keys of older versions are ignored
+    # Keys newer than the run: the value that reproduces how it trained (before `mini_batches` existed every
+    # rollout batch was one optimizer step), not today's default.
+    saved = {**BEFORE_THE_KEY_EXISTED, **saved}
     values = dict(from_dict(saved, f"saved config {config_path!r}").to_dict())
     # Where the run lives now is where the checkpoint is (runs may be moved or copied); --overwrite never
     # carries over from the saved config.

@@ -32,8 +32,11 @@ def informative(group: Group) -> bool:
     return max(group.rewards) > min(group.rewards)
 
 
-def collect(draw: Callable[[], list[Group]], n_groups: int, enabled: bool, max_tries: int) -> Collected:
-    """`draw()` samples one round of groups. Without `enabled`, one round is the batch as it comes."""
+def collect(draw: Callable[[], list[Group]], n_groups: int, enabled: bool, max_tries: int,
+            everyone_full: Callable[[bool], bool] = lambda full: full) -> Collected:
+    """`draw()` samples one round of groups. Without `enabled`, one round is the batch as it comes.
+    `everyone_full(full)` tells whether every rank's batch is full: ranks draw the same number of rounds, so
+    their prompt samplers stay in step (each rank takes its own slice of the same draws)."""
     first = draw()
     if not enabled:
         return Collected(groups=first, sampled=list(first))
@@ -44,7 +47,7 @@ def collect(draw: Callable[[], list[Group]], n_groups: int, enabled: bool, max_t
         sampled.extend(round_groups)
         for group in round_groups:
             (kept if informative(group) and len(kept) < n_groups else left_out).append(group)
-        if len(kept) >= n_groups or tries >= max_tries:
+        if everyone_full(len(kept) >= n_groups) or tries >= max_tries:
             break
         round_groups = draw()
     dropped_all_equal = [g for g in left_out if not informative(g)]

@@ -324,8 +324,10 @@ class Trainer:
     def sample_batch(self):
         """The step's training groups (dynamic sampling when configured) as Rollouts + rewards."""
         cfg, problems = self.cfg, []
-        collected = dynamic_sampling.collect(lambda: self._draw_groups(problems), cfg.prompts_per_step,
-                                             cfg.dynamic_sampling, cfg.dynamic_sampling_max_tries)
+        collected = dynamic_sampling.collect(
+            lambda: self._draw_groups(problems), cfg.prompts_per_step, cfg.dynamic_sampling,
+            cfg.dynamic_sampling_max_tries,
+            lambda full: distributed.mean({"full": float(full)}, self.dist)["full"] == 1.0)
         groups = collected.groups
         out = rollout_lib.Rollouts([g.prompt_ids for g in groups for _ in g.response_ids],
                                    [r for g in groups for r in g.response_ids], [f for g in groups for f in g.finished])

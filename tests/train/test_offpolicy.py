@@ -81,6 +81,14 @@ def test_dynamic_sampling_stops_at_its_cap_and_fills_with_dropped_groups():
     assert off.tries == 1 and off.filler == 0 and [g.rewards for g in off.groups] == [[0, 0], [1, 1]]
 
 
+def test_dynamic_sampling_draws_until_every_rank_is_full():
+    """A full rank keeps drawing rounds (and discards them) while another rank is short, so the ranks'
+    prompt samplers advance together."""
+    others_full = iter([False, False, True])
+    got = dynamic_sampling.collect(lambda: [_group([0, 1])], 1, True, 5, lambda full: full and next(others_full))
+    assert got.tries == 3 and [g.rewards for g in got.groups] == [[0, 1]]
+
+
 def test_dynamic_sampling_in_the_trainer(tmp_path):
     trainer = make(tmp_path, loss="dapo", dynamic_sampling=True, dynamic_sampling_max_tries=3)
     record, _ = trainer.train_step()
@@ -128,3 +136,19 @@ def test_ddp_gradient_equals_the_union_batch_gradient(tmp_path, agg):
     assert found["global_err"] < 1e-5, found
     if agg == "token-mean" and found["tokens"][0] != found["tokens"][1]:
         assert found["local_err"] > 1e-3, found  # the control: rank-local means are a different gradient
+
+
+def test_a_run_saved_before_mini_batches_existed_resumes_on_policy(tmp_path):
+    """Its saved config has no mini_batches: the resume keeps the one optimizer step per batch it trained with."""
+    import json
+
+    from erpo.train import checkpoint
+    from erpo.train.config import resumed_values
+
+    make(tmp_path, steps=1, save_every=1, mini_batches=2).train()
+    path = checkpoint.resolve(str(tmp_path))
+    config_path = tmp_path / path.split(str(tmp_path))[1].strip("/") / "train_config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["mini_batches"]
+    config_path.write_text(json.dumps(saved))
+    assert resumed_values({"resume": str(tmp_path)})["mini_batches"] == 1
