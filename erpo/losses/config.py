@@ -1,9 +1,13 @@
 """`LossConfig`: one dataclass for every policy loss, with each method's defaults from the spec.
 
 `LossConfig(method="erpo")` fills every knob left as None with that method's default
-(`METHOD_DEFAULTS[method]`, over `BASE_DEFAULTS`); a knob passed explicitly wins. Every setting is checked
-once, here, so a broken config fails at construction, not in the middle of training. What depends on the
-batch (ref log-probs present, valid tokens, shapes) is checked by `policy_loss`.
+(`METHOD_DEFAULTS[method]`, over `BASE_DEFAULTS`); a knob passed explicitly wins. A method is a preset of
+the composable fields: `objective` (the per-token surrogate), `is_level` (token or sequence importance
+ratio), `controls` (entropy-aware selections and shapings, any number, applied to any objective where
+they make sense), the corrections (`delta`, `kl_bias_correction`, `off_policy_mask`, `rollout_is`) and
+the aggregation `agg`. Every setting and every combination is checked once, here, so a broken config
+fails at construction, not in the middle of training. What depends on the batch (ref or rollout
+log-probs present, valid tokens, shapes) is checked by `policy_loss`.
 
 Sources (see docs/losses.md): GRPO (Shao et al. 2024), DAPO (Yu et al. 2025), Dr. GRPO (Liu et al. 2025),
 80/20 high-entropy mask (Wang et al. 2025), Clip-Cov / KL-Cov (Cui et al. 2025), REPO / REPO-R
@@ -19,7 +23,20 @@ from erpo.ops import backends
 
 METHODS = (
     "grpo", "dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "adapo",
+    "bnpo", "cispo", "sapo", "gspo", "gmpo", "vespo", "luspo", "gpg",
 )
+OBJECTIVES = ("clip", "plain", "cispo", "sapo", "gmpo", "vespo", "gpg")
+IS_LEVELS = ("token", "sequence")
+CONTROLS = (
+    "high_entropy_mask", "erpo", "clip_cov", "kl_cov", "repo", "repo_r", "entropy_advantage", "archer", "adapo",
+)
+CISPO_CLIPS = ("upper", "two_sided")
+ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# Controls that change the token advantage or drop tokens' policy-gradient terms: they need an objective
+# whose per-token term is linear in a per-token advantage (every objective but GMPO's sequence product).
+TOKEN_SHAPING_CONTROLS = ("high_entropy_mask", "erpo", "clip_cov", "repo", "repo_r", "entropy_advantage", "archer")
+# Objectives with a clip range [1 - eps_low, 1 + eps_high] that ADAPO's eps_high controller can move.
+EPS_OBJECTIVES = ("clip", "gmpo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -70,19 +87,57 @@ BASE_DEFAULTS = dict(
     # ADAPO (and REPO-R): target entropy of the double/halve controller; None = entropy at the first step
     target_entropy=None,
     eps_high_max=1.0,
+    # --- composition (issue 13): objective, importance-ratio level, controls ---
+    objective="clip",
+    is_level="token",
+    controls=(),
+    cispo_clip="upper",
+    cispo_max=5.0,
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+    delta=None,
+    kl_bias_correction=False,
+    entropy_target=None,
+    entropy_coef_min=0.0,
+    entropy_coef_max=1.0,
+    entropy_coef_step=0.005,
+    off_policy_mask=None,
+    rollout_is=None,
+    rollout_is_min=None,
+    rollout_is_max=3.0,
+    # entropy_advantage (Cheng et al. 2025): a' = a + min(alpha sg(H), |a| / kappa)
+    entropy_adv_alpha=0.4,
+    entropy_adv_kappa=2.0,
+    # archer (Wang et al. 2025): the top archer_rho of each response's tokens by entropy get the wider clip
+    # archer_eps and no KL; the others keep eps_low/eps_high and kl_coef
+    archer_rho=0.2,
+    archer_eps=0.5,
 )
 
 METHOD_DEFAULTS = {
     "grpo": dict(eps_high=0.2, agg="seq-mean-token-mean", kl_coef=0.04, kl_estimator="k3"),
     "dapo": dict(),
     "dr_grpo": dict(adv_estimator="dr_grpo", eps_high=0.2, agg="seq-mean-token-sum-norm"),
-    "erpo": dict(eta=0.2),
-    "high_entropy_mask": dict(),
-    "clip_cov": dict(),
-    "kl_cov": dict(),
-    "repo": dict(),
-    "repo_r": dict(),
-    "adapo": dict(),
+    "erpo": dict(eta=0.2, controls=("erpo",)),
+    "high_entropy_mask": dict(controls=("high_entropy_mask",)),
+    "clip_cov": dict(controls=("clip_cov",)),
+    "kl_cov": dict(objective="plain", controls=("kl_cov",)),  # KL-Cov replaces the PPO clip by its penalty
+    "repo": dict(controls=("repo",)),
+    "repo_r": dict(controls=("repo_r",)),
+    "adapo": dict(controls=("adapo",)),
+    # The peers' loss types (TRL 1.16 / Liger 0.8.5 `loss_type`, verl 0.9.1 `policy_loss.loss_mode`); see docs/losses.md
+    "bnpo": dict(eps_high=0.2),  # token-mean over the micro-batch (no global normalizer)
+    "cispo": dict(objective="cispo"),  # MiniMax-M1; TRL/Liger: weight min(r, cispo_max), token-mean
+    "sapo": dict(objective="sapo", eps_high=0.2, agg="seq-mean-token-mean"),  # soft gate instead of the clip
+    "gspo": dict(is_level="sequence", eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean"),  # GSPO paper's eps
+    "gmpo": dict(objective="gmpo", eps_low=0.4, eps_high=0.4, agg="seq-mean-token-mean"),  # clip in log space
+    "vespo": dict(objective="vespo"),
+    "luspo": dict(is_level="sequence", eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-sum"),  # length-weighted
+    "gpg": dict(objective="gpg"),  # verl's GPG: -a logp, no ratio
 }
 
 
@@ -152,14 +207,54 @@ class LossConfig:
     zeta_max: Optional[float] = None
     target_entropy: Optional[float] = None  # REPO-R / ADAPO controller target; None = first step's entropy
     eps_high_max: Optional[float] = None  # ADAPO: eps_high is kept in [eps_low, eps_high_max]
+    # --- composition: objective x importance level x controls (docs/losses.md, "Composing") ---
+    objective: Optional[str] = None  # clip | plain | cispo | sapo | gmpo | vespo | gpg
+    is_level: Optional[str] = None  # token | sequence (GSPO: length-normalised sequence ratio, GSPO-token form)
+    controls: Optional[tuple] = None  # any of CONTROLS; a comma-separated string is accepted
+    cispo_clip: Optional[str] = None  # upper (TRL/Liger: w = min(r, cispo_max)) | two_sided (verl: clip(r, 1-eps_low, 1+eps_high))
+    cispo_max: Optional[float] = None
+    sapo_tau_pos: Optional[float] = None  # SAPO gate temperature for a > 0
+    sapo_tau_neg: Optional[float] = None  # ... and for a <= 0
+    vespo_k_pos: Optional[float] = None  # VESPO gamma weight phi(w) = e^lambda w^k e^(-lambda w), a >= 0
+    vespo_lambda_pos: Optional[float] = None
+    vespo_k_neg: Optional[float] = None  # ... a < 0
+    vespo_lambda_neg: Optional[float] = None
+    delta: Optional[float] = None  # INTELLECT-2 two-sided clip: the unclipped ratio is capped at delta (None = off)
+    kl_bias_correction: Optional[bool] = None  # DeepSeek-V3.2: the KL term weighted by the importance ratio
+    entropy_target: Optional[float] = None  # adaptive entropy_coef (TRL's): None = a fixed entropy_coef
+    entropy_coef_min: Optional[float] = None
+    entropy_coef_max: Optional[float] = None
+    entropy_coef_step: Optional[float] = None  # TRL's entropy_coef_delta
+    off_policy_mask: Optional[float] = None  # DeepSeek-V3.2 sequence mask: drop a < 0 responses with mean KL > this
+    rollout_is: Optional[str] = None  # None | token_truncate | token_mask | sequence_truncate | sequence_mask
+    rollout_is_min: Optional[float] = None  # bounds of the rollout IS weight exp(old - rollout); None = unbounded
+    rollout_is_max: Optional[float] = None
+    entropy_adv_alpha: Optional[float] = None  # entropy_advantage: a' = a + min(alpha sg(H), |a| / kappa)
+    entropy_adv_kappa: Optional[float] = None
+    archer_rho: Optional[float] = None  # archer: fraction of each response's tokens treated as high-entropy
+    archer_eps: Optional[float] = None  # archer: clip half-width of the high-entropy tokens (no KL there)
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
-        defaults = {**BASE_DEFAULTS, **METHOD_DEFAULTS[self.method]}
-        for name, value in defaults.items():
+        preset = {**BASE_DEFAULTS, **METHOD_DEFAULTS[self.method]}
+        if isinstance(self.controls, str):
+            self.controls = tuple(c.strip() for c in self.controls.split(",") if c.strip())
+        elif isinstance(self.controls, list):
+            self.controls = tuple(self.controls)
+        explicit_controls = self.controls
+        for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if explicit_controls is not None:
+            missing = [c for c in preset["controls"] if c not in explicit_controls]
+            if missing:
+                raise ValueError(
+                    f"LossConfig(method={self.method!r}) is built on the control(s) {missing}, which "
+                    f"controls={explicit_controls!r} leaves out; add them, or start from a plain method "
+                    f"(e.g. method='dapo') to compose without them"
+                )
         self._validate()
+        self._validate_composition()
 
     def replace(self, **changes) -> "LossConfig":
         """A copy with some knobs changed (validated again)."""
@@ -222,18 +317,131 @@ class LossConfig:
             raise ValueError(f"LossConfig.|zeta| must be in [zeta_min, zeta_max], got {self.zeta}")
         if self.eps_high_max < self.eps_low:
             raise ValueError(f"LossConfig.eps_high_max ({self.eps_high_max}) must be >= eps_low ({self.eps_low})")
-        if self.method == "adapo" and not self.eps_low <= self.eps_high <= self.eps_high_max:
-            raise ValueError(
-                f"ADAPO keeps eps_high in [eps_low, eps_high_max] = [{self.eps_low}, {self.eps_high_max}], "
-                f"got {self.eps_high}"
-            )
         if self.max_len is not None:
             _integer("max_len", self.max_len, 1)
+
+    def _validate_composition(self):
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("is_level", self.is_level, IS_LEVELS)
+        _choice("cispo_clip", self.cispo_clip, CISPO_CLIPS)
+        if not isinstance(self.controls, tuple):
+            raise TypeError(f"LossConfig.controls must be a tuple of names from {CONTROLS} (or a comma-separated "
+                            f"string), got {self.controls!r}")
+        for control in self.controls:
+            _choice("controls", control, CONTROLS)
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError(f"LossConfig.controls names a control twice: {self.controls}")
+        if self.rollout_is is not None:
+            _choice("rollout_is", self.rollout_is, ROLLOUT_IS_MODES)
+        if not isinstance(self.kl_bias_correction, bool):
+            raise TypeError(f"LossConfig.kl_bias_correction must be a bool, got {self.kl_bias_correction!r}")
+        for name in ("cispo_max", "sapo_tau_pos", "sapo_tau_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                     "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_step",
+                     "entropy_adv_alpha", "entropy_adv_kappa", "archer_rho", "archer_eps"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        for name in ("delta", "entropy_target", "off_policy_mask", "rollout_is_min", "rollout_is_max"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _number(name, getattr(self, name)))
+        for name in ("cispo_max", "sapo_tau_pos", "sapo_tau_neg", "entropy_adv_kappa", "archer_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_adv_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.archer_rho < 1.0:
+            raise ValueError(f"LossConfig.archer_rho (high-entropy fraction) must be in (0, 1), got {self.archer_rho}")
+
+        objective, controls = self.objective, set(self.controls)
+        for a, b in (("repo", "repo_r"), ("clip_cov", "kl_cov")):
+            if {a, b} <= controls:
+                raise ValueError(f"LossConfig.controls: {a!r} and {b!r} are alternative forms of one control "
+                                 f"(pick one), got {self.controls}")
+        if objective == "gmpo":
+            shaping = sorted(controls & set(TOKEN_SHAPING_CONTROLS))
+            if shaping:
+                raise ValueError(f"LossConfig.objective='gmpo' takes one advantage and one geometric-mean ratio per "
+                                 f"response; the token-level control(s) {shaping} cannot apply to it")
+            if self.is_level == "sequence":
+                raise ValueError("LossConfig.objective='gmpo' is already sequence-level; is_level must be 'token'")
+        if objective == "vespo":
+            if self.is_level == "sequence":
+                raise ValueError("LossConfig.objective='vespo' computes its own sequence weight; is_level must be 'token'")
+            if self.rollout_is is not None and self.rollout_is.startswith("sequence"):
+                raise ValueError("LossConfig.objective='vespo' folds token-level rollout IS weights into its sequence "
+                                 f"weight (TRL's rule): rollout_is must be token_truncate or token_mask, got {self.rollout_is!r}")
+        if objective in ("gpg", "vespo") and self.is_level == "sequence":
+            raise ValueError(f"LossConfig.objective={objective!r} has no importance ratio; is_level must be 'token'")
+        if self.delta is not None:
+            if objective != "clip":
+                raise ValueError(f"LossConfig.delta (two-sided clip) applies to objective='clip' only, got {objective!r}")
+            if self.delta <= 1.0 + self.eps_high:
+                raise ValueError(f"LossConfig.delta must be > 1 + eps_high = {1 + self.eps_high} (it caps ratios above "
+                                 f"the clip range), got {self.delta}")
+        if self.dual_clip and objective != "clip":
+            raise ValueError(f"LossConfig.dual_clip applies to objective='clip' only, got {objective!r}")
+        if "archer" in controls and objective != "clip":
+            raise ValueError(f"LossConfig.controls 'archer' sets per-token clip ranges: objective must be 'clip', got {objective!r}")
+        if "adapo" in controls:
+            uses_eps = objective in EPS_OBJECTIVES or (objective == "cispo" and self.cispo_clip == "two_sided")
+            if not uses_eps:
+                raise ValueError(f"LossConfig.controls 'adapo' moves eps_high, which objective {objective!r} does not use")
+            if not self.eps_low <= self.eps_high <= self.eps_high_max:
+                raise ValueError(f"ADAPO keeps eps_high in [eps_low, eps_high_max] = [{self.eps_low}, "
+                                 f"{self.eps_high_max}], got {self.eps_high}")
+        if self.kl_bias_correction and self.kl_coef == 0:
+            raise ValueError("LossConfig.kl_bias_correction weights the KL term, but kl_coef is 0 (no KL term)")
+        if self.entropy_target is not None:
+            if self.entropy_target < 0:
+                raise ValueError(f"LossConfig.entropy_target must be >= 0 (an entropy), got {self.entropy_target}")
+            # entropy_coef may sit below entropy_coef_min: the controller applies 0 while entropy is above target
+            if not (0 <= self.entropy_coef_min <= self.entropy_coef_max and 0 <= self.entropy_coef <= self.entropy_coef_max):
+                raise ValueError(f"adaptive entropy (entropy_target set) needs 0 <= entropy_coef_min <= entropy_coef_max "
+                                 f"and 0 <= entropy_coef <= entropy_coef_max, got {self.entropy_coef_min}, "
+                                 f"{self.entropy_coef}, {self.entropy_coef_max}")
+            if self.entropy_coef_step <= 0:
+                raise ValueError(f"LossConfig.entropy_coef_step must be > 0, got {self.entropy_coef_step}")
+        if self.off_policy_mask is not None and self.off_policy_mask < 0:
+            raise ValueError(f"LossConfig.off_policy_mask (a KL threshold) must be >= 0, got {self.off_policy_mask}")
+        if self.rollout_is is not None:
+            low, high = self.rollout_is_min, self.rollout_is_max
+            if low is None and high is None:
+                raise ValueError(f"LossConfig.rollout_is={self.rollout_is!r} needs rollout_is_min or rollout_is_max")
+            if (low is not None and low < 0) or (high is not None and high <= 0):
+                raise ValueError(f"LossConfig.rollout_is_min must be >= 0 and rollout_is_max > 0, got {low}, {high}")
+            if low is not None and high is not None and not low < high:
+                raise ValueError(f"LossConfig.rollout_is_min ({low}) must be < rollout_is_max ({high})")
 
     @property
     def needs_ref(self) -> bool:
         """Whether the batch must carry ref_logp."""
-        return self.kl_coef > 0 or (self.method == "erpo" and self.eta != 0)
+        return self.kl_coef > 0 or ("erpo" in self.controls and self.eta != 0)
+
+    @property
+    def needs_rollout(self) -> bool:
+        """Whether the batch must carry rollout_logp (the inference engine's log-probs)."""
+        return self.rollout_is is not None
+
+    # Controls that read the per-token entropy (in the method logic or, for the controllers, the mean entropy).
+    ENTROPY_CONTROLS = ("high_entropy_mask", "erpo", "repo", "repo_r", "entropy_advantage", "archer", "adapo")
+
+    def entropy_reason(self) -> str:
+        """Why this config reads the entropy ('' when it does not)."""
+        reasons = [f"control {c!r}" for c in self.controls if c in self.ENTROPY_CONTROLS]
+        if self.entropy_coef != 0:
+            reasons.append(f"entropy_coef={self.entropy_coef}")
+        if self.entropy_target is not None:
+            reasons.append(f"entropy_target={self.entropy_target}")
+        return ", ".join(reasons)
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss or its controller reads the per-token entropy (token_policy_loss then needs it)."""
+        return bool(self.entropy_reason())
+
+    @property
+    def needs_groups(self) -> bool:
+        """Whether the batch must carry group_ids (ERPO's gate normalizes within groups)."""
+        return "erpo" in self.controls
 
     @property
     def has_entropy_grad(self) -> bool:

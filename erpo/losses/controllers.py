@@ -7,6 +7,10 @@
 REPO-R (zeta) and ADAPO (eps_high): double/halve toward a target entropy (spec section 4): mean entropy
 below target -> double, else halve, then clip. The target is config.target_entropy, or the entropy seen at
 the first step (that step sets the target and changes nothing). KL-Cov: beta annealed toward 0.
+Adaptive entropy coefficient (`entropy_target`, TRL's Skywork-OR1 rule): the coefficient steps up by
+entropy_coef_step while the mean entropy is <= the target and down otherwise, within [min, max], and the
+bonus applies only while the last measured entropy is <= the target.
+A config with several stateful controls gets one controller per control (`Controllers`).
 """
 import math
 from typing import Optional, Union
@@ -80,6 +84,8 @@ class AdapoEpsHighController(EntropyTargetController):
 class KLCovBetaAnneal:
     """KL-Cov: beta_t = beta_0 * s(t / T), s linear (1 - x) or cosine ((1 + cos(pi x)) / 2), 0 after T steps."""
 
+    knob = "kl_cov_beta"
+
     def __init__(self, config: LossConfig):
         self.beta0 = config.kl_cov_beta
         self.schedule = config.kl_cov_anneal
@@ -107,12 +113,81 @@ class KLCovBetaAnneal:
         self.beta0, self.steps = float(state["beta0"]), int(state["steps"])
 
 
+class AdaptiveEntropyCoef:
+    """TRL's adaptive entropy coefficient: coef += step if entropy <= target else coef -= step (clipped to
+    [entropy_coef_min, entropy_coef_max]); the applied coefficient is coef while the last entropy <= target, else 0."""
+
+    knob = "entropy_coef"
+
+    def __init__(self, config: LossConfig):
+        self.coef = config.entropy_coef
+        self.target = config.entropy_target
+        self.low, self.high, self.delta = config.entropy_coef_min, config.entropy_coef_max, config.entropy_coef_step
+        self.last_entropy: Optional[float] = None  # None: no entropy measured yet, no bonus (TRL starts at +inf)
+        self.steps = 0
+
+    @property
+    def value(self) -> float:
+        active = self.last_entropy is not None and self.last_entropy <= self.target
+        return self.coef if active else 0.0
+
+    def step(self, metrics_or_entropy) -> None:
+        entropy = _mean_entropy(metrics_or_entropy)
+        self.steps += 1
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.high)
+        else:
+            self.coef = max(self.coef - self.delta, self.low)
+        self.last_entropy = entropy
+
+    def apply(self, config: LossConfig) -> LossConfig:
+        return config.replace(entropy_coef=self.value)
+
+    def state_dict(self) -> dict:
+        return {"knob": self.knob, "coef": self.coef, "last_entropy": self.last_entropy, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("knob") != self.knob:
+            raise ValueError(f"controller state is for {state.get('knob')!r}, this controller drives {self.knob!r}")
+        self.coef, self.last_entropy, self.steps = float(state["coef"]), state["last_entropy"], int(state["steps"])
+
+
+class Controllers:
+    """Several controllers of one config, stepped and applied in turn (each drives its own knob)."""
+
+    def __init__(self, controllers: list):
+        self.controllers = controllers
+
+    def step(self, metrics_or_entropy) -> None:
+        for controller in self.controllers:
+            controller.step(metrics_or_entropy)
+
+    def apply(self, config: LossConfig) -> LossConfig:
+        return config.replace(**{c.knob: c.value for c in self.controllers})
+
+    def state_dict(self) -> dict:
+        return {"controllers": [c.state_dict() for c in self.controllers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("controllers")
+        if states is None or len(states) != len(self.controllers):
+            raise ValueError(f"controller state holds {0 if states is None else len(states)} controllers, this config "
+                             f"has {len(self.controllers)}")
+        for controller, sub in zip(self.controllers, states):
+            controller.load_state_dict(sub)
+
+
 def make_controller(config: LossConfig):
-    """The controller of a stateful method, or None."""
-    if config.method == "repo_r":
-        return RepoRZetaController(config)
-    if config.method == "adapo":
-        return AdapoEpsHighController(config)
-    if config.method == "kl_cov" and config.kl_cov_anneal != "none":
-        return KLCovBetaAnneal(config)
-    return None
+    """The controller of a config's stateful controls, or None (one controller, or `Controllers` for several)."""
+    controllers = []
+    if "repo_r" in config.controls:
+        controllers.append(RepoRZetaController(config))
+    if "adapo" in config.controls:
+        controllers.append(AdapoEpsHighController(config))
+    if "kl_cov" in config.controls and config.kl_cov_anneal != "none":
+        controllers.append(KLCovBetaAnneal(config))
+    if config.entropy_target is not None:
+        controllers.append(AdaptiveEntropyCoef(config))
+    if not controllers:
+        return None
+    return controllers[0] if len(controllers) == 1 else Controllers(controllers)

@@ -32,8 +32,9 @@ from erpo.ops import linear_logprobs_entropy as head
 from erpo.ops.row_layout import row_layout
 
 SCHEDULES = ("auto", "one_pass", "two_pass")
-# Methods whose token advantage is the sequence advantage itself (no batch statistic, no use of logp/H).
-ROW_LOCAL_METHODS = ("grpo", "dapo", "dr_grpo", "adapo")
+# Presets whose token advantage is the sequence advantage itself and whose objective needs no per-response
+# statistic (no batch statistic, no sequence ratio, no use of other tokens' logp/H).
+ROW_LOCAL_METHODS = ("grpo", "dapo", "dr_grpo", "adapo", "bnpo", "cispo", "sapo", "gpg")
 # The LossConfig fields the one-pass formulas were written against. A field added later (a new objective,
 # control, correction, ...) must keep its preset default for the one-pass schedule to be chosen.
 ONE_PASS_FIELDS = (
@@ -42,8 +43,11 @@ ONE_PASS_FIELDS = (
     "gate_lambda", "beta_p", "buckets", "eta", "rho", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "seed",
     "kl_cov_ratio", "kl_cov_beta", "kl_cov_anneal", "kl_cov_anneal_steps", "repo_beta", "zeta", "zeta_min",
     "zeta_max", "target_entropy", "eps_high_max",
+    # per-token objective knobs: token_terms computes them from the token's own values
+    "cispo_clip", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "delta", "kl_bias_correction",
 )
-ONE_PASS_BATCH_KEYS = ("targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids")
+ONE_PASS_BATCH_KEYS = ("targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids",
+                       "num_items_in_batch", "num_seqs_in_batch")
 
 
 def one_pass_exact(config: LossConfig, batch=None) -> bool:
@@ -131,7 +135,8 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
     seq_adv = _sequence_advantages(config, flat)
     adv = torch.where(valid, seq_adv[flat.seq], torch.zeros((), dtype=torch.float32, device=valid.device))
     max_len = config.max_len if config.max_len is not None else flat.padded_len
-    weights = token_weights(config.agg, valid, flat.seq, flat.n_seqs, max_len or 1, torch.float32)
+    weights = token_weights(config.agg, valid, flat.seq, flat.n_seqs, max_len or 1, torch.float32, flat.num_items,
+                            flat.num_seqs)
     ref = flat.ref if config.kl_coef > 0 else None
     params = json.dumps(dataclasses.asdict(token_params(config)))
     # Detached: the gradient reaches hidden/weight/bias through _PrecomputedGradient, not through the op.

@@ -36,13 +36,13 @@ class PolicyLoss(nn.Module):
         return self._generator
 
     def forward(self, logits: torch.Tensor, batch) -> LossResult:
-        generator = self._generator_for(logits.device) if self.config.method == "clip_cov" else None
+        generator = self._generator_for(logits.device) if "clip_cov" in self.config.controls else None
         return policy_loss(logits, batch, self.current_config(), generator=generator)
 
     def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
                **options) -> LossResult:
         """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend)."""
-        generator = self._generator_for(hidden.device) if self.config.method == "clip_cov" else None
+        generator = self._generator_for(hidden.device) if "clip_cov" in self.config.controls else None
         return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias, generator=generator,
                                   **options)
 
@@ -66,4 +66,7 @@ class PolicyLoss(nn.Module):
         self._generator_state = state["generator"]
 
     def extra_repr(self) -> str:
-        return f"method={self.config.method!r}"
+        parts = [f"method={self.config.method!r}"]
+        if self.config.controls:
+            parts.append(f"controls={self.config.controls!r}")
+        return ", ".join(parts)

@@ -96,9 +96,37 @@ def _covariance(a, logp, mask):
     return (a - valid_a.mean()) * (logp.detach() - valid_lp.mean())
 
 
+def _archer_high(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
+    """Per response: tokens with H >= the response's (1 - rho) entropy quantile."""
+    high = torch.zeros_like(mask)
+    for i in range(mask.shape[0]):
+        if mask[i].any():
+            threshold = torch.quantile(entropy[i][mask[i]], 1 - rho)
+            high[i] = mask[i] & (entropy[i] >= threshold)
+    return high
+
+
+def _rollout_weight(config, old, rollout, mask):
+    log_w = torch.nan_to_num(torch.where(mask, old - rollout, torch.zeros_like(old)), nan=0.0)
+    if config.rollout_is.startswith("sequence"):
+        log_w = log_w.sum(1, keepdim=True).expand_as(old)
+    raw = torch.exp(log_w)
+    low = 0.0 if config.rollout_is_min is None else config.rollout_is_min
+    high = math.inf if config.rollout_is_max is None else config.rollout_is_max
+    if config.rollout_is.endswith("truncate"):
+        return raw.clamp(low, high)
+    return torch.where((raw < low) | (raw > high), torch.zeros_like(raw), raw)
+
+
 def naive_policy_loss(
     logits: Tensor, batch: dict, config: LossConfig, generator: Optional[torch.Generator] = None
 ) -> LossResult:
+    """Dense [B, L] reference of every objective x control x correction, gradients by autograd.
+
+    Controls run in erpo's documented order (erpo gate, entropy advantage, REPO / REPO-R, 80/20, Archer,
+    Clip-Cov, KL-Cov); the sequence ratio is verl's GSPO-token form sg(s_i) pi / sg(pi); GMPO is verl's
+    geo_mean with autograd through the clamped log-ratios.
+    """
     targets, mask = batch["targets"], batch["mask"].bool()
     B, L = mask.shape
     logp, entropy = naive_logprobs_and_entropy(logits, torch.where(mask, targets, 0), config.temperature)
@@ -107,28 +135,48 @@ def naive_policy_loss(
     old = torch.where(mask, batch["old_logp"].to(dtype), zero)
     ref = batch.get("ref_logp")
     ref = None if ref is None else torch.where(mask, ref.to(dtype), zero)
+    rollout = batch.get("rollout_logp")
+    rollout = None if rollout is None else torch.where(mask, rollout.to(dtype), zero)
     adv_seq, degenerate = _sequence_advantages(batch, config, dtype)
     a = torch.where(mask, adv_seq[:, None].expand(B, L), zero)
     n_valid = int(mask.sum())
     keep = torch.ones_like(a)
     klcov = torch.zeros_like(a)
     masked = torch.zeros_like(mask)
+    eps_low = torch.full_like(a, config.eps_low)
+    eps_high = torch.full_like(a, config.eps_high)
+    kl_weight = torch.ones_like(a)
     extra = {}
     lp = logp.detach()
+    H = entropy.detach()
     ratio_d = torch.exp(lp - old)
+    controls = set(config.controls)
 
-    if config.method == "erpo":
+    if "erpo" in controls:
         a, gate = _erpo_token_advantages(config, batch, mask, entropy, adv_seq, old, ref)
         cdp = mask & (gate > 0.5)
         extra["cdp_rate"] = cdp.sum() / n_valid
-    elif config.method == "high_entropy_mask":
-        threshold = torch.quantile(entropy.detach()[mask], 1 - config.rho)
-        kept = mask & (entropy.detach() >= threshold)
+    if "entropy_advantage" in controls:
+        a = torch.where(mask, a + torch.minimum(config.entropy_adv_alpha * H, a.abs() / config.entropy_adv_kappa), zero)
+    if "repo" in controls:
+        a = torch.where(mask, a - config.repo_beta * (lp + H), zero)
+    if "repo_r" in controls:
+        pos = (a * (1 - config.zeta * lp)).clamp_min(0)
+        neg = (a * (1 + config.zeta * lp)).clamp_max(0)
+        a = torch.where(a > 0, pos, torch.where(a < 0, neg, zero))
+    if "high_entropy_mask" in controls:
+        threshold = torch.quantile(H[mask], 1 - config.rho)
+        kept = mask & (H >= threshold)
         a = torch.where(kept, a, zero)
-        masked = mask & ~kept
-    elif config.method == "clip_cov":
+        masked = masked | (mask & ~kept)
+    if "archer" in controls:
+        high = _archer_high(H, mask, config.archer_rho)
+        eps_low = torch.where(high, config.archer_eps, eps_low)
+        eps_high = torch.where(high, config.archer_eps, eps_high)
+        kl_weight = (~high).to(dtype)
+    if "clip_cov" in controls:
         cov = _covariance(a, logp, mask)
-        clipped = -a * ratio_d.clamp(1 - config.eps_low, 1 + config.eps_high) > -a * ratio_d
+        clipped = -a * torch.clamp(ratio_d, 1 - eps_low, 1 + eps_high) > -a * ratio_d
         flat_cov, flat_mask, flat_clipped = cov.view(-1).tolist(), mask.view(-1).tolist(), clipped.view(-1).tolist()
         candidates = [
             j for j in range(B * L)
@@ -141,50 +189,102 @@ def naive_policy_loss(
         for j in sorted(candidates, key=lambda j: (float(keys[j]), j))[:k]:
             keep.view(-1)[j] = 0
             masked.view(-1)[j] = True
-    elif config.method == "kl_cov":
+    if "kl_cov" in controls:
         cov = _covariance(a, logp, mask).view(-1)
         valid = [j for j in range(B * L) if mask.view(-1)[j]]
         k = max(1, math.floor(config.kl_cov_ratio * n_valid))
         for j in sorted(valid, key=lambda j: (-float(cov[j]), j))[:k]:
             klcov.view(-1)[j] = config.kl_cov_beta
             masked.view(-1)[j] = True
-    elif config.method == "repo":
-        a = torch.where(mask, a - config.repo_beta * (lp + entropy.detach()), zero)
-    elif config.method == "repo_r":
-        pos = (a * (1 - config.zeta * lp)).clamp_min(0)
-        neg = (a * (1 + config.zeta * lp)).clamp_max(0)
-        a = torch.where(a > 0, pos, torch.where(a < 0, neg, zero))
 
-    ratio = torch.exp(logp - old)
-    if config.method == "kl_cov":
-        per_token = -ratio * a
+    lengths = mask.sum(1)
+    log_ratio = torch.where(mask, logp - old, zero)
+    if config.is_level == "sequence":
+        seq_lr = log_ratio.detach().sum(1) / lengths.clamp_min(1)
+        ratio = torch.exp(logp - lp + seq_lr[:, None])
     else:
-        per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high) * a)
+        ratio = torch.exp(logp - old)
+    pg_weight = torch.ones_like(a)
+    rollout_w = None if config.rollout_is is None else torch.where(mask, _rollout_weight(config, old, rollout, mask), zero)
+
+    objective = config.objective
+    if objective == "plain":
+        pg = -ratio * a
+    elif objective == "clip":
+        capped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+        pg = -torch.minimum(capped * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
         if config.dual_clip:
-            per_token = torch.where(a < 0, torch.minimum(per_token, -config.dual_clip_c * a), per_token)
-    per_token = per_token + klcov * (logp - old).abs()
+            pg = torch.where(a < 0, torch.minimum(pg, -config.dual_clip_c * a), pg)
+    elif objective == "cispo":
+        if config.cispo_clip == "upper":
+            w = torch.clamp(ratio, max=config.cispo_max).detach()
+        else:
+            w = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high).detach()
+        pg = -w * a * logp
+    elif objective == "sapo":
+        tau = torch.where(a > 0, config.sapo_tau_pos, config.sapo_tau_neg)
+        pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    elif objective == "gpg":
+        pg = -a * logp
+    elif objective == "vespo":
+        seq_log = torch.where(mask, torch.clamp(lp - old, -20.0, 20.0), zero).sum(1)
+        if rollout_w is not None:
+            seq_log = seq_log + torch.where(mask, torch.clamp(torch.log(rollout_w), math.log(1e-8), 20.0), zero).sum(1)
+        log_w = torch.clamp(seq_log, math.log(1e-8), 20.0)
+        k = torch.where(adv_seq >= 0, config.vespo_k_pos, config.vespo_k_neg)
+        lam = torch.where(adv_seq >= 0, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp_min(1e-4)
+        phi = torch.nan_to_num(torch.exp(lam + k * log_w - lam * torch.exp(log_w)), nan=0.0, posinf=0.0, neginf=0.0)
+        pg = -phi[:, None] * a * logp
+        rollout_w = None  # folded into phi (TRL's rule)
+    else:  # gmpo (verl geo_mean): one ratio per response from the sign-aware clamped log-ratios, with gradient
+        sign = torch.sign(a)
+        chosen = sign * torch.minimum(sign * log_ratio, sign * torch.clamp(log_ratio, -config.eps_low, config.eps_high))
+        seq_ratio = torch.exp(torch.where(mask, chosen, zero).sum(1) / lengths.clamp_min(1))
+        pg = -a * seq_ratio[:, None]
+        if rollout_w is not None:
+            rollout_w = torch.exp(torch.where(mask, torch.log(rollout_w + 1e-10), zero).sum(1) / lengths.clamp_min(1))[:, None]
+    if rollout_w is not None:
+        pg_weight = pg_weight * rollout_w
+    if config.off_policy_mask is not None:
+        behaviour = old if rollout is None else rollout
+        seq_kl = torch.where(mask, torch.nan_to_num(behaviour - lp, nan=0.0), zero).sum(1) / lengths.clamp_min(1)
+        pg_weight = pg_weight * ((adv_seq >= 0) | (seq_kl <= config.off_policy_mask)).to(dtype)[:, None]
+    per_token = pg * pg_weight + klcov * (logp - old).abs()
     if config.kl_coef > 0:
         d = logp - ref
         kl = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[config.kl_estimator]
-        per_token = per_token + config.kl_coef * kl
+        if config.kl_bias_correction:
+            kl = ratio * kl
+        per_token = per_token + config.kl_coef * kl_weight * kl
     per_token = (per_token - config.entropy_coef * entropy) * keep
     per_token = torch.where(mask, per_token, zero)
 
-    lengths = mask.sum(1)
+    num_items, num_seqs = batch.get("num_items_in_batch"), batch.get("num_seqs_in_batch")
     if config.agg == "token-mean":
-        loss = per_token.sum() / n_valid
+        loss = per_token.sum() / (n_valid if num_items is None else float(num_items))
     elif config.agg == "seq-mean-token-mean":
-        loss = torch.stack([per_token[i].sum() / lengths[i] for i in range(B) if lengths[i] > 0]).mean()
+        per_seq = [per_token[i].sum() / lengths[i] for i in range(B) if lengths[i] > 0]
+        loss = torch.stack(per_seq).sum() / (len(per_seq) if num_seqs is None else float(num_seqs))
     elif config.agg == "seq-mean-token-sum":
-        loss = per_token.sum(1).mean()
+        loss = per_token.sum(1).sum() / (B if num_seqs is None else float(num_seqs))
     else:
-        loss = per_token.sum() / (B * (config.max_len or L))
+        loss = per_token.sum() / ((B if num_seqs is None else float(num_seqs)) * (config.max_len or L))
 
-    clips = config.method != "kl_cov"  # KL-Cov has no PPO clip
+    r = ratio.detach()
+    if objective == "clip":
+        low_flag, high_flag = (a < 0) & (r < 1 - eps_low), (a > 0) & (r > 1 + eps_high)
+    elif objective == "cispo":  # the weight is clamped whatever the sign of a (verl counts ratio != clamp)
+        lo, hi = (0.0, config.cispo_max) if config.cispo_clip == "upper" else (1 - config.eps_low, 1 + config.eps_high)
+        low_flag, high_flag = r < lo, r > hi
+    elif objective == "gmpo":  # verl: the log-ratio was clamped, split by the sign of a
+        clipped = log_ratio.detach() != torch.clamp(log_ratio.detach(), -config.eps_low, config.eps_high)
+        low_flag, high_flag = clipped & (a < 0), clipped & (a > 0)
+    else:
+        low_flag = high_flag = torch.zeros_like(mask)
     metrics = {
-        "entropy": entropy.detach()[mask].mean(),
-        "clip_frac_low": (mask & (a < 0) & (ratio_d < 1 - config.eps_low)).sum() / n_valid if clips else zero,
-        "clip_frac_high": (mask & (a > 0) & (ratio_d > 1 + config.eps_high)).sum() / n_valid if clips else zero,
+        "entropy": H[mask].mean(),
+        "clip_frac_low": (mask & low_flag).sum() / n_valid,
+        "clip_frac_high": (mask & high_flag).sum() / n_valid,
         "ratio_mean": ratio_d[mask].mean(),
         "approx_kl": (torch.exp(old - lp) - (old - lp) - 1)[mask].mean(),
         "masked_frac": masked.sum() / n_valid,

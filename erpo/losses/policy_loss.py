@@ -1,9 +1,10 @@
-"""`policy_loss(logits, batch, config)`: the public entry of erpo's policy losses.
+"""`policy_loss(logits, batch, config)` and `token_policy_loss(logp, entropy, batch, config)`: the public
+entries of erpo's policy losses.
 
-One call = the fused op's forward over [N, V] (logp, H) -> [N]-sized method logic on the device ->
-the per-token kernel -> aggregation. `.backward()` then runs the per-token coefficients into the fused
-op's backward, the only other pass over V. Metrics are detached 0-d tensors: nothing syncs with the host
-except the optional input checks (config.check_inputs, one sync).
+One call = the fused op's forward over [N, V] (logp, H) -> [N]-sized method logic on the device (controls,
+importance weights, corrections) -> the per-token kernel -> aggregation. `.backward()` then runs the
+per-token coefficients into the fused op's backward, the only other pass over V. Metrics are detached 0-d
+tensors: nothing syncs with the host except the optional input checks (config.check_inputs, one sync).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -13,9 +14,10 @@ from torch import Tensor
 
 from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
-from erpo.losses.batch import prepare
+from erpo.losses.batch import prepare, prepare_tokens
 from erpo.losses.config import LossConfig
-from erpo.losses.methods import Tokens, token_advantages
+from erpo.losses.controls import Tokens, apply_controls
+from erpo.losses.importance import token_extras
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, token_loss
 from erpo.ops import backends
@@ -32,7 +34,9 @@ def token_params(config: LossConfig) -> TokenParams:
     return TokenParams(
         eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
         dual_clip_c=config.dual_clip_c, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
-        entropy_coef=config.entropy_coef, no_clip=config.method == "kl_cov",
+        entropy_coef=config.entropy_coef, no_clip=config.objective == "plain", objective=config.objective,
+        delta=config.delta, kl_bias_correction=config.kl_bias_correction, cispo_clip=config.cispo_clip,
+        cispo_max=config.cispo_max, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
     )
 
 
@@ -47,6 +51,15 @@ def _seq_advantages(config: LossConfig, flat, metrics: dict, dtype: torch.dtype)
 
 def _valid_mean(values: Tensor, valid: Tensor, n_valid: Tensor) -> Tensor:
     return torch.where(valid, values, torch.zeros_like(values)).sum() / n_valid
+
+
+def _valid_extreme(values: Tensor, valid: Tensor, which: str) -> Tensor:
+    """min or max over the valid entries (NaN when there are none)."""
+    if values.numel() == 0:
+        return values.new_full((), float("nan"))
+    fill = float("inf") if which == "min" else -float("inf")
+    masked = torch.where(valid, values, torch.full_like(values, fill))
+    return masked.amin() if which == "min" else masked.amax()
 
 
 def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None) -> LossResult:
@@ -71,6 +84,38 @@ def _check_config(config) -> None:
         raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
 
 
+def token_policy_loss(logp: Tensor, entropy: Optional[Tensor], batch, config: LossConfig,
+                      generator: Optional[torch.Generator] = None) -> LossResult:
+    """The same loss as `policy_loss` from per-token log-probs (and entropies) an engine already computed.
+
+    `logp` [B, L] (padded) or [N] (packed) float, differentiable; `entropy` the same shape, or None when the
+    config reads no entropy (`config.needs_entropy`); gradients flow into both. The batch is policy_loss's
+    without `targets`. Equal to `policy_loss` on the logits that produced logp and entropy, for every config.
+    """
+    _check_config(config)
+    if not isinstance(logp, Tensor) or not logp.dtype.is_floating_point:
+        raise TypeError(f"logp must be a float tensor, got {getattr(logp, 'dtype', type(logp).__name__)}")
+    if logp.dim() not in (1, 2):
+        raise ValueError(f"logp must be [B, L] (padded) or [N] (packed), got shape {tuple(logp.shape)}")
+    if entropy is None:
+        if config.needs_entropy:
+            raise ValueError(f"token_policy_loss got entropy=None but the config reads the entropy "
+                             f"({config.entropy_reason()}): pass the per-token entropy")
+    elif not isinstance(entropy, Tensor) or entropy.shape != logp.shape or entropy.device != logp.device:
+        raise ValueError(f"entropy must be a tensor shaped and placed like logp {tuple(logp.shape)} on {logp.device}, "
+                         f"got {getattr(entropy, 'shape', type(entropy).__name__)}")
+    compute = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    flat = prepare_tokens(tuple(logp.shape), None, logp.device, compute, batch, config, "logp")
+    backend = backends.resolve(config.backend, logp.is_cuda)
+    logp = logp.to(compute)
+    given_entropy = entropy is not None
+    entropy = entropy.to(compute) if given_entropy else torch.zeros_like(logp.detach())
+    result = loss_from_token_stats(logp, entropy, flat, config, backend, generator)
+    if not given_entropy:
+        del result.metrics["entropy"]  # never report the zeros that stand in for an entropy nobody gave
+    return result
+
+
 def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfig, backend: str,
                           generator: Optional[torch.Generator] = None) -> LossResult:
     """The [N]-sized middle of every policy loss: method logic, per-token terms, aggregation, metrics.
@@ -88,16 +133,19 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
         old=flat.old, ref=flat.ref, seq_adv=seq_adv,
         group=None if flat.group_ids is None else dense_ids(flat.group_ids.to(flat.seq.device)),
     )
-    if config.method == "clip_cov" and generator is None:
+    if "clip_cov" in config.controls and generator is None:
         generator = torch.Generator(device=logp.device).manual_seed(config.seed)
-    shaping = token_advantages(config, tokens, generator)
+    shaping = apply_controls(config, tokens, generator)
+    extras, importance_metrics = token_extras(config, tokens, flat.rollout, shaping)
 
     ref_for_kl = flat.ref if config.kl_coef > 0 else None
     per_token, clip_low, clip_high = token_loss(
         logp, entropy, flat.old, shaping.adv.contiguous(), ref_for_kl, shaping.klcov_w, token_params(config), backend,
+        extras,
     )
     max_len = config.max_len if config.max_len is not None else flat.padded_len
-    weights = token_weights(config.agg, flat.valid, flat.seq, flat.n_seqs, max_len or 1, dtype)
+    weights = token_weights(config.agg, flat.valid, flat.seq, flat.n_seqs, max_len or 1, dtype, flat.num_items,
+                            flat.num_seqs)
     if shaping.keep is not None:
         weights = weights * shaping.keep
     n_valid = flat.valid.sum()
@@ -115,6 +163,8 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
             "clip_frac_low": (clip_low & valid).sum() / n_valid,
             "clip_frac_high": (clip_high & valid).sum() / n_valid,
             "ratio_mean": _valid_mean(ratio, valid, n_valid),
+            "ratio_min": _valid_extreme(ratio, valid, "min"),
+            "ratio_max": _valid_extreme(ratio, valid, "max"),
             "approx_kl": _valid_mean(torch.exp(log_back) - log_back - 1, valid, n_valid),
             "masked_frac": (
                 (shaping.masked & valid).sum() / n_valid if shaping.masked is not None else zero
@@ -133,4 +183,5 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
                 kl = torch.exp(-diff) + diff - 1
             metrics["kl_ref"] = _valid_mean(kl, valid, n_valid)
         metrics.update(shaping.metrics)
+        metrics.update(importance_metrics)
     return LossResult(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})

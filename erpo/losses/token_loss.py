@@ -6,6 +6,7 @@ backward only multiplies them by the incoming gradient. Those two [N] vectors th
 backward, the only pass over the vocabulary. Everything else the loss needs (token advantage, KL-Cov
 weights) arrives already computed and detached.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,47 +23,126 @@ class TokenParams:
     kl_coef: float
     kl_estimator: str
     entropy_coef: float
-    no_clip: bool  # KL-Cov: the plain ratio surrogate, no PPO clip
+    no_clip: bool  # objective "plain" (KL-Cov's): the ratio surrogate without the PPO clip
+    objective: str = "clip"
+    delta: Optional[float] = None  # cap of the unclipped ratio (INTELLECT-2)
+    kl_bias_correction: bool = False  # KL term times the importance ratio (DeepSeek-V3.2)
+    cispo_clip: str = "upper"
+    cispo_max: float = 5.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
 
     @property
     def kl_code(self) -> int:
         """The KL estimator as the kernels (Triton and CUDA) take it: 1, 2 or 3 for k1, k2, k3."""
         return {"k1": 1, "k2": 2, "k3": 3}[self.kl_estimator]
 
+    @property
+    def kernel_covers(self) -> bool:
+        """Whether the per-token kernels (Triton, CUDA) implement these params (else the torch twin runs)."""
+        return self.objective in ("clip", "plain") and self.delta is None and not self.kl_bias_correction
 
-def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: Optional[Tensor], params: TokenParams):
-    """Torch twin of kernels/policy_loss.py: same formulas, elementwise, in the inputs' float dtype."""
-    log_ratio = logp - old
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
+
+@dataclass
+class TokenExtras:
+    """[N] detached inputs some objectives and controls add; None = absent (and the kernels can run)."""
+
+    log_ratio: Optional[Tensor] = None  # the importance log-ratio's value when it is not logp - old (GSPO: log s_i)
+    seq_coef: Optional[Tensor] = None  # the response's detached weight: VESPO's phi, GMPO's geometric-mean ratio
+    eps_low: Optional[Tensor] = None  # per-token clip range (Archer)
+    eps_high: Optional[Tensor] = None
+    kl_weight: Optional[Tensor] = None  # per-token multiplier of kl_coef (Archer)
+    pg_weight: Optional[Tensor] = None  # per-token multiplier of the policy-gradient term only (rollout IS, off-policy mask)
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+
+def _surrogate(logp, log_ratio, ratio, adv, params: TokenParams, extras: TokenExtras):
+    """The objective's policy-gradient term, its derivative w.r.t. logp and the clip flags, per token.
+
+    Every ratio here has d ratio / d logp = ratio (token level: r = exp(logp - old); sequence level in the
+    GSPO-token form: s_it = sg(s_i) exp(logp - sg(logp))), so each token's gradient stays on that token.
+    """
     zero = torch.zeros_like(ratio)
-    if params.no_clip:
-        pg, dlogp = unclipped, unclipped
-        clip_low = clip_high = torch.zeros_like(ratio, dtype=torch.bool)
-    else:
-        clipped = -adv * ratio.clamp(1.0 - params.eps_low, 1.0 + params.eps_high)
+    no_flag = torch.zeros_like(ratio, dtype=torch.bool)
+    eps_low = params.eps_low if extras.eps_low is None else extras.eps_low
+    eps_high = params.eps_high if extras.eps_high is None else extras.eps_high
+    objective = params.objective
+    if objective == "plain" or params.no_clip:
+        pg = -adv * ratio
+        return pg, pg, no_flag, no_flag
+    if objective == "clip":
+        capped_ratio = ratio if params.delta is None else torch.clamp(ratio, max=params.delta)
+        unclipped = -adv * capped_ratio
+        d_unclipped = unclipped if params.delta is None else torch.where(ratio < params.delta, unclipped, zero)
+        clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # eps: floats, or [N] tensors (Archer)
         pg = torch.maximum(unclipped, clipped)
-        dlogp = torch.where(unclipped >= clipped, unclipped, zero)
-        clip_low = (adv < 0) & (ratio < 1.0 - params.eps_low)
-        clip_high = (adv > 0) & (ratio > 1.0 + params.eps_high)
+        dlogp = torch.where(unclipped >= clipped, d_unclipped, zero)
+        clip_low = (adv < 0) & (ratio < 1.0 - eps_low)
+        clip_high = (adv > 0) & (ratio > 1.0 + eps_high)
         if params.dual_clip:
             bound = -params.dual_clip_c * adv
             capped = (adv < 0) & (pg > bound)
             pg = torch.where(capped, bound, pg)
             dlogp = torch.where(capped, zero, dlogp)
+        return pg, dlogp, clip_low, clip_high
+    if objective == "cispo":
+        if params.cispo_clip == "upper":
+            low, high = 0.0, params.cispo_max
+            weight = torch.clamp(ratio, max=high)
+        else:
+            low, high = 1.0 - eps_low, 1.0 + eps_high
+            weight = torch.clamp(ratio, low, high)
+        return -weight * adv * logp, -weight * adv, ratio < low, ratio > high
+    if objective == "sapo":
+        tau = torch.where(adv > 0, params.sapo_tau_pos, params.sapo_tau_neg).to(ratio.dtype)
+        gate = torch.sigmoid(tau * (ratio - 1.0))
+        # d/dr [sigmoid(tau (r - 1)) 4 / tau] = 4 sigmoid (1 - sigmoid); times dr/dlogp = r
+        return -adv * gate * 4.0 / tau, -adv * 4.0 * gate * (1.0 - gate) * ratio, no_flag, no_flag
+    if objective == "vespo":
+        return -extras.seq_coef * adv * logp, -extras.seq_coef * adv, no_flag, no_flag
+    if objective == "gpg":
+        return -adv * logp, -adv, no_flag, no_flag
+    if objective == "gmpo":
+        # Token t enters the response's geometric mean through sign(a) min(sign(a) lr, sign(a) clip(lr)):
+        # its gradient flows where that min picks the unclipped log-ratio.
+        clamped = torch.clamp(log_ratio, -eps_low, eps_high)
+        sign = torch.sign(adv)
+        open_ = sign * log_ratio <= sign * clamped
+        clipped = log_ratio != clamped
+        pg = -adv * extras.seq_coef
+        return pg, torch.where(open_, pg, zero), clipped & (adv < 0), clipped & (adv > 0)
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: Optional[Tensor], params: TokenParams,
+                      extras: Optional[TokenExtras] = None):
+    """Torch twin of kernels/policy_loss.py and the reference of every objective: elementwise, in the inputs'
+    float dtype, returning (loss, dloss/dlogp, dloss/dH, clip_low, clip_high)."""
+    extras = extras if extras is not None else TokenExtras()
+    log_ratio = logp - old
+    is_log_ratio = log_ratio if extras.log_ratio is None else extras.log_ratio
+    ratio = torch.exp(is_log_ratio)
+    pg, dlogp, clip_low, clip_high = _surrogate(logp, is_log_ratio, ratio, adv, params, extras)
+    if extras.pg_weight is not None:
+        pg, dlogp = pg * extras.pg_weight, dlogp * extras.pg_weight
     loss = pg - params.entropy_coef * entropy
     if ref is not None:
         diff = logp - ref
         if params.kl_estimator == "k1":
-            loss = loss + params.kl_coef * diff
-            dlogp = dlogp + params.kl_coef
+            kl, dkl = diff, torch.ones_like(diff)
         elif params.kl_estimator == "k2":
-            loss = loss + params.kl_coef * 0.5 * diff * diff
-            dlogp = dlogp + params.kl_coef * diff
+            kl, dkl = 0.5 * diff * diff, diff
         else:
             back = torch.exp(-diff)
-            loss = loss + params.kl_coef * (back + diff - 1.0)
-            dlogp = dlogp + params.kl_coef * (1.0 - back)
+            kl, dkl = back + diff - 1.0, 1.0 - back
+        coef = params.kl_coef if extras.kl_weight is None else params.kl_coef * extras.kl_weight
+        if params.kl_bias_correction:  # d/dlogp [r kl] = r kl + r dkl (the ratio is not detached)
+            kl, dkl = ratio * kl, ratio * (kl + dkl)
+        loss = loss + coef * kl
+        dlogp = dlogp + coef * dkl
     if klcov_w is not None:
         loss = loss + klcov_w * log_ratio.abs()
         dlogp = dlogp + klcov_w * torch.sign(log_ratio)
@@ -70,27 +150,30 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
     return loss, dlogp, dentropy, clip_low, clip_high
 
 
-def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str):
-    """Dispatch on float32 inputs: 'triton' runs kernels/policy_loss.py, 'cuda' csrc/policy_loss_token.cu;
-    anything else (and float64) the torch twin."""
-    if backend == "triton" and logp.dtype == torch.float32:
+def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str,
+                extras: Optional[TokenExtras] = None):
+    """Dispatch on float32 inputs: 'triton' runs kernels/policy_loss.py, 'cuda' csrc/policy_loss_token.cu, where
+    they cover the params (objective clip or plain, no extras); anything else (and float64) the torch twin."""
+    kernel_ok = logp.dtype == torch.float32 and params.kernel_covers and (extras is None or extras.empty)
+    if backend == "triton" and kernel_ok:
         from erpo.kernels import policy_loss as kernel
 
         args = [t if t is None else t.contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
         return kernel.token_terms(*args, params)
-    if backend == "cuda" and logp.dtype == torch.float32:
+    if backend == "cuda" and kernel_ok:
         from erpo.ops import cuda_logprobs_entropy
 
         return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params)
-    return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params)
+    return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params, extras)
 
 
 class TokenLossFunction(torch.autograd.Function):
     """(logp, entropy) -> (per-token loss, clip_low, clip_high); gradients from the precomputed coefficients."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, old, adv, ref, klcov_w, params, backend):
-        loss, dlogp, dentropy, clip_low, clip_high = token_terms(logp, entropy, old, adv, ref, klcov_w, params, backend)
+    def forward(ctx, logp, entropy, old, adv, ref, klcov_w, params, backend, extras):
+        loss, dlogp, dentropy, clip_low, clip_high = token_terms(
+            logp, entropy, old, adv, ref, klcov_w, params, backend, extras)
         ctx.save_for_backward(dlogp, dentropy)
         ctx.entropy_grad = params.entropy_coef != 0
         ctx.mark_non_differentiable(clip_low, clip_high)
@@ -102,8 +185,9 @@ class TokenLossFunction(torch.autograd.Function):
         grad_logp = grad_loss * dlogp
         # No entropy term: return None so the fused backward skips the entropy part of its pass.
         grad_entropy = grad_loss * dentropy if ctx.entropy_grad and ctx.needs_input_grad[1] else None
-        return grad_logp, grad_entropy, None, None, None, None, None, None
+        return grad_logp, grad_entropy, None, None, None, None, None, None, None
 
 
-def token_loss(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str):
-    return TokenLossFunction.apply(logp, entropy, old, adv, ref, klcov_w, params, backend)
+def token_loss(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str,
+               extras: Optional[TokenExtras] = None):
+    return TokenLossFunction.apply(logp, entropy, old, adv, ref, klcov_w, params, backend, extras)

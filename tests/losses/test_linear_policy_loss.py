@@ -28,9 +28,11 @@ ONE_PASS_CONFIGS = [
     dict(method="grpo"), dict(method="grpo", kl_estimator="k1", temperature=0.7),
     dict(method="grpo", kl_estimator="k2", dual_clip=True), dict(method="dapo"),
     dict(method="dapo", entropy_coef=0.05, agg="seq-mean-token-sum"), dict(method="dr_grpo"),
-    dict(method="adapo", eps_high=0.4),
+    dict(method="adapo", eps_high=0.4), dict(method="bnpo"), dict(method="cispo", cispo_max=1.1),
+    dict(method="cispo", cispo_clip="two_sided"), dict(method="sapo"), dict(method="gpg"),
+    dict(method="dapo", delta=1.5), dict(method="grpo", kl_bias_correction=True),
 ]
-NOT_ROW_LOCAL = ("erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r")
+NOT_ROW_LOCAL = ("erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "gspo", "gmpo", "vespo", "luspo")
 B, L, H, V = 6, 7, 9, 23
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import erpo
-from erpo.losses import methods
-from erpo.losses.methods import Tokens
+from erpo.losses import controls as methods
+from erpo.losses.controls import Tokens
 from tests.losses import spec_python
 
 # Float64 logits on the torch backend: erpo and the Python spec then differ by rounding only

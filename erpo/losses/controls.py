@@ -1,4 +1,10 @@
-"""Method logic over [N] tokens: the token advantage of each method, and the Clip-Cov / KL-Cov selections.
+"""The entropy-aware controls over [N] tokens: each reshapes the token advantage, drops tokens' terms, or
+selects tokens for a penalty or a per-token clip range, and any number of them compose on any objective.
+
+`apply_controls` runs the config's controls in one fixed order, whatever order the config lists them in:
+advantage shapings first (ERPO's gate, entropy advantage, REPO / REPO-R), then selections that read the
+shaped advantage (80/20 mask, Archer's dual-token split, Clip-Cov, KL-Cov). ADAPO has nothing here: its
+controller moves eps_high between steps (controllers.py).
 
 Inputs are detached (the spec's sg()): the advantage never carries gradient; only the per-token loss
 (token_loss.py) differentiates through logp and, for the entropy bonus, H. Shapes depend only on the batch
@@ -45,6 +51,9 @@ class Shaping:
     keep: Optional[Tensor] = None  # [N] 0/1 multiplier of the whole token term (Clip-Cov)
     klcov_w: Optional[Tensor] = None  # [N] KL-Cov beta on the selected tokens, 0 elsewhere
     masked: Optional[Tensor] = None  # [N] bool: tokens masked or selected by the method
+    eps_low: Optional[Tensor] = None  # [N] per-token clip range (Archer)
+    eps_high: Optional[Tensor] = None
+    kl_weight: Optional[Tensor] = None  # [N] per-token multiplier of kl_coef (Archer)
     metrics: dict = field(default_factory=dict)
 
 
@@ -108,18 +117,64 @@ def entropy_quantile(entropy: Tensor, valid: Tensor, q: float) -> Tensor:
     low = position.floor().long().clamp(0, entropy.numel() - 1)
     high = position.ceil().long().clamp(0, entropy.numel() - 1)
     frac = position - low.to(entropy.dtype)
-    return ordered[low] + frac * (ordered[high] - ordered[low])
+    # gather with a [1] index, not ordered[low]: indexing with a 0-d tensor reads it back to the host (a sync)
+    at_low, at_high = ordered.gather(0, low.view(1)), ordered.gather(0, high.view(1))
+    return (at_low + frac * (at_high - at_low)).reshape(())
 
 
 def high_entropy_mask(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
     """80/20: keep the PG term only where H >= quantile_{1 - rho}(H over valid tokens)."""
     threshold = entropy_quantile(tokens.entropy, tokens.valid, 1.0 - config.rho)
     kept = tokens.valid & (tokens.entropy >= threshold)
+    dropped = tokens.valid & ~kept
     return Shaping(
         adv=torch.where(kept, base, torch.zeros_like(base)),
-        masked=tokens.valid & ~kept,
-        metrics={"entropy_threshold": threshold},
+        masked=dropped,
+        metrics={"entropy_threshold": threshold, "entropy_mask_frac": dropped.sum() / tokens.n_valid},
     )
+
+
+def segment_quantile(values: Tensor, segment: Tensor, valid: Tensor, n_segments: int, q: float) -> Tensor:
+    """[n_segments] linear-interpolation quantile q of `values` over each segment's valid entries (torch.quantile's
+    rule per segment; an empty segment gives +inf), sorted on the device, no sync."""
+    keys = torch.where(valid, values, torch.full_like(values, float("inf")))
+    by_value = torch.sort(keys, stable=True).indices
+    order = by_value[torch.sort(segment[by_value], stable=True).indices]  # by segment, then by value
+    ordered = keys[order]
+    sizes = segment_sum(torch.ones_like(values), segment, n_segments).long()
+    start = torch.cumsum(sizes, 0) - sizes
+    counts = segment_sum(valid.to(values.dtype), segment, n_segments)
+    position = q * (counts - 1).clamp_min(0)
+    low, high = position.floor().long(), position.ceil().long()
+    last = values.numel() - 1
+    at_low = ordered[(start + low).clamp(0, max(last, 0))]
+    at_high = ordered[(start + high).clamp(0, max(last, 0))]
+    quantile = at_low + (position - low.to(values.dtype)) * (at_high - at_low)
+    return torch.where(counts > 0, quantile, torch.full_like(quantile, float("inf")))
+
+
+def archer(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
+    """Archer (Wang et al. 2025, dual-token constraints): in each response the tokens with H >= its
+    (1 - archer_rho) entropy quantile get the wider clip archer_eps on both sides and no KL; the others keep
+    [eps_low, eps_high] and the KL term."""
+    threshold = segment_quantile(tokens.entropy, tokens.seq, tokens.valid, tokens.n_seqs, 1.0 - config.archer_rho)
+    high = tokens.valid & (tokens.entropy >= threshold[tokens.seq])
+    ones = torch.ones_like(base)
+    return Shaping(
+        adv=base,
+        eps_low=torch.where(high, config.archer_eps * ones, config.eps_low * ones),
+        eps_high=torch.where(high, config.archer_eps * ones, config.eps_high * ones),
+        kl_weight=(~high).to(base.dtype),
+        metrics={"archer_high_frac": high.sum() / tokens.n_valid},
+    )
+
+
+def entropy_advantage(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
+    """Cheng et al. 2025 ("Reasoning with Exploration: An Entropy Perspective"): a' = a + min(alpha sg(H), |a| / kappa);
+    the bonus never flips the sign of a (kappa > 1) and is 0 where a = 0."""
+    bonus = torch.minimum(config.entropy_adv_alpha * tokens.entropy, base.abs() / config.entropy_adv_kappa)
+    bonus = torch.where(tokens.valid, bonus, torch.zeros_like(base))
+    return Shaping(adv=base + bonus, metrics={"entropy_adv_bonus": _valid_mean(bonus, tokens)})
 
 
 def _covariance(tokens: Tokens, base: Tensor) -> Tensor:
@@ -141,11 +196,16 @@ def _budget(fraction: float, n_valid: Tensor) -> Tensor:
     return torch.floor(fraction * n_valid.to(torch.float64)).long().clamp_min(1)
 
 
-def clip_cov(config: LossConfig, tokens: Tokens, base: Tensor, generator: torch.Generator) -> Shaping:
-    """Clip-Cov: zero the whole loss term of min(#cand, max(1, floor(r N_valid))) random candidates."""
+def clip_cov(config: LossConfig, tokens: Tokens, base: Tensor, generator: torch.Generator,
+             eps_low=None, eps_high=None) -> Shaping:
+    """Clip-Cov: zero the whole loss term of min(#cand, max(1, floor(r N_valid))) random candidates.
+    `eps_low`/`eps_high`: per-token clip ranges when another control set them (Archer)."""
     cov = _covariance(tokens, base)
     ratio = torch.exp(tokens.logp - tokens.old)
-    clip_active = -base * ratio.clamp(1 - config.eps_low, 1 + config.eps_high) > -base * ratio
+    low = 1 - (config.eps_low if eps_low is None else eps_low)
+    high = 1 + (config.eps_high if eps_high is None else eps_high)
+    clip_active = -base * torch.minimum(torch.maximum(ratio, torch.as_tensor(low, dtype=ratio.dtype)),
+                                        torch.as_tensor(high, dtype=ratio.dtype)) > -base * ratio
     candidate = tokens.valid & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub) & ~clip_active
     budget = torch.minimum(candidate.sum(), _budget(config.clip_cov_ratio, tokens.n_valid))
     keys = torch.rand(base.numel(), generator=generator, device=base.device, dtype=torch.float32)
@@ -155,7 +215,7 @@ def clip_cov(config: LossConfig, tokens: Tokens, base: Tensor, generator: torch.
         adv=base,
         keep=(~picked).to(base.dtype),
         masked=picked,
-        metrics={"cov_candidates": candidate.sum()},
+        metrics={"cov_candidates": candidate.sum(), "clip_cov_frac": picked.sum() / tokens.n_valid},
     )
 
 
@@ -164,7 +224,8 @@ def kl_cov(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
     cov = _covariance(tokens, base)
     keys = torch.where(tokens.valid, cov, torch.full_like(cov, -float("inf")))
     picked = tokens.valid & (_rank(keys, descending=True) < _budget(config.kl_cov_ratio, tokens.n_valid))
-    return Shaping(adv=base, klcov_w=picked.to(base.dtype) * config.kl_cov_beta, masked=picked)
+    return Shaping(adv=base, klcov_w=picked.to(base.dtype) * config.kl_cov_beta, masked=picked,
+                   metrics={"kl_cov_frac": picked.sum() / tokens.n_valid})
 
 
 def repo(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
@@ -182,19 +243,36 @@ def repo_r(config: LossConfig, tokens: Tokens, base: Tensor) -> Shaping:
     return Shaping(adv=torch.where(tokens.valid, adv, torch.zeros_like(base)))
 
 
-def token_advantages(config: LossConfig, tokens: Tokens, generator: Optional[torch.Generator]) -> Shaping:
-    base = torch.where(tokens.valid, tokens.seq_adv[tokens.seq], torch.zeros_like(tokens.logp))
-    method = config.method
-    if method == "erpo":
-        return erpo_advantage(config, tokens, base)
-    if method == "high_entropy_mask":
-        return high_entropy_mask(config, tokens, base)
-    if method == "clip_cov":
-        return clip_cov(config, tokens, base, generator)
-    if method == "kl_cov":
-        return kl_cov(config, tokens, base)
-    if method == "repo":
-        return repo(config, tokens, base)
-    if method == "repo_r":
-        return repo_r(config, tokens, base)
-    return Shaping(adv=base)  # grpo, dapo, dr_grpo, adapo: the plain surrogate
+# The order controls run in (advantage shapings, then the selections that read the shaped advantage).
+ORDER = ("erpo", "entropy_advantage", "repo", "repo_r", "high_entropy_mask", "archer", "clip_cov", "kl_cov", "adapo")
+ADVANTAGE_SHAPINGS = {"erpo": erpo_advantage, "entropy_advantage": entropy_advantage, "repo": repo, "repo_r": repo_r}
+
+
+def _union(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a | b
+
+
+def apply_controls(config: LossConfig, tokens: Tokens, generator: Optional[torch.Generator]) -> Shaping:
+    """The token advantage and selections of `config.controls`, composed in ORDER."""
+    adv = torch.where(tokens.valid, tokens.seq_adv[tokens.seq], torch.zeros_like(tokens.logp))
+    result = Shaping(adv=adv)
+    for name in sorted(config.controls, key=ORDER.index):
+        if name in ADVANTAGE_SHAPINGS:
+            step = ADVANTAGE_SHAPINGS[name](config, tokens, result.adv)
+        elif name == "high_entropy_mask":
+            step = high_entropy_mask(config, tokens, result.adv)
+        elif name == "archer":
+            step = archer(config, tokens, result.adv)
+            result.eps_low, result.eps_high, result.kl_weight = step.eps_low, step.eps_high, step.kl_weight
+        elif name == "clip_cov":
+            step = clip_cov(config, tokens, result.adv, generator, result.eps_low, result.eps_high)
+            result.keep = step.keep
+        elif name == "kl_cov":
+            step = kl_cov(config, tokens, result.adv)
+            result.klcov_w = step.klcov_w
+        else:  # adapo: a controller between steps, nothing per token
+            continue
+        result.adv = step.adv
+        result.masked = _union(result.masked, step.masked)
+        result.metrics.update(step.metrics)
+    return result
