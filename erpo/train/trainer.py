@@ -340,6 +340,8 @@ class Trainer:
         cfg, g = self.cfg, self.cfg.group_size
         out = []
         for groups in torch.arange(n_groups).tensor_split(cfg.mini_batches):
+            if not len(groups):  # fewer groups than mini-batches (validate() refuses it for configs)
+                continue
             first, count = int(groups[0]), len(groups)
             per_micro = min(cfg.micro_batch_groups or count, count)
             out.append([slice((first + s) * g, (first + min(s + per_micro, count)) * g)
@@ -350,7 +352,7 @@ class Trainer:
         """Forward and backward of one optimizer step's micro-batches, gradients accumulated (no optimizer
         step). Adds the loss metrics, token-weighted x `share`, into `sums`; returns the step's loss."""
         mask = batch["mask"]
-        norm = normalizer.Normalizer.of(mask, micro_rows, loss_cfg.agg, self.dist)
+        norm = normalizer.Normalizer.of(mask, micro_rows, self.dist)
         total_tokens = float(mask.sum())
         step_loss = 0.0
         for index, rows in enumerate(micro_rows):
@@ -372,7 +374,10 @@ class Trainer:
             step_loss += float(result.loss.detach()) * scale  # averaged over ranks: the step's global loss
             weight = float(mask[rows].sum()) / total_tokens * share
             for key, value in result.metrics.items():
-                if key.startswith("n_"):  # counts: of the whole batch, once per pass over it
+                if key.endswith(("_min", "_max")):  # extremes (ratio_min/max) over the micro-batches
+                    pick = min if key.endswith("_min") else max
+                    sums[key] = pick(sums.get(key, float(value)), float(value))
+                elif key.startswith("n_"):  # counts: of the whole batch, once per pass over it
                     sums[key] = sums.get(key, 0.0) + float(value) * share
                 elif value.is_floating_point():
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
@@ -426,8 +431,9 @@ class Trainer:
         task_rewards = [r for g in collected.sampled for r in g.task_rewards]
         sampling = {"reward": sum(task_rewards) / len(task_rewards), "reward_trained": float(rewards.mean())}
         shift = policy_shift(self.policy, batch, tensors["old_logp"], chunk, cfg, self.autocast)
+        extremes = {k: sums.pop(k) for k in list(sums) if k.endswith(("_min", "_max"))}
         shared = distributed.mean({**sums, **sampling, **shift["means"]}, self.dist)
-        shared.update(distributed.extremes(shift["extremes"], self.dist))
+        shared.update(distributed.extremes({**extremes, **shift["extremes"]}, self.dist))
         if self.controller is not None and not nonfinite_steps:
             self.controller.step(shared)  # reads the batch's mean entropy (averaged over ranks)
         self.engine.sync_weights(self.policy)

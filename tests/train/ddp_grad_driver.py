@@ -52,13 +52,14 @@ def main():
     trainer.accumulate(batch, tensors, micro, trainer.loss_cfg, {}, 1.0)
     global_grad = grads(trainer.policy)
 
-    real_scale = normalizer.Normalizer.scale
+    real_scale, real_keys = normalizer.Normalizer.scale, normalizer.Normalizer.batch_keys
     # Control, the trainer before the global normaliser: each rank its own token-mean, DDP averaging ranks.
     normalizer.Normalizer.scale = lambda self, mask, rows: float(mask[rows].sum() / mask.sum())
+    normalizer.Normalizer.batch_keys = lambda self: {}
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.accumulate(batch, tensors, micro, trainer.loss_cfg, {}, 1.0)
     local_grad = grads(trainer.policy)
-    normalizer.Normalizer.scale = real_scale
+    normalizer.Normalizer.scale, normalizer.Normalizer.batch_keys = real_scale, real_keys
 
     everything = distributed.gather(out, trainer.dist)
     tokens = distributed.gather(int(batch["mask"].sum()), trainer.dist)

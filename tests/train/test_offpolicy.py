@@ -39,12 +39,17 @@ def test_fully_on_policy_has_ratio_one(tmp_path):
 
 def test_on_policy_warning_names_the_mechanisms_that_cannot_act(tmp_path, capsys):
     cfg = from_dict({**SMALL, "mini_batches": 1})
-    for method, named in (("dapo", "clip-higher"), ("adapo", "ADAPO"), ("kl_cov", "KL-Cov"), ("grpo", "PPO clip")):
+    for method, named in (("dapo", "clip-higher"), ("adapo", "ADAPO"), ("kl_cov", "KL-Cov"), ("grpo", "PPO clip"),
+                          ("gspo", "sequence-level ratio"), ("cispo", "CISPO"), ("sapo", "SAPO"), ("gmpo", "GMPO")):
         text = offpolicy.on_policy_warning(dataclasses.replace(cfg, loss=method),
                                            loss_config(dataclasses.replace(cfg, loss=method)))
         assert text and named in text, method
     kl_cov = offpolicy.inert_on_policy(loss_config(dataclasses.replace(cfg, loss="kl_cov")))
     assert not any("PPO clip" in name for name in kl_cov)  # KL-Cov has no clip to lose
+    composed = dataclasses.replace(cfg, loss="grpo", loss_args={"controls": "kl_cov"})
+    assert "KL-Cov" in offpolicy.on_policy_warning(composed, loss_config(composed))
+    assert offpolicy.on_policy_warning(dataclasses.replace(cfg, loss="gpg"), loss_config(dataclasses.replace(
+        cfg, loss="gpg"))) is None  # no ratio: nothing to lose
     assert offpolicy.on_policy_warning(dataclasses.replace(cfg, mini_batches=2), loss_config(cfg)) is None
     assert offpolicy.on_policy_warning(dataclasses.replace(cfg, ppo_epochs=2), loss_config(cfg)) is None
     make(tmp_path, loss="adapo", mini_batches=1, steps=1).train()
@@ -129,7 +134,7 @@ def test_ddp_gradient_equals_the_union_batch_gradient(tmp_path, agg):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "tests.train.ddp_grad_driver", str(tmp_path), agg]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads((tmp_path / "result.json").read_text())
     assert found["grad_norm"] > 1e-3
