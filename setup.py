@@ -11,6 +11,10 @@ from setuptools import find_packages, setup
 
 TRAIN = ["transformers>=4.50", "tokenizers", "safetensors", "rich", "math-verify>=0.9", "pyyaml", "matplotlib", "datasets"]
 BENCH = ["matplotlib", "psutil", "pytest-benchmark"]
+# The peers erpo's parity tests and integrations run against (tests/peers, erpo/integrations), pinned. Liger and
+# verl need --no-deps on a CPU machine (their requirements pull a CUDA torch, Ray, vLLM, ...): .ci/run installs
+# them that way; this extra lists what pip can resolve without replacing torch.
+PEERS = ["trl==1.16.0", "hydra-core==1.3.8", "omegaconf==2.3.1", "codetiming==1.4.0", "tensordict==0.15.3"]
 
 
 def cuda_extension() -> dict:
@@ -70,7 +74,7 @@ setup(
     # No triton pin: a CUDA torch brings the triton it was built with, and the install must not replace it.
     # CPU machines install it from requirements-cpu.txt (see README).
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"train": TRAIN, "bench": BENCH, "test": ["pytest>=8"] + TRAIN + BENCH},
+    extras_require={"train": TRAIN, "bench": BENCH, "test": ["pytest>=8"] + TRAIN + BENCH, "peers": PEERS},
     entry_points={"console_scripts": ["erpo=erpo.cli:main"]},
     **cuda_extension(),
 )

@@ -121,20 +121,33 @@ void check_token_array(const at::Tensor& t, const at::Tensor& like, const char* 
               like.numel(), " elements, got shape ", t.sizes());
 }
 
+const float* optional_token_array(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t) return nullptr;
+  check_token_array(*t, like, name);
+  return t->data_ptr<float>();
+}
+
 void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& old, const at::Tensor& adv,
-                       const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& klcov_w, at::Tensor& loss,
-                       at::Tensor& dlogp, at::Tensor& dentropy, at::Tensor& clip_low, at::Tensor& clip_high,
-                       double eps_low, double eps_high, double dual_clip_c, double kl_coef, double entropy_coef,
-                       bool no_clip, bool dual_clip, int64_t kl_estimator) {
+                       const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& klcov_w,
+                       const c10::optional<at::Tensor>& log_ratio, const c10::optional<at::Tensor>& seq_coef,
+                       const c10::optional<at::Tensor>& eps_low_t, const c10::optional<at::Tensor>& eps_high_t,
+                       const c10::optional<at::Tensor>& kl_weight, const c10::optional<at::Tensor>& pg_weight,
+                       at::Tensor& loss, at::Tensor& dlogp, at::Tensor& dentropy, at::Tensor& clip_low,
+                       at::Tensor& clip_high, double eps_low, double eps_high, double dual_clip_c, double kl_coef,
+                       double entropy_coef, c10::optional<double> delta, double cispo_max, double sapo_tau_pos,
+                       double sapo_tau_neg, int64_t objective, bool dual_clip, bool cispo_upper, int64_t kl_estimator,
+                       bool kl_bias) {
   TORCH_CHECK(logp.is_cuda(), "erpo._C: logp must be a CUDA tensor, got ", logp.device());
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "erpo._C: kl_estimator must be 1 (k1), 2 (k2) or 3 (k3), got ",
               kl_estimator);
+  TORCH_CHECK(objective >= 0 && objective <= 6,
+              "erpo._C: objective must be 0..6 (TokenParams.objective_code), got ", objective);
+  TORCH_CHECK(seq_coef || (objective != 4 && objective != 6), "erpo._C: objective ", objective,
+              " (vespo/gmpo) needs seq_coef");
   check_token_array(logp, logp, "logp");
   check_token_array(entropy, logp, "entropy");
   check_token_array(old, logp, "old_logp");
   check_token_array(adv, logp, "advantages");
-  if (ref) check_token_array(*ref, logp, "ref_logp");
-  if (klcov_w) check_token_array(*klcov_w, logp, "klcov_w");
   check_token_array(loss, logp, "loss");
   check_token_array(dlogp, logp, "dlogp");
   check_token_array(dentropy, logp, "dentropy");
@@ -143,12 +156,19 @@ void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const 
   const c10::cuda::CUDAGuard guard(logp.device());
   check_launch(erpo_policy_loss_token(
                    logp.data_ptr<float>(), entropy.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(),
-                   ref ? ref->data_ptr<float>() : nullptr, klcov_w ? klcov_w->data_ptr<float>() : nullptr,
+                   optional_token_array(ref, logp, "ref_logp"), optional_token_array(klcov_w, logp, "klcov_w"),
+                   optional_token_array(log_ratio, logp, "log_ratio"), optional_token_array(seq_coef, logp, "seq_coef"),
+                   optional_token_array(eps_low_t, logp, "eps_low"), optional_token_array(eps_high_t, logp, "eps_high"),
+                   optional_token_array(kl_weight, logp, "kl_weight"),
+                   optional_token_array(pg_weight, logp, "pg_weight"),
                    loss.data_ptr<float>(), dlogp.data_ptr<float>(), dentropy.data_ptr<float>(),
                    static_cast<int8_t*>(clip_low.data_ptr()), static_cast<int8_t*>(clip_high.data_ptr()), logp.numel(),
-                   static_cast<float>(eps_low), static_cast<float>(eps_high), static_cast<float>(dual_clip_c),
-                   static_cast<float>(kl_coef), static_cast<float>(entropy_coef), no_clip, dual_clip,
-                   static_cast<int>(kl_estimator), c10::cuda::getCurrentCUDAStream().stream()),
+                   static_cast<float>(eps_low), static_cast<float>(eps_high), static_cast<float>(1.0 - eps_low),
+                   static_cast<float>(1.0 + eps_high), static_cast<float>(dual_clip_c), static_cast<float>(kl_coef),
+                   static_cast<float>(entropy_coef), static_cast<float>(delta ? *delta : 0.0),
+                   static_cast<float>(cispo_max), static_cast<float>(sapo_tau_pos), static_cast<float>(sapo_tau_neg),
+                   static_cast<int>(objective), dual_clip, delta.has_value(), cispo_upper,
+                   static_cast<int>(kl_estimator), kl_bias, c10::cuda::getCurrentCUDAStream().stream()),
                "policy_loss_token launch");
 }
 
@@ -168,7 +188,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("policy_loss_token", &policy_loss_token,
         "per-token loss, dloss/dlogp, dloss/dH and clip flags into preallocated outputs (csrc/token_loss_math.h)",
         py::arg("logp"), py::arg("entropy"), py::arg("old_logp"), py::arg("advantages"), py::arg("ref_logp"),
-        py::arg("klcov_w"), py::arg("loss"), py::arg("dlogp"), py::arg("dentropy"), py::arg("clip_low"),
-        py::arg("clip_high"), py::arg("eps_low"), py::arg("eps_high"), py::arg("dual_clip_c"), py::arg("kl_coef"),
-        py::arg("entropy_coef"), py::arg("no_clip"), py::arg("dual_clip"), py::arg("kl_estimator"));
+        py::arg("klcov_w"), py::arg("log_ratio"), py::arg("seq_coef"), py::arg("eps_low_t"), py::arg("eps_high_t"),
+        py::arg("kl_weight"), py::arg("pg_weight"), py::arg("loss"), py::arg("dlogp"), py::arg("dentropy"),
+        py::arg("clip_low"), py::arg("clip_high"), py::arg("eps_low"), py::arg("eps_high"), py::arg("dual_clip_c"),
+        py::arg("kl_coef"), py::arg("entropy_coef"), py::arg("delta"), py::arg("cispo_max"), py::arg("sapo_tau_pos"),
+        py::arg("sapo_tau_neg"), py::arg("objective"), py::arg("dual_clip"), py::arg("cispo_upper"),
+        py::arg("kl_estimator"), py::arg("kl_bias"));
 }

@@ -238,18 +238,22 @@ int erpo_host_default_block_threads(int64_t vocab, int elem_size) {
   return erpo::default_block_threads(vocab, elem_size);
 }
 
-// The per-token policy-loss kernel's loop body over n tokens; ref / klcov_w may be NULL.
+// The per-token policy-loss kernel's loop body over n tokens; ref, klcov_w and the extras may be NULL.
 void erpo_host_token_terms(const float* logp, const float* entropy, const float* old, const float* adv,
-                           const float* ref, const float* klcov_w, float* loss, float* dlogp, float* dentropy,
-                           int8_t* clip_low, int8_t* clip_high, int64_t n, float eps_low, float eps_high,
-                           float dual_clip_c, float kl_coef, float entropy_coef, int no_clip, int dual_clip,
-                           int kl_estimator) {
-  const erpo::TokenParams params{eps_low,      eps_high, dual_clip_c, kl_coef,
-                                 entropy_coef, no_clip,  dual_clip,   kl_estimator};
+                           const float* ref, const float* klcov_w, const float* log_ratio, const float* seq_coef,
+                           const float* eps_low_t, const float* eps_high_t, const float* kl_weight,
+                           const float* pg_weight, float* loss, float* dlogp, float* dentropy, int8_t* clip_low,
+                           int8_t* clip_high, int64_t n, float eps_low, float eps_high, float clip_lo, float clip_hi,
+                           float dual_clip_c, float kl_coef, float entropy_coef, float delta, float cispo_max,
+                           float sapo_tau_pos, float sapo_tau_neg, int objective, int dual_clip, int has_delta,
+                           int cispo_upper, int kl_estimator, int kl_bias) {
+  const erpo::TokenArrays arrays{logp, entropy, old, adv, ref, klcov_w, log_ratio, seq_coef, eps_low_t, eps_high_t,
+                                 kl_weight, pg_weight};
+  const erpo::TokenParams params{eps_low,   eps_high,  clip_lo,     clip_hi,      dual_clip_c,  kl_coef,
+                                 entropy_coef, delta,  cispo_max,   sapo_tau_pos, sapo_tau_neg, objective,
+                                 dual_clip, has_delta, cispo_upper, kl_estimator, kl_bias};
   for (int64_t i = 0; i < n; ++i) {
-    const erpo::TokenTerms t = erpo::token_terms(logp[i], entropy[i], old[i], adv[i], ref != nullptr,
-                                                 ref ? ref[i] : 0.0f, klcov_w != nullptr,
-                                                 klcov_w ? klcov_w[i] : 0.0f, params);
+    const erpo::TokenTerms t = erpo::token_terms_at(arrays, i, params);
     loss[i] = t.loss;
     dlogp[i] = t.dlogp;
     dentropy[i] = t.dentropy;

@@ -1,8 +1,27 @@
 """The `erpo` command: `erpo train`, `erpo compare`, `erpo eval`, `erpo plot`, `erpo bench`
 (also `python -m erpo ...`)."""
 import argparse
+import difflib
 import os
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line `erpo <command>: error: ...` (exit 2), not a usage block above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the options\n")
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list) -> None:
+    """Refuse arguments no option takes, naming each, with the closest option of the command."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [flag for action in sub._actions for flag in action.option_strings if flag.startswith("--")]
+    parts = []
+    for arg in extra:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1) if arg.startswith("-") else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    sub.error(f"unrecognized arguments: {' '.join(parts)}")
 
 
 def _train(args) -> int:
@@ -36,7 +55,10 @@ def _eval(args) -> int:
     from erpo.train import checkpoint, data, model as model_lib, rewards, rollout
     from erpo.train.evaluate import evaluate
 
-    path = checkpoint.resolve(args.checkpoint)
+    if args.temperature < 0 or args.max_new_tokens < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy) and --max-new-tokens >= 0 (0 = the run's), got "
+                         f"{args.temperature} and {args.max_new_tokens}")
+    path = checkpoint.resolve(args.checkpoint, "checkpoint")
     checkpoint.verify(path)
     with open(f"{path}/train_config.json", encoding="utf-8") as handle:
         train_cfg = json.load(handle)
@@ -81,7 +103,7 @@ def _bench(argv: list) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from erpo.train import config as config_lib
 
-    parser = argparse.ArgumentParser(prog="erpo", description="Entropy-regulated RL of language models.")
+    parser = _Parser(prog="erpo", description="Entropy-regulated RL of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train", help="train a policy with RL from verifiable rewards",
@@ -145,7 +167,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # everything after it belongs to `python -m bench`, options included
         command, run = "bench", lambda: _bench(argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _unknown_flags(parser, args.command, extra)
         command, run = args.command, lambda: args.run(args)
     try:
         return run()

@@ -15,6 +15,7 @@ Sources (see docs/losses.md): GRPO (Shao et al. 2024), DAPO (Yu et al. 2025), Dr
 own reading of arXiv 2603.28204 (its equations were not available).
 """
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -151,7 +152,9 @@ def _number(name, value):
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}{hint}")
 
 
 def _integer(name, value, minimum):

@@ -1,7 +1,8 @@
 """The per-token loss as one autograd Function over [N]: (logp, entropy) -> per-token loss term.
 
-Its forward runs the per-token kernel (Triton on CUDA, or under the interpreter when asked) or its torch
-twin below, which returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH; its
+Its forward runs a per-token kernel (Triton on CUDA or under the interpreter when asked, or the CUDA C++
+one of csrc/) for every objective, param and TokenExtras field on float32 inputs, or else its torch twin
+below; each returns the loss term and the analytic coefficients dloss/dlogp and dloss/dH. Its
 backward only multiplies them by the incoming gradient. Those two [N] vectors then go to the fused op's
 backward, the only pass over the vocabulary. Everything else the loss needs (token advantage, KL-Cov
 weights) arrives already computed and detached.
@@ -38,9 +39,10 @@ class TokenParams:
         return {"k1": 1, "k2": 2, "k3": 3}[self.kl_estimator]
 
     @property
-    def kernel_covers(self) -> bool:
-        """Whether the per-token kernels (Triton, CUDA) implement these params (else the torch twin runs)."""
-        return self.objective in ("clip", "plain") and self.delta is None and not self.kl_bias_correction
+    def objective_code(self) -> int:
+        """The objective as the kernels (Triton, CUDA) take it; no_clip makes any objective plain (as the twin)."""
+        objective = "plain" if self.no_clip else self.objective
+        return {"clip": 0, "plain": 1, "cispo": 2, "sapo": 3, "vespo": 4, "gpg": 5, "gmpo": 6}[objective]
 
 
 @dataclass
@@ -152,18 +154,26 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
 
 def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, backend: str,
                 extras: Optional[TokenExtras] = None):
-    """Dispatch on float32 inputs: 'triton' runs kernels/policy_loss.py, 'cuda' csrc/policy_loss_token.cu, where
-    they cover the params (objective clip or plain, no extras); anything else (and float64) the torch twin."""
-    kernel_ok = logp.dtype == torch.float32 and params.kernel_covers and (extras is None or extras.empty)
-    if backend == "triton" and kernel_ok:
+    """Dispatch: on float32 inputs 'triton' runs kernels/policy_loss.py and 'cuda' csrc/policy_loss_token.cu, for
+    every objective, param and TokenExtras field. The torch twin runs on the 'torch' backend and on other dtypes
+    (it is the float64 reference and computes in the inputs' dtype, which the float32 kernels cannot)."""
+    extras = extras if extras is not None else TokenExtras()
+    tensors = [t for t in (logp, entropy, old, adv, ref, klcov_w) if t is not None]
+    tensors += [t for t in (getattr(extras, f.name) for f in dataclasses.fields(extras)) if t is not None]
+    float32 = all(t.dtype == torch.float32 for t in tensors)
+    if backend == "triton" and float32:
         from erpo.kernels import policy_loss as kernel
 
-        args = [t if t is None else t.contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
-        return kernel.token_terms(*args, params)
-    if backend == "cuda" and kernel_ok:
+        def flat(t):
+            return None if t is None else t.reshape(-1).contiguous()
+
+        args = [flat(t) for t in (logp, entropy, old, adv, ref, klcov_w)]
+        flat_extras = TokenExtras(**{f.name: flat(getattr(extras, f.name)) for f in dataclasses.fields(extras)})
+        return kernel.token_terms(*args, params, flat_extras)
+    if backend == "cuda" and float32:
         from erpo.ops import cuda_logprobs_entropy
 
-        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params)
+        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras)
     return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params, extras)
 
 

@@ -124,7 +124,15 @@ def remove_run(path: str) -> None:
 
 
 def check_writable(run_dir: str) -> None:
-    """Fail before any work when the run directory cannot be created or written."""
+    """Fail before any work when the run directory cannot be created or written. Folders it creates for the
+    probe are removed again: a run that fails to start leaves nothing behind."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"out_dir {run_dir!r} is a file, not a directory")
+    created = []
+    folder = os.path.abspath(run_dir)
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
@@ -133,6 +141,12 @@ def check_writable(run_dir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise ValueError(f"out_dir {run_dir!r} is not writable: {err.strerror or err}") from None
+    finally:
+        for path in created:  # deepest first; each was empty and made here
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
 
 
 def list_steps(run_dir: str) -> list[int]:
@@ -163,17 +177,28 @@ def recover_swap(run_dir: str) -> None:
             os.replace(os.path.join(root, name), os.path.join(root, match.group(1)))
 
 
-def resolve(path: str) -> str:
-    """A checkpoint directory, or a run directory (then its latest checkpoint)."""
+def resolve(path: str, what: str = "--resume") -> str:
+    """A checkpoint directory, or a run directory (then its latest checkpoint). `what` names the argument."""
     if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_DIR.match(os.path.basename(os.path.normpath(path))):
         return path
     if not os.path.isdir(path):
-        raise CheckpointError(f"--resume {path!r}: no such directory")
+        raise CheckpointError(f"{what} {path!r}: no such directory")
     recover_swap(path)
     steps = list_steps(path)
+    if not steps and holds_run(path):
+        raise CheckpointError(f"{what} {path!r}: the run stopped before its first checkpoint, so there is nothing to "
+                              f"continue from; start it again with --out-dir {path} --overwrite")
     if not steps:
-        raise CheckpointError(f"--resume {path!r}: no checkpoint found (expected {path}/checkpoints/step_NNNNNN/)")
+        raise CheckpointError(f"{what} {path!r}: no checkpoint found (expected {path}/checkpoints/step_NNNNNN/)")
     return os.path.join(path, "checkpoints", f"step_{steps[-1]:06d}")
+
+
+def later_steps(checkpoint_path: str) -> list[int]:
+    """Steps of the same run's checkpoints after `checkpoint_path` (RUN/checkpoints/step_N): what resuming it in
+    place would overwrite."""
+    match = STEP_DIR.match(os.path.basename(os.path.normpath(checkpoint_path)))
+    run_dir = os.path.dirname(os.path.dirname(os.path.normpath(checkpoint_path)))
+    return [s for s in list_steps(run_dir) if match and s > int(match.group(1))]
 
 
 def verify(path: str) -> dict:

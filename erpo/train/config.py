@@ -132,14 +132,15 @@ def _unknown(key: str, where: str) -> ValueError:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     kind = _TYPES[name]
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
     if kind is not bool and isinstance(value, bool):
-        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got the bool {value!r}")
+        raise ValueError(f"{where}: {name} must be {article} {kind.__name__}, got the bool {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is dict and value is None:
         return {}
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{where}: {name} must be {article} {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 

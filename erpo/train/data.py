@@ -35,8 +35,8 @@ def _check_rows(numbered_rows, prompt_field: str, answer_field: str, source: str
                 continue
         problems.append(f"line {number}: {problem}")
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"{source}: {len(problems)} bad row(s):\n  {shown}")
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"{source}: {len(problems)} bad row(s): {shown}")  # one line, as every user error
     if not good:
         raise ValueError(f"{source}: no rows")
     return good
@@ -71,7 +71,10 @@ def load(source: str, prompt_field: str = "prompt", answer_field: str = "answer"
     if os.path.isdir(source):
         import datasets
 
-        data = datasets.load_from_disk(source)
+        try:
+            data = datasets.load_from_disk(source)
+        except FileNotFoundError as err:  # a folder that is not a `save_to_disk` output
+            raise ValueError(f"data {source!r} is a directory but not a saved `datasets` directory ({err})") from None
         if isinstance(data, datasets.DatasetDict):
             if "train" not in data:
                 raise ValueError(f"{source}: a DatasetDict needs a 'train' split, has {list(data)}")

@@ -63,6 +63,9 @@ def locate(source: str, what: str = "model") -> dict:
 def load_policy(source: str, tokenizer_source: str, seed: int, sft_warmup_steps: int):
     """`source` is 'tiny' (built in code, then warmed up) or a local path / hub name of a causal LM."""
     if source == tiny_task.MODEL_NAME:
+        if tokenizer_source:
+            raise ValueError(f"tokenizer {tokenizer_source!r} with model 'tiny': the built-in model has its own "
+                             "character tokenizer; drop --tokenizer")
         tokenizer = tiny_task.build_tokenizer()
         model = tiny_task.build_model(tokenizer)
         if sft_warmup_steps:
@@ -106,5 +109,8 @@ def load_reference(spec: str, needs_ref: bool, config_model: str, seed: int, sft
             return frozen_copy(initial_policy)
         model, _ = load_policy(config_model, "", seed, sft_warmup_steps)
         return frozen_copy(model)
-    model, _ = load_policy(spec, "", seed, 0)
+    try:
+        model, _ = load_policy(spec, "", seed, 0)
+    except ValueError as err:
+        raise ValueError(f"ref_model: {err}") from None
     return frozen_copy(model)

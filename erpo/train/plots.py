@@ -33,6 +33,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir!r} has no metrics.jsonl: is it an `erpo train` run directory?")
     out = out or os.path.join(run_dir, "metrics.png")
+    if os.path.isdir(out) or out.endswith(os.sep):  # a folder: the plot goes inside it, not beside it as FOLDER.png
+        out = os.path.join(out, "metrics.png")
     if not os.path.splitext(out)[1]:
         out += ".png"  # what matplotlib would write anyway: say so, and return the real path
     folder = os.path.dirname(os.path.abspath(out))

@@ -219,6 +219,14 @@ class Trainer:
                 n += 1
                 run_dir = os.path.join("runs", f"{stamp}-{n}")
         continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
+        if resume and self.cfg.overwrite:
+            raise ValueError("--overwrite with --resume: a resume continues a run and never replaces one; to start "
+                             "over in that directory, drop --resume")
+        later = checkpoint.later_steps(resume) if continuing else []
+        if later:  # continuing there would re-write those steps and cut the metrics back: the later run is lost
+            steps = f"step{'s' * (len(later) > 1)} {', '.join(map(str, later))}"
+            raise ValueError(f"--resume {resume!r} is not the run's latest checkpoint (it also has {steps}); resuming "
+                             "it in place would overwrite them: continue it into a fresh directory with --out-dir NEW")
         if not continuing and checkpoint.holds_run(run_dir):
             if not self.cfg.overwrite or resume:
                 what = "resume it with --resume" if not resume else "continue a checkpoint into a fresh directory"

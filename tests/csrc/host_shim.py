@@ -31,7 +31,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.erpo_host_split_row.argtypes = [ctypes.c_uint64, ctypes.c_uint64, _i64, _int, _ptr]
     lib.erpo_host_split_row.restype = None
     lib.erpo_host_default_block_threads.argtypes = [_i64, _int]
-    lib.erpo_host_token_terms.argtypes = [_ptr] * 11 + [_i64, _f32, _f32, _f32, _f32, _f32, _int, _int, _int]
+    lib.erpo_host_token_terms.argtypes = [_ptr] * 17 + [_i64] + [_f32] * 11 + [_int] * 6
     lib.erpo_host_token_terms.restype = None
     return lib
 
@@ -85,15 +85,16 @@ def split_row(lib, read_address, vocab, elem_size, write_address=0):
     return tuple(out)
 
 
-def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params):
-    """The per-token policy-loss kernel's code on the host: (loss, dlogp, dentropy, clip_low, clip_high)."""
-    inputs = [None if t is None else t.to(torch.float32).contiguous() for t in (logp, entropy, old, adv, ref, klcov_w)]
-    n = inputs[0].numel()
+def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params, extras=None):
+    """The per-token policy-loss kernel's code on the host: (loss, dlogp, dentropy, clip_low, clip_high).
+    `extras`: a TokenExtras or None; the scalars and codes as erpo/ops/cuda_logprobs_entropy.token_terms passes them."""
+    from erpo.ops.cuda_logprobs_entropy import token_kernel_args
+
+    arrays, scalars, codes = token_kernel_args(logp, entropy, old, adv, ref, klcov_w, params, extras)
+    arrays = [None if t is None else t.to(torch.float32).contiguous() for t in arrays]
+    n = arrays[0].numel()
     out = [torch.empty(n, dtype=torch.float32) for _ in range(3)]
     flags = [torch.empty(n, dtype=torch.int8) for _ in range(2)]
-    lib.erpo_host_token_terms(
-        *(_ptr_or_none(t) for t in inputs), *(t.data_ptr() for t in out + flags), n,
-        params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef, params.entropy_coef,
-        int(params.no_clip), int(params.dual_clip), params.kl_code,
-    )
+    lib.erpo_host_token_terms(*(_ptr_or_none(t) for t in arrays), *(t.data_ptr() for t in out + flags), n,
+                              *scalars, *codes)
     return (*out, flags[0].bool(), flags[1].bool())

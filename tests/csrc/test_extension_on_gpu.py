@@ -88,9 +88,11 @@ def test_policy_loss_token_kernel_matches_twin(dual_clip, kl_estimator):
     params = TokenParams(0.2, 0.28, dual_clip, 3.0, 0.04, kl_estimator, 0.01, False)
     out = [torch.empty(n, device="cuda") for _ in range(3)]
     out += [torch.empty(n, device="cuda", dtype=torch.bool) for _ in range(2)]
-    _C.policy_loss_token(logp, entropy, old, adv, ref, klcov, *out, params.eps_low, params.eps_high,
-                         params.dual_clip_c, params.kl_coef, params.entropy_coef, params.no_clip, params.dual_clip,
-                         {"k1": 1, "k2": 2, "k3": 3}[kl_estimator])
+    _C.policy_loss_token(logp, entropy, old, adv, ref, klcov, None, None, None, None, None, None, *out,
+                         params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef, params.entropy_coef,
+                         params.delta, params.cispo_max, params.sapo_tau_pos, params.sapo_tau_neg,
+                         params.objective_code, params.dual_clip, params.cispo_clip == "upper", params.kl_code,
+                         params.kl_bias_correction)
     want = token_terms_torch(*(t.double() for t in (logp, entropy, old, adv, ref, klcov)), params)
     ratio = torch.exp(logp.double() - old.double())
     away = ((ratio - 0.8).abs() > 1e-4) & ((ratio - 1.28).abs() > 1e-4) & ((logp - old).abs() > 1e-4)

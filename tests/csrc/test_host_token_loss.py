@@ -78,3 +78,38 @@ def test_nan_ratio_stays_nan(shim):
     old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
     got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
     assert torch.isnan(got[0][0]) and torch.isfinite(got[0][1])
+
+
+# ---- every objective and TokenExtras field: the host-compiled kernel code against the float32 twin
+
+from tests.losses.test_token_kernel import (  # noqa: E402  (the Triton kernel's cases, shared)
+    EXTRA_FIELDS, OBJECTIVE_OPTIONS, assert_kernel_equals_twin, grid, make_extras, segment_inputs, twin_args,
+    twin_extras)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVE_OPTIONS))
+def test_every_objective_and_extras_subset_matches_float32_twin(shim, objective):
+    """token_loss_math.h (the CUDA kernel's code) = token_terms_torch in float32, to a few ulps, for every
+    extras subset x KL bias correction with the objective's options and KL estimators cycled; NaN inputs too."""
+    for i, (p, chosen) in enumerate(grid(objective)):
+        x, seq = segment_inputs(301)
+        e = make_extras(301, chosen, seq)
+        if i % 8 == 0:  # NaN in the inputs and extras: the same NaN positions as the twin
+            for name in ("logp", "old", "adv", "ref"):
+                x[name][i % 5::37] = float("nan")
+            for name in chosen:
+                getattr(e, name)[3::41] = float("nan")
+        got = hs.token_terms(shim, *twin_args(x, p), p, e)
+        want = token_terms_torch(*twin_args(x, p), p, twin_extras(e, p))
+        assert_kernel_equals_twin(got, want, f"{p} with {sorted(chosen)}")
+
+
+def test_nan_ratio_stays_nan_every_objective(shim):
+    """NaN log-ratio: NaN loss for every objective whose term uses the ratio (clip with delta, cispo, sapo)."""
+    logp = torch.tensor([float("nan"), -1.0])
+    old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
+    for option in (dict(objective="clip", delta=1.5), dict(objective="cispo"),
+                   dict(objective="cispo", cispo_clip="two_sided"), dict(objective="sapo")):
+        params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, False, **option)
+        got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
+        assert torch.isnan(got[0][0]) and torch.isfinite(got[0][1]), option

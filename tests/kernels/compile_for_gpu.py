@@ -79,19 +79,38 @@ def backward_case(dtype, has_logp, has_entropy):
 
 
 def token_case(mode):
-    pointers = ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr", "klcov_ptr", "loss_ptr", "dlogp_ptr",
-                "dentropy_ptr")
+    pointers = ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr", "klcov_ptr", "log_ratio_ptr",
+                "seq_coef_ptr", "eps_low_ptr", "eps_high_ptr", "kl_weight_ptr", "pg_weight_ptr", "loss_ptr",
+                "dlogp_ptr", "dentropy_ptr")
     signature = {name: "*fp32" for name in pointers}
     signature.update({"clip_low_ptr": "*i8", "clip_high_ptr": "*i8", "n": "i32"})
-    signature.update({name: "fp32" for name in ("eps_low", "eps_high", "dual_clip_c", "kl_coef", "entropy_coef")})
+    signature.update({name: "fp32" for name in (
+        "eps_low", "eps_high", "clip_lo", "clip_hi", "dual_clip_c", "kl_coef", "entropy_coef", "delta", "cispo_max",
+        "sapo_tau_pos", "sapo_tau_neg")})
+    mode = {**TOKEN_MODE_DEFAULTS, **mode}
     signature.update({name: "constexpr" for name in (*mode, "BLOCK")})
     divisible = (*pointers, "clip_low_ptr", "clip_high_ptr", "n")
     return policy_loss_token_kernel, signature, {**mode, "BLOCK": 1024}, divisible, 4
 
 
+TOKEN_MODE_DEFAULTS = dict(
+    OBJECTIVE=0, DUAL_CLIP=False, HAS_DELTA=False, CISPO_UPPER=True, HAS_REF=False, KL_EST=1, KL_BIAS=False,
+    HAS_KLCOV=False, HAS_LOG_RATIO=False, HAS_SEQ_COEF=False, HAS_EPS_LOW=False, HAS_EPS_HIGH=False,
+    HAS_KL_WEIGHT=False, HAS_PG_WEIGHT=False)
+ALL_EXTRAS = dict(HAS_LOG_RATIO=True, HAS_SEQ_COEF=True, HAS_EPS_LOW=True, HAS_EPS_HIGH=True, HAS_KL_WEIGHT=True,
+                  HAS_PG_WEIGHT=True)
+# Representative modes (OBJECTIVE codes: TokenParams.objective_code): each objective once, each optional
+# input and flag in at least one of them.
 TOKEN_MODES = {
-    "clip-dual-k3": dict(NO_CLIP=False, DUAL_CLIP=True, HAS_REF=True, KL_EST=3, HAS_KLCOV=False),
-    "noclip-klcov": dict(NO_CLIP=True, DUAL_CLIP=False, HAS_REF=False, KL_EST=1, HAS_KLCOV=True),
+    "clip-dual-k3": dict(DUAL_CLIP=True, HAS_REF=True, KL_EST=3),
+    "noclip-klcov": dict(OBJECTIVE=1, HAS_KLCOV=True),
+    "clip-delta-bias-k2-extras": dict(HAS_DELTA=True, DUAL_CLIP=True, HAS_REF=True, KL_EST=2, KL_BIAS=True,
+                                      **ALL_EXTRAS),
+    "cispo-two-sided-extras": dict(OBJECTIVE=2, CISPO_UPPER=False, HAS_REF=True, KL_EST=3, **ALL_EXTRAS),
+    "sapo-k1-bias": dict(OBJECTIVE=3, HAS_REF=True, KL_EST=1, KL_BIAS=True, HAS_LOG_RATIO=True),
+    "vespo-pg-weight": dict(OBJECTIVE=4, HAS_SEQ_COEF=True, HAS_PG_WEIGHT=True),
+    "gpg-kl-weight": dict(OBJECTIVE=5, HAS_REF=True, KL_EST=3, HAS_KL_WEIGHT=True),
+    "gmpo-extras": dict(OBJECTIVE=6, HAS_REF=True, KL_EST=3, **ALL_EXTRAS),
 }
 
 

@@ -297,7 +297,9 @@ def test_a_batch_missing_what_the_config_needs_raises_at_once():
     no_ref = {k: v for k, v in batch.items() if k != "ref_logp"}
     with pytest.raises(ValueError, match="ref_logp"):
         erpo.policy_loss(logits, no_ref, erpo.LossConfig(method="cispo", kl_coef=0.1))
-    bad_rollout = {**batch, "rollout_logp": batch["rollout_logp"] + 1.0}
+    positive = batch["rollout_logp"].clone()
+    positive[0, 0] = 0.5  # a valid token (random_batch keeps column 0)
+    bad_rollout = {**batch, "rollout_logp": positive}
     with pytest.raises(ValueError, match="rollout_logp"):
         erpo.policy_loss(logits, bad_rollout, erpo.LossConfig(method="dapo", rollout_is="token_mask", rollout_is_max=2.0))
 
@@ -345,3 +347,10 @@ def test_several_controllers_compose_and_round_trip_through_the_module_state():
     assert again.current_config() == moved
     with pytest.raises(ValueError, match="controller"):
         erpo.PolicyLoss(erpo.LossConfig(method="repo_r")).load_state_dict(loss_fn.state_dict())
+
+
+def test_an_unknown_name_gets_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean 'erpo'"):
+        erpo.LossConfig(method="erpoo")
+    with pytest.raises(ValueError, match="did you mean 'high_entropy_mask'"):
+        erpo.LossConfig(method="dapo", controls="high_entropy_masks")

@@ -22,6 +22,9 @@ lpl = importlib.import_module("erpo.losses.linear_policy_loss")  # the module (t
 KNOBS = {
     "erpo": dict(gate="amplify"), "dapo": dict(entropy_coef=0.02), "high_entropy_mask": dict(rho=0.5),
     "clip_cov": dict(clip_cov_lb=-1.0, clip_cov_ub=1.0, clip_cov_ratio=0.1), "kl_cov": dict(kl_cov_ratio=0.1),
+    # GSPO's paper eps (3e-4) puts most sequence ratios within fp32 rounding of a clip edge, where fp32 (fused head)
+    # and fp64 (the logits reference) may decide a whole response's clip differently; a wider range tests the same code.
+    "gspo": dict(eps_low=0.2, eps_high=0.28), "luspo": dict(eps_low=0.2, eps_high=0.28),
 }
 # Row-local configs the one-pass schedule must reproduce exactly (methods x the per-token knobs they take).
 ONE_PASS_CONFIGS = [
@@ -84,6 +87,9 @@ def test_every_method_matches_policy_loss_on_the_logits(method):
     # Random advantages, never a batch whose groups all have equal rewards (all-zero gradient).
     hidden, weight, bias, batch = make_inputs(rewards=False)
     config = erpo.LossConfig(method=method, backend="torch", **KNOBS.get(method, {}))
+    if config.is_level == "sequence":  # old log-probs near this head's own, so some sequence ratios fall inside the clip
+        logp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, batch["targets"].clamp_min(0)[..., None])[..., 0]
+        batch["old_logp"] = (logp + 0.1 * torch.randn_like(logp)).clamp(max=0.0)
     want = on_logits(hidden, weight, bias, batch, config)
     assert_same(on_hidden(hidden, weight, bias, batch, config, schedule="two_pass"), want)
     assert_same(on_hidden(hidden, weight, bias, batch, config), want)  # auto

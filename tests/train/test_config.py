@@ -48,7 +48,7 @@ def test_unknown_flag_is_rejected(capsys):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("group_size: many\n", "group_size must be a int"),
+    ("group_size: many\n", "group_size must be an int"),
     ("group_size: 0\n", "group_size must be >= 1"),
     ("temperature: 0\n", "temperature must be > 0"),
     ("rollout: sglang\n", "rollout must be one of"),

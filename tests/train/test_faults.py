@@ -4,7 +4,8 @@ Each fault runs `erpo train` in its own process (tests/train/fault_driver.py): S
 backward pass, an optimizer step or a checkpoint write, at a step drawn from the test seed, or a checkpoint
 write that fails with ENOSPC / EIO. The run is then resumed with a bare `erpo train --resume RUN` (the saved
 config is restored: no flag repeated), and its final weights and every logged metric must equal those of an
-uninterrupted run of the same config, bit for bit (timings aside). Two non-default configs: ERPO with
+uninterrupted run of the same config, bit for bit (timings aside); stray files dropped into the killed run
+(one inside its latest checkpoint) must not block or change that resume. Two non-default configs: ERPO with
 micro-batches and a reference model, and REPO-R over two PPO epochs (a loss controller whose state must
 survive too).
 """
@@ -67,6 +68,17 @@ def assert_same_run(run_dir, expected_dir):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def add_stray_files(run_dir):
+    """What a user or a tool leaves in a run: a note in the latest checkpoint (not in its manifest), a backup
+    beside the checkpoints, a file in the run directory. None of them may block or change the resume."""
+    root = os.path.join(run_dir, "checkpoints")
+    latest = sorted(name for name in os.listdir(root) if name.startswith("step_"))[-1]
+    for path in (os.path.join(root, latest, "notes.txt"), os.path.join(root, f"{latest}.bak"),
+                 os.path.join(run_dir, ".DS_Store")):
+        with open(path, "w") as handle:
+            handle.write("not erpo's")
+
+
 def _faults():
     """(config, phase, step): every phase for ERPO, two for REPO-R; the step is drawn from the run's test seed,
     after the first checkpoint (step 2), so there is always one to resume from."""
@@ -85,6 +97,7 @@ def test_sigkill_then_resume_is_bitwise_identical(baseline, name, phase, step, t
     out = str(tmp_path / "run")
     killed = run(["-m", "tests.train.fault_driver", phase, str(step), "--", *BASE, *CONFIGS[name], "--out-dir", out])
     assert killed.returncode == -9, f"{phase}@{step} was not killed: {killed.returncode} {killed.stderr[-2000:]}"
+    add_stray_files(out)
     resumed = run(["-m", "erpo", "train", "--resume", out])
     assert resumed.returncode == 0, f"{phase}@{step}: {resumed.stderr[-3000:]}"
     assert "resumed from" in resumed.stderr and "at step" in resumed.stderr

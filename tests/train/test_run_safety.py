@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -100,8 +101,6 @@ def finished_run(tmp_path_factory):
 
 
 def test_existing_run_is_refused_then_replaced_only_with_overwrite(finished_run, tmp_path):
-    import shutil
-
     run = str(tmp_path / "copy")
     shutil.copytree(finished_run, run)
     before = digest(run)
@@ -120,8 +119,6 @@ def test_existing_run_is_refused_then_replaced_only_with_overwrite(finished_run,
 
 
 def test_resume_of_a_finished_run_says_so_and_extending_it_trains_more(finished_run, tmp_path):
-    import shutil
-
     run = str(tmp_path / "copy")
     shutil.copytree(finished_run, run)
     before = digest(run)
@@ -142,19 +139,55 @@ def test_resume_of_a_finished_run_says_so_and_extending_it_trains_more(finished_
     assert saved["loss"] == "dapo" and saved["steps"] == 3
 
 
+def test_resuming_an_earlier_checkpoint_in_place_is_refused(finished_run, tmp_path, capsys):
+    run = str(tmp_path / "copy")
+    shutil.copytree(finished_run, run)
+    before = digest(run)
+    earlier = os.path.join(run, "checkpoints", "step_000001")
+    refused = in_process(capsys, "train", "--resume", earlier)
+    assert "not the run's latest checkpoint (it also has step 2)" in one_line_error(refused)
+    assert "--out-dir NEW" in refused.stderr
+    both = in_process(capsys, "train", "--resume", run, "--overwrite")
+    assert "--overwrite with --resume" in one_line_error(both)
+    assert digest(run) == before  # the later checkpoint and the metrics are intact
+    branch = str(tmp_path / "branch")
+    moved = erpo("train", "--resume", earlier, "--out-dir", branch)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(branch, "checkpoints"))) == ["step_000002"]
+    assert digest(run) == before
+
+
+def test_resuming_a_run_that_never_reached_a_checkpoint_says_how_to_restart(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    result = in_process(capsys, "train", "--resume", str(run))
+    assert f"start it again with --out-dir {run} --overwrite" in one_line_error(result)
+
+
 def test_plot_writes_where_it_says(finished_run, tmp_path):
     out = str(tmp_path / "curves")
     result = erpo("plot", finished_run, "--out", out)
     assert result.returncode == 0 and result.stdout.strip() == out + ".png" and os.path.isfile(out + ".png")
     missing = erpo("plot", finished_run, "--out", str(tmp_path / "no" / "such" / "p.png"))
     assert "does not exist" in one_line_error(missing, "plot")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    for given in (str(folder), str(folder) + os.sep):  # a folder: the plot goes inside it
+        into = erpo("plot", finished_run, "--out", given)
+        assert into.returncode == 0 and into.stdout.strip() == str(folder / "metrics.png"), into.stderr[-2000:]
+    assert os.listdir(folder) == ["metrics.png"] and not os.path.exists(str(folder) + ".png")
 
 
 def test_bench_runs_from_the_installed_command_anywhere(tmp_path):
-    result = subprocess.run([sys.executable, "-c", "import sys; from erpo.cli import main; sys.exit(main())",
-                             "bench", "--help"], capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=ENV)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "--quick" in result.stdout
+    commands = [[sys.executable, "-c", "import sys; from erpo.cli import main; sys.exit(main())"]]
+    if shutil.which("erpo"):  # the console script itself, as a user types it, outside the repository
+        commands.append([shutil.which("erpo")])
+    for command in commands:
+        result = subprocess.run([*command, "bench", "--help"], capture_output=True, text=True, timeout=120,
+                                cwd=str(tmp_path), env=ENV)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert "--quick" in result.stdout
 
 
 def in_process(capsys, *argv):
@@ -168,20 +201,52 @@ def in_process(capsys, *argv):
 
 @pytest.mark.parametrize("flags,expected", [
     (["--out-dir", "/etc/passwd/run"], "is not writable"),
+    (["--out-dir", "{tmp}/a-file"], "out_dir '{tmp}/a-file' is a file, not a directory"),
     (["--rollout", "vllm"], "needs vLLM, which is not installed"),
     (["--data", "/tmp/erpo-no-such-file.jsonl"], "data file '/tmp/erpo-no-such-file.jsonl' does not exist"),
+    (["--data", "{tmp}/bad.jsonl"], "2 bad row(s): line 1: missing field 'answer'; line 2: not valid JSON"),
+    (["--data", "{tmp}"], "is a directory but not a saved `datasets` directory"),
     (["--loss", "erpo", "--loss-arg", "gama=5"], "unknown LossConfig key 'gama' (did you mean 'gamma'?)"),
+    (["--reward", "exact_matc"], "(did you mean 'exact_match'?)"),
     (["--model", "/nonexistent/model/dir"], "no such local directory"),
+    (["--tokenizer", "/some/tokenizer"], "the built-in model has its own character tokenizer"),
+    (["--loss", "erpo", "--ref-model", "/nonexistent/ref"], "ref_model: model '/nonexistent/ref': no such local"),
     (["--resume", "/nonexistent/run"], "no such directory"),
     (["--temperature", "0"], "temperature must be > 0"),
 ])
 def test_user_errors_are_one_line(capsys, flags, expected, tmp_path):
     if "vllm" in flags and importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    out = ["--out-dir", str(tmp_path / "run")] if "--out-dir" not in flags else []
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\nnot json\n')
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    out = ["--out-dir", str(tmp_path / "new" / "run")] if "--out-dir" not in flags else []
     result = in_process(capsys, "train", *QUICK, "--steps", "1", *out, *flags)
-    assert expected in one_line_error(result)
-    assert not os.path.exists(tmp_path / "run" / "vllm_init")  # a failed start leaves nothing behind
+    assert expected.replace("{tmp}", str(tmp_path)) in one_line_error(result)
+    assert not os.path.exists(tmp_path / "new")  # a failed start leaves nothing behind (no folder, no vllm_init/)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--lossx", "erpo"], "erpo train: error: unrecognized arguments: --lossx (did you mean --loss?) erpo"),
+    (["train", "--grup-size=4"], "erpo train: error: unrecognized arguments: --grup-size=4 (did you mean --group-size?)"),
+    (["train", "--temperature", "True"], "erpo train: error: argument --temperature: invalid float value: 'True'"),
+    (["eval"], "erpo eval: error: the following arguments are required: checkpoint"),
+    (["plot", "a", "b"], "erpo plot: error: unrecognized arguments: b"),
+])
+def test_flag_errors_are_one_line_without_the_usage_block(capsys, argv, expected):
+    from erpo.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_eval_errors_name_the_checkpoint_argument(capsys):
+    result = in_process(capsys, "eval", "/nonexistent/run")
+    assert one_line_error(result, "eval").endswith("checkpoint '/nonexistent/run': no such directory")
+    negative = in_process(capsys, "eval", "/nonexistent/run", "--temperature", "-1")  # refused, not run greedy
+    assert "--temperature must be >= 0" in one_line_error(negative, "eval")
 
 
 def test_model_errors_say_what_was_tried_and_fail_fast(capsys, monkeypatch, tmp_path):
