@@ -128,14 +128,23 @@ def test_ddp_gradient_equals_the_union_batch_gradient(tmp_path, agg):
     both ranks' batches taken as one (the normaliser counts every rank's tokens/responses)."""
     import json
     import os
+    import signal
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "tests.train.ddp_grad_driver", str(tmp_path), agg]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Own session: a timeout kills torchrun's workers too (a lone rank would wait in a collective forever).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     found = json.loads((tmp_path / "result.json").read_text())
     assert found["grad_norm"] > 1e-3
     assert found["global_err"] < 1e-5, found
