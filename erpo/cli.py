@@ -1,4 +1,5 @@
-"""The `erpo` command: `erpo train`, `erpo eval`, `erpo plot`, `erpo bench` (also `python -m erpo ...`)."""
+"""The `erpo` command: `erpo train`, `erpo compare`, `erpo eval`, `erpo plot`, `erpo bench`
+(also `python -m erpo ...`)."""
 import argparse
 import difflib
 import os
@@ -33,6 +34,18 @@ def _train(args) -> int:
         mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
         print(f"mean reward: first {len(first)} steps {mean(first, 'reward'):.3f} -> last {len(last)} steps "
               f"{mean(last, 'reward'):.3f}")
+    return 0
+
+
+def _compare(args) -> int:
+    from erpo.train import compare
+
+    shared = compare.shared_values(args.config, args.set, args.steps)
+    jobs = args.jobs or compare.default_jobs()
+    text = compare.compare(args.method or [], args.seeds, args.baseline, args.out_dir, jobs, shared,
+                           say=lambda line: print(line, flush=True))
+    print(text)
+    print(f"report: {os.path.join(args.out_dir, 'report.md')}")
     return 0
 
 
@@ -101,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     config_lib.add_arguments(train)
     train.set_defaults(run=_train)
 
+    cmp = sub.add_parser(
+        "compare", help="methods x seeds of `erpo train` in parallel, one report with 95 % intervals",
+        description="Train every --method on every seed (same shared config otherwise), in parallel jobs, and "
+        "write OUT/report.md (table, differences vs the baseline with 95 % paired t intervals) and OUT/curves.png. "
+        "Rerunning the same command reuses finished runs and resumes interrupted ones.",
+    )
+    cmp.add_argument("--method", action="append", metavar="SPEC",
+                     help="a preset ('grpo', 'erpo') or NAME:key=value,... with LossConfig or TrainConfig keys "
+                     "(e.g. 'dapo:controls=high_entropy_mask'); repeat for each method")
+    cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every method [default: 0 1 2]")
+    cmp.add_argument("--baseline", default=None, help="the method the others are compared to [default: the first]")
+    cmp.add_argument("--out-dir", default="runs/compare", help="where runs and the report go [default: runs/compare]")
+    cmp.add_argument("--jobs", type=int, default=0, help="runs at a time [default: the CPU cores available]")
+    cmp.add_argument("--steps", type=int, default=None, help="steps of every run [default: erpo train's]")
+    cmp.add_argument("--config", default=None, help="YAML/TOML file of shared erpo train keys")
+    cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="a shared erpo train key (repeatable)")
+    cmp.set_defaults(run=_compare)
+
     ev = sub.add_parser("eval", help="score a checkpoint: pass@1 and mean response length")
     ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     ev.add_argument("--data", default="", help="prompts to score (default: the run's eval data, else its data)")
@@ -130,7 +161,7 @@ def main(argv=None) -> int:
     """Exit codes: 0 done; 2 a user error (bad flag, config, path, data, checkpoint), one line on stderr, no
     traceback; 1 a run that stopped on its own terms (NaN/inf, a failed checkpoint write), one line saying
     how to continue; 130 interrupted."""
-    from erpo.train.errors import CheckpointWriteError, NonFiniteError
+    from erpo.train.errors import CheckpointWriteError, NonFiniteError, RunsFailedError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to `python -m bench`, options included
@@ -148,7 +179,7 @@ def main(argv=None) -> int:
     except OSError as err:  # a path the user gave that cannot be read or written
         where = f" {err.filename!r}" if err.filename else ""
         return _fail(command, f"{err.strerror or err}{where}", 2)
-    except (NonFiniteError, CheckpointWriteError) as err:
+    except (NonFiniteError, CheckpointWriteError, RunsFailedError) as err:
         return _fail(command, str(err), 1)
     except KeyboardInterrupt:
         return _fail(command, "interrupted", 130)

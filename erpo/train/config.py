@@ -36,6 +36,10 @@ class TrainConfig:
     reward: str = _f("exact_match", "'exact_match', 'math_verify', or a Python function 'module:function'(completion, answer, row) -> float")
     reward_timeout: float = _f(5.0, "seconds one reward call may take before it is scored 0 and reported (0 = no limit)")
     score_truncated: bool = _f(False, "score responses cut at max_new_tokens without EOS (else they get reward 0)")
+    overlong_buffer: int = _f(0, "DAPO overlong reward shaping: the last N tokens before max_new_tokens cost a linearly growing penalty, up to overlong_penalty at max_new_tokens (0 = off)")
+    overlong_penalty: float = _f(1.0, "DAPO overlong shaping: the penalty of a response of max_new_tokens tokens")
+    dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no advantage) and sample more prompts until the batch is full")
+    dynamic_sampling_max_tries: int = _f(4, "rollout rounds per step under dynamic_sampling; a batch still short after them is filled with dropped groups (reported as filler_groups)")
     # Rollouts
     rollout: str = _f("hf", "rollout backend: 'hf' (transformers generate) or 'vllm'")
     prompts_per_step: int = _f(16, "prompts sampled per step (per process under torchrun)")
@@ -48,8 +52,9 @@ class TrainConfig:
     loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
     fused_head: bool = _f(True, "policy loss and old/ref log-probs straight from the final hidden states and the LM head (erpo.linear_policy_loss): the [tokens, vocab] logits are never stored; --no-fused-head takes the logits path")
     ref_model: str = _f("auto", "reference model for KL / ERPO progress: 'auto' (a frozen copy of the initial policy when the loss needs one), 'none', 'init', or a path")
-    ppo_epochs: int = _f(1, "optimizer passes over each rollout batch (1 = on-policy)")
-    micro_batch_groups: int = _f(0, "groups per forward/backward micro-batch, gradients accumulated (0 = whole batch)")
+    mini_batches: int = _f(4, "optimizer steps per rollout batch and epoch: the batch's groups split into this many mini-batches of whole groups (sizes differ by at most one group) (verl's ppo_mini_batch_size, TRL's steps_per_generation); 1 with ppo_epochs 1 = fully on-policy, where ratios are 1 and clipping cannot act")
+    ppo_epochs: int = _f(1, "passes over each rollout batch (each pass takes `mini_batches` optimizer steps); old log-probs stay those of the sampling policy")
+    micro_batch_groups: int = _f(0, "groups per forward/backward micro-batch, gradients accumulated within a mini-batch (0 = the whole mini-batch)")
     lr: float = _f(5e-4, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta2: float = _f(0.99, "AdamW beta2 (beta1 = 0.9)")
@@ -77,7 +82,8 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads (0 = 1 for the built-in tiny model, whose small matmuls only lose to thread overhead; torch's default otherwise)")
 
     def validate(self) -> None:
-        positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "steps", "max_nonfinite")
+        positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "steps", "max_nonfinite",
+                    "mini_batches", "dynamic_sampling_max_tries")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
@@ -94,6 +100,14 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.mini_batches > self.prompts_per_step:
+            raise ValueError(f"config: mini_batches ({self.mini_batches}) exceeds prompts_per_step "
+                             f"({self.prompts_per_step}): each optimizer step takes at least one whole group")
+        if self.overlong_buffer < 0 or self.overlong_buffer >= self.max_new_tokens and self.overlong_buffer:
+            raise ValueError(f"config: overlong_buffer must be in [0, max_new_tokens) = [0, {self.max_new_tokens}), "
+                             f"got {self.overlong_buffer}")
+        if self.overlong_penalty < 0:
+            raise ValueError(f"config: overlong_penalty must be >= 0, got {self.overlong_penalty}")
         if self.lr <= 0 or self.grad_clip < 0 or self.reward_timeout < 0 or self.eval_temperature < 0:
             raise ValueError("config: lr must be > 0; grad_clip, reward_timeout, eval_temperature must be >= 0")
 
@@ -108,6 +122,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RESUME_CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "progress", "plots", "threads",
                      "on_nonfinite", "max_nonfinite", "out_dir", "resume", "overwrite")
 _TYPES = typing.get_type_hints(TrainConfig)
+BEFORE_THE_KEY_EXISTED = {"mini_batches": 1}
 
 
 def _unknown(key: str, where: str) -> ValueError:
@@ -213,6 +228,9 @@ def resumed_values(given: dict) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"--resume {given['resume']!r}: cannot read {config_path!r} ({err})") from None
     saved = {k: v for k, v in saved.items() if k in FIELDS}  # keys of older versions are ignored
+    # Keys newer than the run: the value that reproduces how it trained (before `mini_batches` existed every
+    # rollout batch was one optimizer step), not today's default.
+    saved = {**BEFORE_THE_KEY_EXISTED, **saved}
     values = dict(from_dict(saved, f"saved config {config_path!r}").to_dict())
     # Where the run lives now is where the checkpoint is (runs may be moved or copied); --overwrite never
     # carries over from the saved config.

@@ -152,3 +152,16 @@ def barrier(d: Dist) -> None:
 def cleanup(d: Dist) -> None:
     if d.enabled:
         dist.destroy_process_group()
+
+
+def extremes(values: dict, d: Dist) -> dict:
+    """Min over ranks of the keys ending in '_min', max of the others (same keys on every rank)."""
+    if not d.enabled:
+        return values
+    out = {}
+    for key in sorted(values):
+        lowest = key.endswith("_min")
+        packed = torch.tensor([-values[key] if lowest else values[key]], dtype=torch.float64, device=d.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        out[key] = -packed.item() if lowest else packed.item()
+    return out

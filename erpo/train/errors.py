@@ -7,3 +7,7 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (disk full, I/O error); the previous checkpoints are intact."""
+
+
+class RunsFailedError(Exception):
+    """Some runs of `erpo compare` failed; the finished ones are kept and a rerun resumes the rest."""

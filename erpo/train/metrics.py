@@ -11,7 +11,7 @@ from rich.text import Text
 # (metric key, short label, format) shown in the progress bar, in this order
 LIVE = (
     ("reward", "R", ".3f"), ("entropy", "H", ".3f"), ("cdp_rate", "cdp", ".2f"), ("clip_frac_low", "clip-", ".3f"),
-    ("clip_frac_high", "clip+", ".3f"), ("approx_kl", "kl_old", ".4f"), ("kl_ref", "kl_ref", ".4f"),
+    ("clip_frac_high", "clip+", ".3f"), ("approx_kl", "kl_old", ".4f"), ("shift_ratio_std", "ratio_sd", ".3f"), ("kl_ref", "kl_ref", ".4f"),
     ("response_len", "len", ".2f"),
     ("tokens_per_s", "tok/s", ".0f"), ("eval_pass@1", "eval", ".3f"),
 )

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 import erpo
 from erpo.losses import LossConfig, advantages as advantages_lib, make_controller, policy_loss
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
+from erpo.train import dynamic_sampling, normalizer, offpolicy, reward_shaping
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
 from erpo.train.config import TrainConfig, save as save_config
 from erpo.train.errors import CheckpointWriteError, NonFiniteError
@@ -35,7 +36,9 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"loss_args: unknown LossConfig key {key!r}{hint}; docs/losses.md lists them all")
     try:
-        return LossConfig(method=cfg.loss, temperature=cfg.temperature, **cfg.loss_args)
+        # Dr. GRPO's L_max is a constant, the longest response allowed (not the longest one of a micro-batch).
+        return LossConfig(method=cfg.loss, temperature=cfg.temperature,
+                          **{"max_len": cfg.max_new_tokens, **cfg.loss_args})
     except TypeError as err:
         raise ValueError(f"loss_args: {err}") from None
 
@@ -121,14 +124,18 @@ def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast:
     return torch.cat(out)
 
 
-def micro_weight(agg: str, mask: torch.Tensor, rows: slice) -> float:
-    """The micro-batch's share of the batch loss, so accumulated micro-batch losses add up to it."""
-    if agg == "token-mean":
-        return float(mask[rows].sum() / mask.sum())
-    if agg == "seq-mean-token-mean":  # averaged over responses with at least one valid token
-        has = mask.sum(-1) > 0
-        return float(has[rows].sum() / has.sum())
-    return mask[rows].shape[0] / mask.shape[0]
+@torch.no_grad()
+def policy_shift(policy, batch: dict, old_logp: torch.Tensor, chunk: int, cfg, autocast: bool) -> dict:
+    """How far the step's updates moved the policy from the one that sampled, on the batch's tokens: the
+    importance ratio of the updated policy (the most off-policy any mini-batch of the step can be).
+    One extra no-grad forward per step."""
+    new = fixed_logprobs(policy, batch, chunk, cfg.temperature, autocast, cfg.fused_head)
+    valid = batch["mask"].bool()
+    log_ratio = (new - old_logp)[valid].double()
+    ratio = log_ratio.exp()
+    return {"means": {"shift_ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+                      "shift_kl": float((ratio - 1 - log_ratio).mean())},
+            "extremes": {"shift_ratio_min": float(ratio.min()), "shift_ratio_max": float(ratio.max())}}
 
 
 class Trainer:
@@ -313,55 +320,134 @@ class Trainer:
         scores = [s if done or cfg.score_truncated else 0.0 for s, done in zip(scores, out.finished)]
         return out, scores, problems
 
-    def train_step(self) -> dict:
+    def _draw_groups(self, problems: list) -> list:
+        """One rollout round as groups, rewards shaped (DAPO overlong penalty when configured)."""
+        cfg, g = self.cfg, self.cfg.group_size
+        out, scores, new_problems = self.rollout()
+        problems.extend(new_problems)
+        lengths = [len(r) for r in out.response_ids]
+        shaping = reward_shaping.overlong_penalties(lengths, cfg.max_new_tokens, cfg.overlong_buffer,
+                                                    cfg.overlong_penalty)
+        return [
+            dynamic_sampling.Group(out.prompt_ids[i], out.response_ids[i : i + g], out.finished[i : i + g],
+                                   [s + p for s, p in zip(scores[i : i + g], shaping[i : i + g])], scores[i : i + g])
+            for i in range(0, len(out.prompt_ids), g)
+        ]
+
+    def sample_batch(self):
+        """The step's training groups (dynamic sampling when configured) as Rollouts + rewards."""
+        cfg, problems = self.cfg, []
+        collected = dynamic_sampling.collect(
+            lambda: self._draw_groups(problems), cfg.prompts_per_step, cfg.dynamic_sampling,
+            cfg.dynamic_sampling_max_tries,
+            lambda full: distributed.mean({"full": float(full)}, self.dist)["full"] == 1.0)
+        groups = collected.groups
+        out = rollout_lib.Rollouts([g.prompt_ids for g in groups for _ in g.response_ids],
+                                   [r for g in groups for r in g.response_ids], [f for g in groups for f in g.finished])
+        rewards = [r for g in groups for r in g.rewards]
+        return out, rewards, collected, problems
+
+    def _mini_batches(self, n_groups: int) -> list[list[slice]]:
+        """Rows of each optimizer step's micro-batches: `mini_batches` runs of whole groups, each cut into
+        micro-batches of `micro_batch_groups` groups."""
+        cfg, g = self.cfg, self.cfg.group_size
+        out = []
+        for groups in torch.arange(n_groups).tensor_split(cfg.mini_batches):
+            if not len(groups):  # fewer groups than mini-batches (validate() refuses it for configs)
+                continue
+            first, count = int(groups[0]), len(groups)
+            per_micro = min(cfg.micro_batch_groups or count, count)
+            out.append([slice((first + s) * g, (first + min(s + per_micro, count)) * g)
+                        for s in range(0, count, per_micro)])
+        return out
+
+    def accumulate(self, batch: dict, tensors: dict, micro_rows: list, loss_cfg, sums: dict, share: float) -> float:
+        """Forward and backward of one optimizer step's micro-batches, gradients accumulated (no optimizer
+        step). Adds the loss metrics, token-weighted x `share`, into `sums`; returns the step's loss."""
+        mask = batch["mask"]
+        norm = normalizer.Normalizer.of(mask, micro_rows, self.dist)
+        total_tokens = float(mask.sum())
+        step_loss = 0.0
+        for index, rows in enumerate(micro_rows):
+            sync = index == len(micro_rows) - 1
+            context = distributed.no_sync(self.model, self.dist, sync)
+            with context:
+                micro = {"targets": batch["targets"][rows], "mask": mask[rows],
+                         **{k: v[rows] for k, v in tensors.items()}, **norm.batch_keys()}
+                if self.cfg.fused_head:
+                    hidden = response_hidden(self.model, batch, rows, self.autocast)
+                    weight, bias = output_head(self.policy, hidden.dtype)
+                    result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
+                                                     generator=self.loss_generator)
+                else:
+                    logits = response_logits(self.model, batch, rows, self.autocast)
+                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator, shift=True)
+                scale = norm.scale(mask, rows)
+                (result.loss * scale).backward()
+            step_loss += float(result.loss.detach()) * scale  # averaged over ranks: the step's global loss
+            weight = float(mask[rows].sum()) / total_tokens * share
+            for key, value in result.metrics.items():
+                if key.endswith(("_min", "_max")):  # extremes (ratio_min/max) over the micro-batches
+                    pick = min if key.endswith("_min") else max
+                    sums[key] = pick(sums.get(key, float(value)), float(value))
+                elif key.startswith("n_"):  # counts: of the whole batch, once per pass over it
+                    sums[key] = sums.get(key, 0.0) + float(value) * share
+                elif value.is_floating_point():
+                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+        return step_loss
+
+    def prepare(self, loss_cfg) -> dict:
+        """Sample the step's batch and fix everything the updates measure against: advantages, the old
+        (sampling-time) and reference log-probs, and the rows of each optimizer step."""
         cfg = self.cfg
-        loss_cfg = self.controller.apply(self.loss_cfg) if self.controller is not None else self.loss_cfg
-        start = time.perf_counter()
-        out, scores, problems = self.rollout()
+        out, scores, collected, problems = self.sample_batch()
         batch = rollout_lib.pack(out, self.tokenizer.pad_token_id, self.device)
         n = batch["targets"].shape[0]
         rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
         group_ids = torch.arange(n, device=self.device) // cfg.group_size
         adv = advantages_lib.compute(loss_cfg.adv_estimator, rewards, group_ids)
-        group_chunk = (cfg.micro_batch_groups or cfg.prompts_per_step) * cfg.group_size
-        old_logp = fixed_logprobs(self.policy, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head)
-        ref_logp = fixed_logprobs(self.ref, batch, group_chunk, cfg.temperature, self.autocast, cfg.fused_head) \
-            if loss_cfg.needs_ref else None
+        steps = self._mini_batches(n // cfg.group_size)
+        chunk = max(rows.stop - rows.start for micro in steps for rows in micro)
+        # Fixed at sampling time: every mini-batch and epoch measures its ratio against the sampling policy.
+        tensors = {"advantages": adv.advantages, "group_ids": group_ids,
+                   "old_logp": fixed_logprobs(self.policy, batch, chunk, cfg.temperature, self.autocast,
+                                              cfg.fused_head)}
+        if loss_cfg.needs_ref:
+            tensors["ref_logp"] = fixed_logprobs(self.ref, batch, chunk, cfg.temperature, self.autocast,
+                                                 cfg.fused_head)
+        return {"out": out, "batch": batch, "rewards": rewards, "adv": adv, "steps": steps, "chunk": chunk,
+                "tensors": tensors, "collected": collected, "problems": problems}
 
-        sums, nonfinite, grad_norm = {}, False, 0.0
-        micro_rows = [slice(s, s + group_chunk) for s in range(0, n, group_chunk)]
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        loss_cfg = self.controller.apply(self.loss_cfg) if self.controller is not None else self.loss_cfg
+        start = time.perf_counter()
+        prepared = self.prepare(loss_cfg)
+        out, batch, rewards, adv = prepared["out"], prepared["batch"], prepared["rewards"], prepared["adv"]
+        steps, chunk, tensors = prepared["steps"], prepared["chunk"], prepared["tensors"]
+        collected, problems = prepared["collected"], prepared["problems"]
+        n = batch["targets"].shape[0]
+        sums, nonfinite_steps, grad_norms, losses = {}, 0, [], []
+        updates = cfg.ppo_epochs * len(steps)
         self.model.train()
         for _ in range(cfg.ppo_epochs):
-            for index, rows in enumerate(micro_rows):
-                sync = index == len(micro_rows) - 1
-                context = distributed.no_sync(self.model, self.dist, sync)
-                with context:
-                    micro = {"targets": batch["targets"][rows], "mask": batch["mask"][rows],
-                             "old_logp": old_logp[rows], "advantages": adv.advantages[rows],
-                             "group_ids": group_ids[rows]}
-                    if ref_logp is not None:
-                        micro["ref_logp"] = ref_logp[rows]
-                    if cfg.fused_head:
-                        hidden = response_hidden(self.model, batch, rows, self.autocast)
-                        weight, bias = output_head(self.policy, hidden.dtype)
-                        result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
-                                                         generator=self.loss_generator)
-                    else:
-                        logits = response_logits(self.model, batch, rows, self.autocast)
-                        result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator, shift=True)
-                    weight = micro_weight(loss_cfg.agg, batch["mask"], rows)
-                    (result.loss * weight).backward()
-                share = weight / cfg.ppo_epochs
-                sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach()) * share
-                for key, value in result.metrics.items():
-                    if value.is_floating_point() or key.startswith("n_"):
-                        sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key.startswith("n_") else share)
-            grad_norm, nonfinite = self._optimizer_step(sums["loss"])
+            for micro_rows in steps:
+                step_loss = self.accumulate(batch, tensors, micro_rows, loss_cfg, sums, 1.0 / cfg.ppo_epochs)
+                losses.append(step_loss)
+                grad_norm, skipped = self._optimizer_step(step_loss)
+                grad_norms.append(grad_norm)
+                nonfinite_steps += int(skipped)
         self.scheduler.step()
         self.step += 1
+        sums["loss"] = sum(losses) / updates  # mean over the step's optimizer steps
 
-        shared = distributed.mean({**sums, "reward": float(rewards.mean())}, self.dist)
-        if self.controller is not None and not nonfinite:
+        task_rewards = [r for g in collected.sampled for r in g.task_rewards]
+        sampling = {"reward": sum(task_rewards) / len(task_rewards), "reward_trained": float(rewards.mean())}
+        shift = policy_shift(self.policy, batch, tensors["old_logp"], chunk, cfg, self.autocast)
+        extremes = {k: sums.pop(k) for k in list(sums) if k.endswith(("_min", "_max"))}
+        shared = distributed.mean({**sums, **sampling, **shift["means"]}, self.dist)
+        shared.update(distributed.extremes({**extremes, **shift["extremes"]}, self.dist))
+        if self.controller is not None and not nonfinite_steps:
             self.controller.step(shared)  # reads the batch's mean entropy (averaged over ranks)
         self.engine.sync_weights(self.policy)
         elapsed = time.perf_counter() - start
@@ -369,10 +455,15 @@ class Trainer:
         record = {
             "step": self.step, **shared, "reward_std": float(rewards.std()) if n > 1 else 0.0,
             "response_len": sum(lengths) / len(lengths), "truncated_frac": 1 - sum(out.finished) / n,
-            "degenerate_groups": int(adv.n_degenerate_groups), "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0], "nonfinite": int(nonfinite), "reward_errors": len(problems),
-            "step_time": elapsed, "tokens_per_s": sum(lengths) * self.dist.world / elapsed,
+            "degenerate_groups": int(adv.n_degenerate_groups),
+            "grad_norm": next((g for g in grad_norms if not math.isfinite(g)), max(grad_norms)),
+            "optimizer_steps": updates, "lr": self.scheduler.get_last_lr()[0], "nonfinite": nonfinite_steps,
+            "reward_errors": len(problems), "step_time": elapsed,
+            "tokens_per_s": sum(lengths) * self.dist.world / elapsed,
         }
+        if cfg.dynamic_sampling:
+            record.update({"sampling_tries": collected.tries, "dropped_groups": collected.dropped,
+                           "filler_groups": collected.filler})
         return record, problems
 
     def _optimizer_step(self, loss_value: float):
@@ -437,6 +528,9 @@ class Trainer:
                          if self.resumed_from else f"new run, {cfg.steps} steps")
                 self._report(f"run dir {self.run_dir}; {start}; loss {self.loss_cfg.method}; "
                              f"world {self.dist.world}; device {self.device}")
+                warning = offpolicy.on_policy_warning(cfg, self.loss_cfg)
+                if warning:
+                    self._report(f"[yellow]warning: {warning}[/]")
             if cfg.eval_every and self.step == 0 and main:  # the "before" figure of a fresh run
                 before = {"step": 0, **self.run_eval()}
                 self.log.write(before)

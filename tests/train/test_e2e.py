@@ -100,7 +100,7 @@ def test_config_error_exit_code(tmp_path):
 def test_torchrun_two_processes_gloo(tmp_path):
     run = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "erpo", "train",
-           "--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--sft-warmup-steps", "5",
+           "--steps", "2", "--prompts-per-step", "2", "--mini-batches", "2", "--group-size", "4", "--sft-warmup-steps", "5",
            "--eval-every", "2", "--save-every", "2", "--threads", "1", "--no-progress", "--out-dir", run]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]

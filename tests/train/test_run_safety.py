@@ -14,7 +14,7 @@ import pytest
 from erpo.cli import build_parser
 from erpo.train import config as config_lib
 
-QUICK = ["--prompts-per-step", "2", "--group-size", "4", "--sft-warmup-steps", "2", "--save-every", "1",
+QUICK = ["--prompts-per-step", "2", "--mini-batches", "2", "--group-size", "4", "--sft-warmup-steps", "2", "--save-every", "1",
          "--keep-checkpoints", "0", "--eval-every", "0", "--threads", "1", "--no-progress", "--no-plots"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -269,7 +269,8 @@ def test_model_errors_say_what_was_tried_and_fail_fast(capsys, monkeypatch, tmp_
 
 
 def test_nan_stop_is_one_line_with_exit_code_1(capsys, tmp_path):
-    result = in_process(capsys, "train", *QUICK, "--steps", "4", "--lr", "1e30", "--on-nonfinite", "stop",
-                        "--out-dir", str(tmp_path / "run"))
+    # One optimizer step per RL step, so the blow-up of step 1's update shows at step 2.
+    result = in_process(capsys, "train", *QUICK, "--mini-batches", "1", "--steps", "4", "--lr", "1e30",
+                        "--on-nonfinite", "stop", "--out-dir", str(tmp_path / "run"))
     line = one_line_error(result, code=1)
     assert "step 2: non-finite" in line and "stopping" in line and "--resume" in line

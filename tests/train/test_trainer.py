@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from erpo.losses import LossConfig, policy_loss
 from erpo.train.config import from_dict
-from erpo.train.trainer import NonFiniteError, Trainer, micro_weight
+from erpo.train.trainer import NonFiniteError, Trainer
 
-SMALL = dict(prompts_per_step=3, group_size=4, sft_warmup_steps=3, progress=False, plots=False, eval_every=0,
+SMALL = dict(prompts_per_step=3, group_size=4, mini_batches=1, sft_warmup_steps=3, progress=False, plots=False, eval_every=0,
              save_every=0, threads=1)
 
 
@@ -29,25 +28,27 @@ def test_groups_are_consecutive_samples_of_one_prompt(tmp_path):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
-def test_micro_batches_add_up_to_the_batch_gradient(agg):
-    """Accumulating weighted micro-batch losses reproduces the whole-batch gradient for each aggregation."""
-    torch.manual_seed(1)
-    B, L, V, G = 8, 5, 11, 4
-    logits = torch.randn(B, L, V, dtype=torch.float64, requires_grad=True)
-    mask = (torch.rand(B, L) > 0.3).long()
-    mask[:, 0] = 1
-    batch = {"targets": torch.randint(0, V, (B, L)), "mask": mask, "old_logp": -torch.rand(B, L, dtype=torch.float64) - 1,
-             "advantages": torch.randn(B, dtype=torch.float64), "group_ids": torch.arange(B) // G}
-    cfg = LossConfig(method="dapo", agg=agg, max_len=L)
-    policy_loss(logits, batch, cfg).loss.backward()
-    whole = logits.grad.clone()
-    logits.grad = None
-    for rows in (slice(0, G), slice(G, B)):
-        micro = {k: v[rows] for k, v in batch.items()}
-        (policy_loss(logits[rows], micro, cfg).loss * micro_weight(agg, mask, rows)).backward()
-    # Only the summation order differs, but the loss keeps some per-token terms in float32 (seen: 5e-8 relative);
-    # a wrong micro-batch weight would be off by a factor of order 1.
-    torch.testing.assert_close(logits.grad, whole, rtol=1e-6, atol=1e-9)
+def test_micro_batches_add_up_to_the_batch_gradient(tmp_path, agg):
+    """Through the trainer's own accumulation: one optimizer step over micro-batches of one group each gives
+    the gradient of the same step taken as one big batch, for each aggregation (the normaliser is global)."""
+    trainer = make(tmp_path, prompts_per_step=4, group_size=4, fused_head=False, max_new_tokens=4)
+    loss_cfg = trainer.loss_cfg.replace(agg=agg)
+    prepared = trainer.prepare(loss_cfg)
+    batch, tensors = prepared["batch"], prepared["tensors"]
+    tensors["advantages"] = torch.randn(tensors["advantages"].shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # off-policy, so clipping and ratios differ between tokens
+        tensors["old_logp"] = tensors["old_logp"] + 0.3 * torch.randn(tensors["old_logp"].shape,
+                                                                      generator=torch.Generator().manual_seed(4))
+    assert len({int(l) for l in batch["mask"].sum(-1)}) > 1  # responses of different lengths
+    grads = {}
+    for name, micro_rows in (("whole", [slice(0, 16)]), ("micro", [slice(4 * g, 4 * g + 4) for g in range(4)])):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = trainer.accumulate(batch, tensors, micro_rows, loss_cfg, {}, 1.0)
+        grads[name] = (loss, [p.grad.clone() for p in trainer.policy.parameters()])
+    assert grads["micro"][0] == pytest.approx(grads["whole"][0], rel=1e-5)
+    for got, want in zip(grads["micro"][1], grads["whole"][1]):
+        # Summation order differs (float32 model); a wrong normaliser would be off by a factor of order 1.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def _poison_gradients(trainer, value):
