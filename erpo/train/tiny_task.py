@@ -73,7 +73,9 @@ def warm_up(model, tokenizer, steps: int = 40, batch_size: int = 64, lr: float =
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, len(p) : len(seq)] = torch.tensor(a)
         loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # Cleared after every step, the last included: a gradient left on the parameters would be added into
+        # the first RL update.
+        optimizer.zero_grad(set_to_none=True)
     model.eval()

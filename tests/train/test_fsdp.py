@@ -59,9 +59,8 @@ def _records(run):
 def test_erpo_train_fsdp_under_torchrun_starts_like_ddp_and_saves_full_weights(tmp_path):
     """`erpo train --fsdp` end to end on the built-in task. Step 1's rollouts and loss metrics (computed before
     the first update) equal the DDP run's with the same seed. The updates themselves are compared in the test
-    above, not here: the built-in model's warm-up (`tiny_task.warm_up`) leaves its last gradients on the
-    parameters, which DDP adds into the first RL update and fully_shard's new sharded parameters do not have."""
-    args = ["-m", "erpo", "train", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+    above, on one fixed global batch."""
+    args = ["-m", "erpo", "train", "--steps", "2", "--prompts-per-step", "2", "--mini-batches", "2", "--group-size", "4",
             "--eval-every", "0", "--save-every", "2", "--threads", "1", "--no-progress", "--no-fused-head"]
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     _run(TORCHRUN + args + ["--out-dir", ddp])

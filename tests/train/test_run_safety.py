@@ -269,8 +269,10 @@ def test_model_errors_say_what_was_tried_and_fail_fast(capsys, monkeypatch, tmp_
 
 
 def test_nan_stop_is_one_line_with_exit_code_1(capsys, tmp_path):
-    # One optimizer step per RL step, so the blow-up of step 1's update shows at step 2.
+    # One optimizer step per RL step, so the blow-up of step 1's update shows at step 2; the entropy bonus gives
+    # step 1 a gradient even when every group's rewards are equal (zero advantages).
     result = in_process(capsys, "train", *QUICK, "--mini-batches", "1", "--steps", "4", "--lr", "1e30",
+                        "--loss-arg", "entropy_coef=0.1",
                         "--on-nonfinite", "stop", "--out-dir", str(tmp_path / "run"))
     line = one_line_error(result, code=1)
     assert "step 2: non-finite" in line and "stopping" in line and "--resume" in line

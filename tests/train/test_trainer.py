@@ -136,3 +136,13 @@ def test_fused_head_refuses_a_model_whose_logits_are_not_the_head(tmp_path, monk
     with pytest.raises(ValueError, match="fused_head: this model's logits are not"):
         make(tmp_path)
     make(tmp_path / "logits", fused_head=False)  # the logits path takes it
+
+
+def test_the_warm_up_leaves_no_gradient_for_the_first_rl_update():
+    """A gradient left on the parameters by the supervised warm-up would be added into the first RL update."""
+    from erpo.train import tiny_task
+
+    tokenizer = tiny_task.build_tokenizer()
+    model = tiny_task.build_model(tokenizer)
+    tiny_task.warm_up(model, tokenizer, steps=2, batch_size=4)
+    assert all(p.grad is None for p in model.parameters())
