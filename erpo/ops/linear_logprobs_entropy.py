@@ -108,19 +108,27 @@ class LinearLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
-        grad_hidden, grad_weight, grad_bias = _bwd_op(
-            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
-            ctx.ignore_index, ctx.backend,
-        )
-        needs = ctx.needs_input_grad
-        return (
-            grad_hidden.to(hidden.dtype) if needs[0] else None,
-            grad_weight.to(weight.dtype) if needs[1] else None,
-            grad_bias.to(bias.dtype) if bias is not None and needs[2] else None,
-        ) + (None,) * 5
+        return _head_grads(ctx, grad_logp, grad_entropy) + (None,) * 5
+
+
+def _head_grads(ctx, grad_logp, grad_entropy, group=None) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) of the saved head, each None where not needed; with a vocabulary-
+    parallel `group`, grad_hidden (a sum over the whole vocabulary) is all-reduced in float32 before the cast."""
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None
+    grad_hidden, grad_weight, grad_bias = _bwd_op(
+        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
+        ctx.ignore_index, ctx.backend,
+    )
+    needs = ctx.needs_input_grad
+    if needs[0] and group is not None:
+        grad_hidden = vocab_parallel.all_reduce_sum(grad_hidden, group)
+    return (
+        grad_hidden.to(hidden.dtype) if needs[0] else None,
+        grad_weight.to(weight.dtype) if needs[1] else None,
+        grad_bias.to(bias.dtype) if bias is not None and needs[2] else None,
+    )
 
 
 def _vocab_parallel_forward(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets,
@@ -154,21 +162,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
-        grad_hidden, grad_weight, grad_bias = _bwd_op(
-            hidden, weight, bias, local, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
-            ctx.ignore_index, ctx.backend,
-        )
-        needs = ctx.needs_input_grad
-        if needs[0]:
-            grad_hidden = vocab_parallel.all_reduce_sum(grad_hidden, ctx.group)  # float32, before the cast
-        return (
-            grad_hidden.to(hidden.dtype) if needs[0] else None,
-            grad_weight.to(weight.dtype) if needs[1] else None,
-            grad_bias.to(bias.dtype) if bias is not None and needs[2] else None,
-        ) + (None,) * 7
+        return _head_grads(ctx, grad_logp, grad_entropy, ctx.group) + (None,) * 7
 
 
 def _tensor(name: str, value) -> Tensor:
