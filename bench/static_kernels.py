@@ -72,7 +72,10 @@ def triton_rows():
         yield TritonRow("partial", "bf16", arch, partial, partial[2]["BLOCK_V"], 2, 2, num_stages=stages)
     for arch, (mode, flags) in itertools.product(ARCHS, specs.TOKEN_MODES.items()):
         token = specs.token_case(flags)
-        inputs = 4 + flags["HAS_REF"] + flags["HAS_KLCOV"]
+        flags = {**specs.TOKEN_MODE_DEFAULTS, **flags}  # the modes name only what differs from the defaults
+        optional = ("HAS_REF", "HAS_KLCOV", "HAS_LOG_RATIO", "HAS_SEQ_COEF", "HAS_EPS_LOW", "HAS_EPS_HIGH",
+                    "HAS_KL_WEIGHT", "HAS_PG_WEIGHT")
+        inputs = 4 + sum(bool(flags[name]) for name in optional)
         yield TritonRow(f"token-{mode}", "fp32", arch, token, token[2]["BLOCK"], 4, 4 * inputs + 3 * 4 + 2, loop=False)
 
 

@@ -93,8 +93,8 @@ MECHANISMS = [
     (dict(off_policy_mask=0.01), "off_policy_masked_frac"),
     (dict(rollout_is="token_truncate", rollout_is_min=0.8, rollout_is_max=1.2), "rollout_is_truncated_frac"),
     (dict(rollout_is="token_mask", rollout_is_min=0.8, rollout_is_max=1.2), "rollout_is_masked_frac"),
-    (dict(rollout_is="sequence_truncate", rollout_is_min=0.5, rollout_is_max=2.0), "rollout_is_truncated_frac"),
-    (dict(rollout_is="sequence_mask", rollout_is_min=0.5, rollout_is_max=2.0), "rollout_is_masked_frac"),
+    (dict(rollout_is="sequence_truncate", rollout_is_min=0.9, rollout_is_max=1.1), "rollout_is_truncated_frac"),
+    (dict(rollout_is="sequence_mask", rollout_is_min=0.9, rollout_is_max=1.1), "rollout_is_masked_frac"),
 ]
 
 

@@ -72,7 +72,7 @@ def main():
         trainer.optimizer.zero_grad(set_to_none=True)
         logits = response_logits(trainer.policy, whole, slice(None), False)
         policy_loss(logits, {"targets": whole["targets"], "mask": whole["mask"], **whole_tensors},
-                    trainer.loss_cfg).loss.backward()
+                    trainer.loss_cfg, shift=True).loss.backward()  # response_logits: unsliced [n, R + 1, V]
         want = grads(trainer.policy)
         rel = lambda got: float((got - want).norm() / want.norm())  # noqa: E731
         with open(os.path.join(out_dir, "result.json"), "w") as handle:

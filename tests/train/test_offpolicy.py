@@ -21,7 +21,8 @@ def test_mini_batches_are_optimizer_steps_against_the_sampling_policy(tmp_path, 
     real_fixed = trainer_lib.fixed_logprobs
     monkeypatch.setattr(trainer_lib, "fixed_logprobs",
                         lambda *a, **k: calls.__setitem__("fixed", calls["fixed"] + 1) or real_fixed(*a, **k))
-    trainer = make(tmp_path, loss="dapo", mini_batches=4, ppo_epochs=2)
+    # The entropy bonus moves the policy even when every group's rewards are equal (zero advantages).
+    trainer = make(tmp_path, loss="dapo", mini_batches=4, ppo_epochs=2, loss_args={"entropy_coef": 0.01})
     trainer.optimizer.register_step_post_hook(lambda *a: calls.__setitem__("opt", calls["opt"] + 1))
     record, _ = trainer.train_step()
     assert calls["opt"] == 8 and record["optimizer_steps"] == 8
