@@ -47,7 +47,7 @@ class TokenParams:
 
 @dataclass
 class TokenExtras:
-    """[N] detached inputs some objectives and controls add; None = absent (and the kernels can run)."""
+    """[N] detached inputs some objectives and controls add; None = absent."""
 
     log_ratio: Optional[Tensor] = None  # the importance log-ratio's value when it is not logp - old (GSPO: log s_i)
     seq_coef: Optional[Tensor] = None  # the response's detached weight: VESPO's phi, GMPO's geometric-mean ratio
@@ -55,10 +55,6 @@ class TokenExtras:
     eps_high: Optional[Tensor] = None
     kl_weight: Optional[Tensor] = None  # per-token multiplier of kl_coef (Archer)
     pg_weight: Optional[Tensor] = None  # per-token multiplier of the policy-gradient term only (rollout IS, off-policy mask)
-
-    @property
-    def empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
 
 
 def _surrogate(logp, log_ratio, ratio, adv, params: TokenParams, extras: TokenExtras):
