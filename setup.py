@@ -71,6 +71,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["erpo", "erpo.*"]) + ["erpo.kernels"],
     package_dir={"erpo": "erpo", "erpo.kernels": "kernels"},
+    package_data={"erpo.train": ["recipes/*.yaml"]},
     # No triton pin: a CUDA torch brings the triton it was built with, and the install must not replace it.
     # CPU machines install it from requirements-cpu.txt (see README).
     install_requires=["torch>=2.4", "numpy"],

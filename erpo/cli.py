@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out-dir", default="runs/compare", help="where runs and the report go [default: runs/compare]")
     cmp.add_argument("--jobs", type=int, default=0, help="runs at a time [default: the CPU cores available]")
     cmp.add_argument("--steps", type=int, default=None, help="steps of every run [default: erpo train's]")
-    cmp.add_argument("--config", default=None, help="YAML/TOML file of shared erpo train keys")
+    cmp.add_argument("--config", default=None, help="YAML/TOML file of shared erpo train keys, or a built-in "
+                     f"recipe: {', '.join(config_lib.recipes())}")
     cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="a shared erpo train key (repeatable)")
     cmp.set_defaults(run=_compare)
 

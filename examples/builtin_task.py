@@ -7,12 +7,51 @@ one is resumed. Writes examples/results/builtin_task.md: sampled reward (mean of
 greedy pass@1 on all 100 problems (step 0 and the last step), entropy (same windows), wall time, versions.
 """
 import argparse
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
-from compare_grpo_erpo import HERE, read, run_all, window
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def run_all(methods, seeds, steps, runs_dir, jobs, extra):
+    pending = []
+    for method in methods:
+        for seed in seeds:
+            out = os.path.join(runs_dir, f"{method}_s{seed}")
+            log = os.path.join(out, "metrics.jsonl")
+            if os.path.exists(log) and sum(1 for r in read(log) if "reward" in r) >= steps:
+                continue
+            if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+                cmd = [sys.executable, "-m", "erpo", "train", "--resume", out, "--no-progress"]  # its own config
+            else:  # nothing to resume from: start over (erpo never replaces a run unless told to)
+                cmd = [sys.executable, "-m", "erpo", "train", "--loss", method, "--seed", str(seed), "--steps",
+                       str(steps), "--out-dir", out, "--no-progress", "--threads", "1", "--overwrite", *extra]
+            pending.append((cmd, out))
+    running = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            cmd, out = pending.pop(0)
+            os.makedirs(out, exist_ok=True)
+            running.append(subprocess.Popen(cmd, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT))
+            print("started", " ".join(cmd[2:]))
+        running[0].wait()
+        if running[0].returncode != 0:
+            raise SystemExit(f"run failed: {' '.join(running[0].args)} (see its .log)")
+        running.pop(0)
+
+
+def window(records, key, lo, hi):
+    values = [r[key] for r in records if lo <= r["step"] <= hi and isinstance(r.get(key), (int, float))]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def main():

@@ -267,6 +267,17 @@ def _commit() -> str:
         return "unknown (not a git checkout)"
 
 
+def multiple_comparisons(others: list[str], baseline: str, finals: dict) -> str:
+    """Each interval above is 95 % on its own; over k of them about 5 % x k are expected to exclude 0 by chance.
+    Bonferroni: the differences that stay significant with every interval at 1 - 0.05 / k."""
+    k = len(others) * 2
+    level = 1 - 0.05 / k
+    kept = [f"{label} ({name})" for label in others for key, name, _ in FINAL[:2]
+            if stats.paired_diff_ci(finals[(label, key)], finals[(baseline, key)], level).significant]
+    return (f"{k} comparisons above: about {0.05 * k:.1f} would look significant by chance alone. Still significant "
+            f"with Bonferroni's correction (each interval at {level * 100:.2f} %): " + (", ".join(kept) or "none") + ".")
+
+
 def report(runs: list[Run], baseline: str, out_dir: str, shared: dict, wall_s: float) -> str:
     import torch
     import transformers
@@ -295,12 +306,12 @@ def report(runs: list[Run], baseline: str, out_dir: str, shared: dict, wall_s: f
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {train_s[label] / 60:.1f} min |")
     if baseline in labels and len(labels) > 1:
         lines += ["", f"## Against the baseline {baseline} (paired by seed, 95 % t interval of the differences)", ""]
-        for label in labels:
-            if label == baseline:
-                continue
+        others = [label for label in labels if label != baseline]
+        for label in others:
             for key, name, _ in FINAL[:2]:
                 diff = stats.paired_diff_ci(finals[(label, key)], finals[(baseline, key)])
                 lines.append(f"- {stats.sentence(label, baseline, name, diff)}")
+        lines += ["", multiple_comparisons(others, baseline, finals)]
     curves_path = os.path.join(out_dir, "curves.png")
     curves(runs, records, curves_path, smooth_window=max(1, steps // 60))
     per_method = {key for run in runs for key in run.method.values}

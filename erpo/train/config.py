@@ -145,8 +145,29 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def recipes() -> list[str]:
+    """Names of the built-in recipes (erpo/train/recipes/<name>.yaml), usable as `--config <name>`."""
+    return sorted(name[:-5] for name in os.listdir(RECIPES_DIR) if name.endswith(".yaml"))
+
+
+def resolve_config(path: str) -> str:
+    """A config path as given, or a built-in recipe name (no extension, no folder) mapped to its file."""
+    if os.sep not in path and "." not in path:
+        if path in recipes():
+            return os.path.join(RECIPES_DIR, path + ".yaml")
+        if not os.path.exists(path):
+            close = difflib.get_close_matches(path, recipes(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"config {path!r} is neither a file nor a built-in recipe {recipes()}{hint}")
+    return path
+
+
 def load_file(path: str) -> dict:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of checked keys."""
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file, or a built-in recipe by name, into a dict of checked keys."""
+    path = resolve_config(path)
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
     with open(path, "rb") as handle:
@@ -180,7 +201,8 @@ def parse_loss_arg(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are SUPPRESS so only the flags given override the file."""
-    parser.add_argument("--config", help="YAML or TOML file of config keys (flags override it)")
+    parser.add_argument("--config", help="YAML or TOML file of config keys (flags override it), or the name of a "
+                        f"built-in recipe: {', '.join(recipes())}")
     for name, fld in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()

@@ -84,3 +84,21 @@ def test_rerun_reuses_then_extends_and_refuses_a_changed_config(compared):
     for path, data in logs.items():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert path.read_bytes().startswith(data) and rows[-1]["step"] == 3  # continued, nothing rewritten
+
+
+def test_multiple_comparisons_keeps_only_what_survives_bonferroni():
+    key = compare.FINAL[0][0]
+    other = compare.FINAL[1][0]
+    base = {s: 0.5 for s in range(5)}
+    finals = {("base", key): base, ("base", other): base,
+              # a large, consistent gain: significant at 95 % and at 1 - 0.05/4 = 98.75 %
+              ("big", key): {s: 0.9 + 0.01 * s for s in range(5)}, ("big", other): base,
+              # a small, noisy gain: its 95 % interval excludes 0, the 98.75 % one does not
+              ("small", key): {0: 0.52, 1: 0.58, 2: 0.55, 3: 0.6, 4: 0.51}, ("small", other): base}
+    from erpo.train import stats
+
+    small95 = stats.paired_diff_ci(finals[("small", key)], base)
+    assert small95.significant  # the case the correction is for
+    line = compare.multiple_comparisons(["big", "small"], "base", finals)
+    assert line.startswith("4 comparisons above") and "98.75 %" in line
+    assert f"big ({compare.FINAL[0][1]})" in line and "small" not in line.split(":", 1)[1]
