@@ -258,7 +258,7 @@ def markdown(results, meta) -> str:
     lines = [
         "# erpo static kernel report (no GPU: compiled code read, bandwidth PREDICTED)",
         "",
-        f"triton {meta['triton']}, ptxas `{meta['ptxas']}`, nvcc `{meta['nvcc']}`. Produced by `python -m bench.static`.",
+        f"triton {meta['triton']}, ptxas `{meta['ptxas']}`, nvcc `{meta['nvcc']}`. Produced by `{meta.get('command', 'python -m bench.static')}`.",
         "Instructions per element: SASS instructions on the steady-state path of the streaming loop (the rebase",
         "taken when a block raises the row max is skipped; `loop_body_instructions` in the JSON counts it) /",
         "elements one thread consumes per trip. Predicted fraction: min over the issue bound (128 thread-instructions per clock per",
@@ -404,6 +404,9 @@ def main(argv=None) -> int:
                       head=not args.no_head)
     control = spill_detector_control(next(row for row in triton_rows() if row.name == "fwd-sm90-bf16"))
     info = meta()
+    flags = [flag for flag, on in (("--no-cuda", args.no_cuda), ("--configs", args.configs), ("--no-head", args.no_head))
+             if on] + ([f"--only {args.only}"] if args.only else [])
+    info["command"] = " ".join(["python -m bench.static", *flags])
     table = markdown(results, info) + (
         f"Spill-detector control: {control['kernel']} -> {control['spill_store_bytes']} B spill stores, "
         f"{control['spill_load_bytes']} B spill loads read from ptxas -v "
