@@ -208,6 +208,7 @@ def head_result(row, hidden=HEAD_HIDDEN_SIZE):
         "tile_macs_per_trip": block_n * block_v * block_h,  # each dot loop's trip: one BLOCK_H slice of the tile
         "mma_macs_per_trip": [d.macs_per_thread * threads for d in tiles.dot_loops],
         "mma_per_trip_per_warp": [d.mma for d in tiles.dot_loops], "mma_opcodes": tiles.mma_opcodes,
+        "mma_per_tile_per_warp": sum(d.mma for d in tiles.dot_loops) * -(-hidden // block_h),
         "outside_dot_instructions": tiles.outside_instructions,
         "instructions_per_logit": round(figures["sass"], 2), "epilogue_instructions_per_logit":
             round(figures["epilogue_sass"], 2), "dot_instructions_per_logit_per_trip": round(figures["dot_sass_per_trip"], 3),
@@ -301,14 +302,15 @@ def head_markdown(results) -> list:
         f"per BLOCK_H slice, times ceil(H / BLOCK_H) trips + every other instruction of the tile loop) / logits one",
         "thread holds (BLOCK_N x BLOCK_V / threads); all instructions of each body, no path analysis. `epilogue`: the",
         "part outside the dot loops (softmax stats or dlogits, pipeline prologue), independent of H. MMA: HMMA (sm_80,",
-        "per warp) or HGMMA (sm_90, per warpgroup, issued by each of its 4 warps) per trip and per warp; their",
-        "multiply-adds equal the tile's BLOCK_N x BLOCK_V x BLOCK_H per trip (tests/kernels/test_static_report.py).",
+        "per warp) or HGMMA (sm_90, per warpgroup, issued by each of its 4 warps) per tile at H and per dot-loop trip,",
+        "per warp; their multiply-adds equal the tile's BLOCK_N x BLOCK_V x BLOCK_H per trip (checked in CI).",
         "Predicted fraction of the compute peak (dense tensor cores: A100 312, H100/H200 989 TFLOP/s; fp32 inputs",
         "run their \"ieee\" dots on the FP32 pipe: lanes x 2 x SMs x clock) = min(1, issue, MUFU, FP32-pipe rate",
         "over the peak rate). `HBM no reuse`: the HBM rate over the peak rate if every operand tile came from HBM",
         "(the worst case; L2 reuse is not modelled), not folded into the prediction. **Predicted, not measured.**",
+        "The head's merge of split states (head-merge, first table) is a flat kernel: its element is a row (S = 1).",
         "",
-        "| kernel | regs | spills (st/ld B) | threads | smem KiB | occupancy (limit) | tile N x V x H | MMA/trip/warp |"
+        "| kernel | regs | spills (st/ld B) | threads | smem KiB | occupancy (limit) | tile N x V x H | MMA/tile/warp (per trip) |"
         " SASS/logit | epilogue SASS/logit | MUFU/logit | predicted fraction of compute peak (bound), HBM no reuse |",
         "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
     ]
@@ -321,7 +323,7 @@ def head_markdown(results) -> list:
         predicted = ", ".join(
             f"{gpu} {p['predicted_fraction_of_peak']:.0%} of {p['peak']} peak ({p['predicted_bound']}), "
             f"HBM no reuse {p['hbm_no_reuse_fraction_of_peak']:.0%}" for gpu, p in r["predicted"].items())
-        mma = " + ".join(str(n) for n in r["mma_per_trip_per_warp"])
+        mma = f"{r['mma_per_tile_per_warp']} ({' + '.join(str(n) for n in r['mma_per_trip_per_warp'])})"
         lines.append(
             f"| {r['kernel']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['threads']} | "
             f"{r['shared_bytes'] / 1024:.0f} | {occ['occupancy']:.0%} ({occ['limited_by']}) | "

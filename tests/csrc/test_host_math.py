@@ -3,9 +3,11 @@ against a float64 torch reference.
 
 The shim runs the kernels' own per-thread loops (scalar head, 16-byte vectors, scalar tail) for every thread
 of an emulated block, on the tensors' real memory (so misaligned rows of strided views take the same path
-they take on the GPU), then merges the thread states in the kernels' order. What it cannot check is the
-device-only part: shuffles, __expf, the CUDA fp16/bf16 conversions, launch configuration (tests/ops cover
-those on a GPU).
+they take on the GPU), then merges the thread states in the kernels' order. What it cannot run is the
+device-only part: shuffles, the CUDA fp16/bf16 conversions, the packed 16-bit max of a vector group (the
+host computes the same number with fmaxf), launch configuration (tests/ops cover those on a GPU). The device's
+ex2.approx.ftz is stood in for by exp2f with the same flush to zero, and the tests below put a 4-ulp error of
+either sign on every exponential to show the tolerances cover the approximation.
 
 Tolerances. Outputs are float32 computed in float32 from exact inputs (bf16 and fp32 logits upcast exactly),
 so errors are a few float32 roundings of quantities of the size of the scaled logits: x * (1/T), the running
