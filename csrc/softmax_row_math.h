@@ -261,7 +261,9 @@ ERPO_HD void state_add_vectors(SoftmaxState& s, const Vec<T> (&buf)[U], RowScale
 // conversions, the host tests plain float and bf16 bit conversions, so the tests run these very loops on
 // real (possibly misaligned) tensor memory.
 
-// Fold this thread's share of a row (already split by split_row) into an online-softmax state.
+// Fold this thread's share of a row (already split by split_row) into an online-softmax state. tid and
+// threads are 32-bit here: with 64-bit ones the ptxas of nvcc 13.0 spilled a 64-bit loop bound of the fp32
+// kernel on sm_80, which the static report fails on.
 template <typename T, typename Convert>
 ERPO_HD SoftmaxState thread_row_state(const T* x_row, RowSplit split, int64_t vocab, int tid, int threads,
                                       float inv_t, Convert cv) {
@@ -311,7 +313,9 @@ ERPO_HD void thread_row_grad(const T* x_row, T* g_row, RowSplit split, int64_t v
   const GradRow g = grad_row<HAS_LOGP, HAS_ENT>(lse, entropy, g_logp, g_ent, inv_t);
   const bool patch = HAS_LOGP && target >= 0 && target < vocab && element_owner(target, split, threads, kVec) == tid;
   const float target_raw = patch ? cv.to_float(x_row[target]) : 0.0f;
-  for (int64_t j = tid; j < split.head; j += threads) g_row[j] = cv.from_float(grad_elem<HAS_ENT>(cv.to_float(x_row[j]), g));
+  for (int64_t j = tid; j < split.head; j += threads) {
+    g_row[j] = cv.from_float(grad_elem<HAS_ENT>(cv.to_float(x_row[j]), g));
+  }
   const Vec<T>* x_body = reinterpret_cast<const Vec<T>*>(x_row + split.head);
   Vec<T>* g_body = reinterpret_cast<Vec<T>*>(g_row + split.head);
   int64_t v = tid;
