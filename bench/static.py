@@ -1,7 +1,7 @@
 """python -m bench.static: what the GPU code of erpo will do on a GPU, read from the compiler without one.
 
 For every kernel of bench/static_kernels.py (Triton: the fused op's forward and backward, the per-token
-loss; CUDA: csrc/*.cu), per dtype, for sm_80 and sm_90:
+loss, the fused LM head's matmul tiles and merge; CUDA: csrc/*.cu), per dtype, for sm_80 and sm_90:
   registers and spills      `ptxas -v` on the PTX Triton generated (Triton's own ptxas and flags), or
                             `nvcc -Xptxas -v` for the CUDA files; cross-checked against the cubin;
   SASS                      `cuobjdump -sass` of the cubin that would run; the steady-state loop (the loop
@@ -9,6 +9,10 @@ loss; CUDA: csrc/*.cu), per dtype, for sm_80 and sm_90:
   occupancy                 from registers, threads and shared memory;
   PREDICTED bandwidth       fraction of HBM bandwidth on A100 (sm_80), H100 and H200 (sm_90), from the
                             instruction count with the model in bench/static_sass.py. Never measured here.
+  fused LM head             matmul tiles, in a table of their own: SASS per logit of the recomputed tile at
+                            H = HEAD_HIDDEN_SIZE (dot loops x trips + the rest of the tile loop), MMA
+                            instructions per trip with their multiply-adds, and a PREDICTED fraction of the
+                            tensor-core (fp32: FP32-pipe) peak beside a worst-case HBM bound.
 Writes bench/results/static/static.md and static.json (or --out DIR). Exit status 1 when any kernel spills
 or fails to compile, so CI fails on spills (tests/kernels/test_static_report.py).
 """
@@ -23,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 from bench import static_sass as sass
-from bench.static_kernels import ARCHS, autotune_rows, cuda_rows, triton_rows
+from bench.static_kernels import (ARCHS, HEAD_HIDDEN_SIZE, autotune_rows, cuda_rows, head_merge_rows, head_rows,
+                                  triton_rows)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "static"
@@ -167,6 +172,58 @@ def triton_result(row):
     return result
 
 
+def head_result(row, hidden=HEAD_HIDDEN_SIZE):
+    """One fused-head kernel (a matmul tile kernel): registers, spills, occupancy, the tile's SASS and MMAs."""
+    compiled = compile_triton(row)
+    arch_name = "sm_90a" if row.arch == 90 else f"sm_{row.arch}"
+    functions, _ = ptxas_report(compiled.asm["ptx"], arch_name)
+    fn_name = compiled.metadata.name
+    by_fn, usage = cubin_sass(compiled.asm["cubin"])
+    ptxas_fn = functions[fn_name]
+    threads = row.num_warps * 32
+    block_n, block_v, block_h = row.tiles
+    result = {
+        "kernel": row.name, "arch": f"sm_{row.arch}", "dtype": row.dtype, "source": "triton", "kind": "matmul",
+        "threads": threads, "num_warps": row.num_warps, "num_stages": row.num_stages,
+        "tiles": {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+        "registers": ptxas_fn.registers, "cubin_registers": usage["registers"].get(fn_name),
+        "spill_store_bytes": ptxas_fn.spill_store_bytes, "spill_load_bytes": ptxas_fn.spill_load_bytes,
+        "stack_bytes": ptxas_fn.stack_bytes, "spills": ptxas_fn.spills, "shared_bytes": compiled.metadata.shared,
+        "sass_instructions": len(by_fn[fn_name]), "hidden_size": hidden,
+    }
+    if result["cubin_registers"] != result["registers"]:
+        result["error"] = f"ptxas -v says {result['registers']} registers, the cubin {result['cubin_registers']}"
+        return result
+    try:
+        tiles = sass.matmul_tiles(by_fn[fn_name], row.dots)
+    except ValueError as err:
+        result["error"] = str(err)
+        return result
+    logits_per_thread = block_n * block_v / threads
+    figures = sass.per_logit(tiles, hidden, block_h, logits_per_thread)
+    tensor_cores = row.dtype != "fp32"
+    result.update({
+        "logits_per_thread_per_tile": logits_per_thread,
+        "dot_loops": [sass.as_dict(d) for d in tiles.dot_loops],
+        "tile_macs_per_trip": block_n * block_v * block_h,  # each dot loop's trip: one BLOCK_H slice of the tile
+        "mma_macs_per_trip": [d.macs_per_thread * threads for d in tiles.dot_loops],
+        "mma_per_trip_per_warp": [d.mma for d in tiles.dot_loops], "mma_opcodes": tiles.mma_opcodes,
+        "mma_per_tile_per_warp": sum(d.mma for d in tiles.dot_loops) * -(-hidden // block_h),
+        "outside_dot_instructions": tiles.outside_instructions,
+        "instructions_per_logit": round(figures["sass"], 2), "epilogue_instructions_per_logit":
+            round(figures["epilogue_sass"], 2), "dot_instructions_per_logit_per_trip": round(figures["dot_sass_per_trip"], 3),
+        "mufu_per_logit": round(figures["mufu"], 3), "ffma_per_logit": round(figures["ffma"], 2),
+        "flops_per_logit": row.flops_per_logit(hidden), "hbm_bytes_per_logit_no_reuse": row.hbm_bytes_per_logit(hidden),
+        "occupancy": sass.occupancy(row.arch, ptxas_fn.registers, threads, compiled.metadata.shared),
+    })
+    result["predicted"] = {
+        gpu: sass.predict_matmul(gpu, figures["sass"], figures["mufu"], figures["ffma"], row.flops_per_logit(hidden),
+                                 tensor_cores, row.hbm_bytes_per_logit(hidden))
+        for gpu, spec in sass.GPUS.items() if spec["arch"] == row.arch
+    }
+    return result
+
+
 def cuda_results(rows, nvcc):
     """Compile each csrc file once per arch with -Xptxas -v and read every row's kernel from it."""
     results = []
@@ -202,7 +259,7 @@ def markdown(results, meta) -> str:
     lines = [
         "# erpo static kernel report (no GPU: compiled code read, bandwidth PREDICTED)",
         "",
-        f"triton {meta['triton']}, ptxas `{meta['ptxas']}`, nvcc `{meta['nvcc']}`. Produced by `python -m bench.static`.",
+        f"triton {meta['triton']}, ptxas `{meta['ptxas']}`, nvcc `{meta['nvcc']}`. Produced by `{meta.get('command', 'python -m bench.static')}`.",
         "Instructions per element: SASS instructions on the steady-state path of the streaming loop (the rebase",
         "taken when a block raises the row max is skipped; `loop_body_instructions` in the JSON counts it) /",
         "elements one thread consumes per trip. Predicted fraction: min over the issue bound (128 thread-instructions per clock per",
@@ -214,6 +271,8 @@ def markdown(results, meta) -> str:
         "|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in results:
+        if r.get("kind") == "matmul":
+            continue
         if "error" in r:
             lines.append(f"| {r['kernel']} | ERROR: {r['error'].splitlines()[0][:120]} |||||||")
             continue
@@ -224,10 +283,53 @@ def markdown(results, meta) -> str:
             f"| {r['kernel']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['threads']} | "
             f"{occ['occupancy']:.0%} ({occ['limited_by']}) | {r['instructions_per_element']} | "
             f"{r['mufu_per_element']} | {r['loop_instructions']} / {r['loop_elements_per_thread']} | {predicted} |")
+    head = [r for r in results if r.get("kind") == "matmul"]
+    if head:
+        lines += head_markdown(head)
     spills = [r["kernel"] for r in results if r.get("spills")]
     errors = [r["kernel"] for r in results if "error" in r]
     lines += ["", f"Spilling kernels: {', '.join(spills) or 'none'}. Errors: {', '.join(errors) or 'none'}.", ""]
     return "\n".join(lines)
+
+
+def head_markdown(results) -> list:
+    hidden = results[0]["hidden_size"]
+    lines = [
+        "",
+        f"## Fused LM head (matmul tiles; compute peak PREDICTED, at H = {hidden})",
+        "",
+        "Per logit of the recomputed [BLOCK_N, BLOCK_V] tile, per thread: (SASS of the tl.dot loops over H, one trip",
+        f"per BLOCK_H slice, times ceil(H / BLOCK_H) trips + every other instruction of the tile loop) / logits one",
+        "thread holds (BLOCK_N x BLOCK_V / threads); all instructions of each body, no path analysis. `epilogue`: the",
+        "part outside the dot loops (softmax stats or dlogits, pipeline prologue), independent of H. MMA: HMMA (sm_80,",
+        "per warp) or HGMMA (sm_90, per warpgroup, issued by each of its 4 warps) per tile at H and per dot-loop trip,",
+        "per warp; their multiply-adds equal the tile's BLOCK_N x BLOCK_V x BLOCK_H per trip (checked in CI).",
+        "Predicted fraction of the compute peak (dense tensor cores: A100 312, H100/H200 989 TFLOP/s; fp32 inputs",
+        "run their \"ieee\" dots on the FP32 pipe: lanes x 2 x SMs x clock) = min(1, issue, MUFU, FP32-pipe rate",
+        "over the peak rate). `HBM no reuse`: the HBM rate over the peak rate if every operand tile came from HBM",
+        "(the worst case; L2 reuse is not modelled), not folded into the prediction. **Predicted, not measured.**",
+        "The head's merge of split states (head-merge, first table) is a flat kernel: its element is a row (S = 1).",
+        "",
+        "| kernel | regs | spills (st/ld B) | threads | smem KiB | occupancy (limit) | tile N x V x H | MMA/tile/warp (per trip) |"
+        " SASS/logit | epilogue SASS/logit | MUFU/logit | predicted fraction of compute peak (bound), HBM no reuse |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | ERROR: {r['error'].splitlines()[0][:120]} |||||||||||")
+            continue
+        occ = r["occupancy"]
+        t = r["tiles"]
+        predicted = ", ".join(
+            f"{gpu} {p['predicted_fraction_of_peak']:.0%} of {p['peak']} peak ({p['predicted_bound']}), "
+            f"HBM no reuse {p['hbm_no_reuse_fraction_of_peak']:.0%}" for gpu, p in r["predicted"].items())
+        mma = f"{r['mma_per_tile_per_warp']} ({' + '.join(str(n) for n in r['mma_per_trip_per_warp'])})"
+        lines.append(
+            f"| {r['kernel']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['threads']} | "
+            f"{r['shared_bytes'] / 1024:.0f} | {occ['occupancy']:.0%} ({occ['limited_by']}) | "
+            f"{t['BLOCK_N']} x {t['BLOCK_V']} x {t['BLOCK_H']} | {mma} | {r['instructions_per_logit']} | "
+            f"{r['epilogue_instructions_per_logit']} | {r['mufu_per_logit']} | {predicted} |")
+    return lines
 
 
 def spill_detector_control(row):
@@ -245,16 +347,19 @@ def spill_detector_control(row):
             "detected_spills": fn.spills}
 
 
-def collect(triton=True, cuda=True, only=None, configs=False):
+def collect(triton=True, cuda=True, only=None, configs=False, head=True):
     results = []
     if triton:
-        for row in [*triton_rows(), *(autotune_rows() if configs else ())]:
+        rows = [*triton_rows(), *(head_merge_rows() if head else ()), *(autotune_rows() if configs else ())]
+        for row in [*rows, *(head_rows() if head else ())]:
             if only and not re.search(only, row.name):
                 continue
             try:
-                results.append(triton_result(row))
+                results.append(head_result(row) if row.kernel in ("head-fwd", "head-dhidden", "head-dweight")
+                               else triton_result(row))
             except Exception as err:  # reported per kernel: one broken kernel must not hide the others
-                results.append({"kernel": row.name, "source": "triton", "error": f"{type(err).__name__}: {err}"})
+                results.append({"kernel": row.name, "source": "triton", "error": f"{type(err).__name__}: {err}",
+                                **({"kind": "matmul"} if hasattr(row, "dots") else {})})
     if cuda:
         nvcc = shutil.which("nvcc")
         if nvcc is None:
@@ -295,10 +400,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="regex on the Triton kernel names (implies --no-cuda), e.g. sm90-bf16")
     p.add_argument("--configs", action="store_true",
                    help="also every autotune candidate of the bf16 forward/backward (sm_90)")
+    p.add_argument("--no-head", action="store_true", help="skip the fused LM head's kernels")
     args = p.parse_args(argv)
-    results = collect(cuda=not (args.no_cuda or args.only), only=args.only, configs=args.configs)
+    results = collect(cuda=not (args.no_cuda or args.only), only=args.only, configs=args.configs,
+                      head=not args.no_head)
     control = spill_detector_control(next(row for row in triton_rows() if row.name == "fwd-sm90-bf16"))
     info = meta()
+    flags = [flag for flag, on in (("--no-cuda", args.no_cuda), ("--configs", args.configs), ("--no-head", args.no_head))
+             if on] + ([f"--only {args.only}"] if args.only else [])
+    info["command"] = " ".join(["python -m bench.static", *flags])
     table = markdown(results, info) + (
         f"Spill-detector control: {control['kernel']} -> {control['spill_store_bytes']} B spill stores, "
         f"{control['spill_load_bytes']} B spill loads read from ptxas -v "

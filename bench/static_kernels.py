@@ -8,9 +8,11 @@ uses: signature, constexprs, divisibility, warps; one spec, two users) and says 
   hbm_bytes          HBM bytes each element costs this kernel (read once: element_bytes; read + gradient
                      write: 2 x element_bytes; the token kernel: its 4 fp32 inputs, 3 fp32 + 2 int8 outputs);
   loop               True when the steady state is a loop over V (the row kernels), False for flat kernels.
-To add a kernel (e.g. the fused head's): give it a case function in tests/kernels/compile_for_gpu.py, then one
-TritonRow here per (arch, dtype) that matters: `for arch in ARCHS: yield TritonRow("head-fwd", dtype, arch,
-head_forward_case(dtype), elements_per_step=..., element_bytes=..., hbm_bytes=..., loop=True)`.
+To add a streaming kernel: give it a case function in tests/kernels/compile_for_gpu.py, then one TritonRow
+here per (arch, dtype) that matters.
+The fused LM head's kernels are matmul tiles, one HeadRow each (head_rows): the tiles the op launches with
+(GPU_TILES of kernels/linear_logprobs_entropy.py, through the same compile_for_gpu cases), how many tl.dot
+loops over H each tile runs, the FLOPs and worst-case HBM bytes per logit at the reference hidden size.
 CUDA rows name a csrc/*.cu file and a regular expression matching the mangled kernel name.
 """
 import itertools
@@ -90,6 +92,79 @@ def autotune_rows():
             fn, signature, constexprs, divisible, _ = case
             spec = (fn, signature, {**constexprs, "BLOCK_V": block}, divisible, warps)
             yield TritonRow(kernel, "bf16", 90, spec, block, 2, hbm, num_stages=stages, suffix=suffix)
+
+
+# The fused LM head, read at the hidden size of Llama-3-8B (Qwen2.5-7B has 3584): the per-logit figures of
+# matmul tiles scale with H, so the report states the one it uses; the JSON holds the parts to redo it at any H.
+HEAD_HIDDEN_SIZE = 4096
+HEAD_DTYPES = ("bf16", "fp32")  # fp16 compiles to the bf16 code with another MMA type (compile_for_gpu checks it)
+
+
+@dataclass(frozen=True)
+class HeadRow:
+    kernel: str
+    dtype: str
+    arch: int
+    spec: Any  # (jit function, signature, constexprs, divisible, num_warps)
+    num_stages: int
+    dots: int  # tl.dot loops over H per tile: the recompute, plus the gradient product in the backward
+    element_bytes: int
+    loop: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}-sm{self.arch}-{self.dtype}"
+
+    @property
+    def num_warps(self) -> int:
+        return self.spec[4]
+
+    @property
+    def tiles(self) -> tuple:
+        c = self.spec[2]
+        return c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_H"]
+
+    def flops_per_logit(self, hidden: int) -> float:
+        return 2 * hidden * self.dots  # each dot: one multiply-add per element of H per logit
+
+    def hbm_bytes_per_logit(self, hidden: int) -> float:
+        """Operand bytes per logit when no tile is ever reused from L2 (the worst case): the forward reads a
+        hidden tile per V tile and a weight tile per row tile; grad_hidden reads the weight twice and
+        read-adds-writes its f32 [BLOCK_N, H] rows per V tile; grad_weight reads the hidden tile twice and
+        read-adds-writes its f32 [BLOCK_V, H] rows per row tile."""
+        block_n, block_v, _ = self.tiles
+        e = self.element_bytes
+        recompute = e * hidden * (1 / block_n + 1 / block_v)
+        if self.kernel == "head-fwd":
+            return recompute
+        if self.kernel == "head-dhidden":
+            return recompute + e * hidden / block_n + 8 * hidden / block_v
+        return recompute + e * hidden / block_v + 8 * hidden / block_n
+
+
+def head_rows():
+    """The fused LM head's kernels at the tiles the op launches (GPU_TILES), per arch, bf16 and fp32."""
+    from erpo.kernels import linear_logprobs_entropy as head
+    from tests.kernels import compile_for_gpu as specs
+
+    for arch, dtype in itertools.product(ARCHS, HEAD_DTYPES):
+        cases = (("head-fwd", specs.head_forward_case(dtype, True), 1),
+                 ("head-dhidden", specs.head_backward_case(head.linear_grad_hidden_kernel, dtype, True, True, True), 2),
+                 ("head-dweight", specs.head_backward_case(head.linear_grad_weight_kernel, dtype, True, True, True), 2))
+        for kernel, case, dots in cases:
+            yield HeadRow(kernel, dtype, arch, case[:5], case[5], dots, DTYPE_BYTES[dtype])
+
+
+def head_merge_rows():
+    """The head's merge of the split states: flat, one row of N per element (6 f32 states in at S = 1, the
+    int64 target, 3 f32 out)."""
+    from erpo.kernels import linear_logprobs_entropy as head
+    from tests.kernels import compile_for_gpu as specs
+
+    case = specs.head_merge_case()
+    for arch in ARCHS:
+        yield TritonRow("head-merge", "fp32", arch, case[:5], head.MERGE_BLOCK, 4, 6 * 4 + 8 + 3 * 4, loop=False,
+                        num_stages=case[5])
 
 
 # Mangled names: the template argument is f (float), 6__half, 13__nv_bfloat16; the backward adds its two masks.

@@ -8,16 +8,28 @@ an SM issues 4 warp-instructions (128 thread-instructions) per clock, and the sp
 runs exp2/log2 (MUFU) delivers 16 results per clock per SM; a kernel streaming `b` HBM bytes per element
 reaches at most min(1, issue rate / (BW / b), MUFU rate / (BW / b)) of the HBM bandwidth BW, and no more
 than the bytes its resident warps keep in flight cover (Little's law with an assumed loaded DRAM latency).
+
+The fused LM head's kernels are matmul tiles (tl.dot), not streams, and are read differently (matmul_tiles,
+predict_matmul): per logit of the recomputed [BLOCK_N, BLOCK_V] tile, the SASS of the dot loops (one trip per
+BLOCK_H slice of the hidden size H) times the trips, plus the rest of the tile loop, over the logits one thread
+holds; the MMA instructions per trip, with the multiply-adds they perform checked against the tile's; and a
+PREDICTED fraction of the compute peak (tensor cores for 16-bit inputs, the FP32 pipe for fp32 ones), limited by
+issue and MUFU, beside the HBM bound when no operand tile is ever reused from L2 (the worst case).
 """
 import math
 import re
 from dataclasses import asdict, dataclass
 
 # Datasheet figures; the sustained clock under a memory-bound load is the issue's ~1.75 GHz, not the boost.
+# tensor_flops: dense bf16/fp16 tensor-core peak (datasheet, no sparsity; H200 has H100's compute);
+# fp32_lanes: FP32 FMA lanes per SM (A100 64, Hopper 128), which run the fp32 head's "ieee" dots.
 GPUS = {
-    "A100-SXM4-80GB": dict(arch=80, hbm_bytes_per_s=2.039e12, sms=108, clock_hz=1.41e9),
-    "H100-SXM5": dict(arch=90, hbm_bytes_per_s=3.35e12, sms=132, clock_hz=1.755e9),
-    "H200-SXM": dict(arch=90, hbm_bytes_per_s=4.8e12, sms=132, clock_hz=1.755e9),
+    "A100-SXM4-80GB": dict(arch=80, hbm_bytes_per_s=2.039e12, sms=108, clock_hz=1.41e9, tensor_flops=312e12,
+                           fp32_lanes=64),
+    "H100-SXM5": dict(arch=90, hbm_bytes_per_s=3.35e12, sms=132, clock_hz=1.755e9, tensor_flops=989e12,
+                      fp32_lanes=128),
+    "H200-SXM": dict(arch=90, hbm_bytes_per_s=4.8e12, sms=132, clock_hz=1.755e9, tensor_flops=989e12,
+                     fp32_lanes=128),
 }
 ISSUE_PER_CLOCK_PER_SM = 128  # 4 schedulers x 32 lanes
 MUFU_PER_CLOCK_PER_SM = 16  # ex2/lg2/rcp: 16 results per clock per SM on sm_80 and sm_90
@@ -260,6 +272,111 @@ def predict_bandwidth_fraction(gpu: str, instructions_per_element: float, mufu_p
         "predicted_bound": bound,
         "instruction_budget_per_element": spec["sms"] * ISSUE_PER_CLOCK_PER_SM * spec["clock_hz"] / hbm_rate,
         "predicted_bounds": bounds,
+    }
+
+
+# ---------------------------------------------------------------- matmul tiles (the fused LM head)
+
+MMA_OPCODES = ("HMMA", "HGMMA")  # sm_80 warp MMA, sm_90 warpgroup MMA (HFMA2.MMA is an FMA, not one of them)
+_HMMA_SHAPE = re.compile(r"^HMMA\.(\d\d)(\d)(\d+)\.")  # HMMA.16816: m16 n8 k16
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)\s*x(\d+)x(\d+)")  # HGMMA.64x64x16 (cuobjdump: opcode "HGMMA.64")
+
+
+def mma_macs(instruction: Instruction) -> tuple[int, int]:
+    """(multiply-adds one instruction performs, threads that issue it together): an HMMA is one warp's
+    m x n x k; an HGMMA is one warpgroup's (4 warps each issue the same instruction)."""
+    text = f"{instruction.opcode} {instruction.operands}"
+    if instruction.base == "HMMA" and (m := _HMMA_SHAPE.match(text)):
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), 32
+    if instruction.base == "HGMMA" and (m := _HGMMA_SHAPE.match(text)):
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), 128
+    raise ValueError(f"not a recognised MMA instruction: {text}")
+
+
+@dataclass
+class DotLoop:
+    instructions: int  # every instruction of one trip (one BLOCK_H slice), no path analysis
+    mma: int  # MMA instructions per trip, per warp
+    macs_per_thread: float  # multiply-adds per trip, per thread of the block (MMA shapes / issuing threads)
+    ffma: int
+    mufu: int
+
+
+@dataclass
+class TileStats:
+    dot_loops: list  # DotLoop per tl.dot loop over H inside the tile loop
+    outside_instructions: int  # the rest of the tile loop's body: softmax/gradient epilogue, pipeline prologue
+    outside_mufu: int
+    outside_ffma: int
+    mma_opcodes: list  # distinct MMA opcodes with their shapes, for the report
+
+
+def matmul_tiles(instructions: list[Instruction], dots: int) -> TileStats:
+    """The tile loop (the outermost loop holding other loops: one trip per recomputed logits tile) and the
+    `dots` innermost loops in it (the tl.dot loops over H). ValueError when the SASS is not shaped like that."""
+    found = loops(instructions)
+
+    def inside(inner, outer):
+        return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+    tile_loops = [span for span in found if any(inside(other, span) for other in found)]
+    if not tile_loops:
+        raise ValueError("no tile loop (a loop holding the dot loops) in the SASS")
+    tile = max(tile_loops, key=lambda span: span[1] - span[0])
+    innermost = [span for span in found if inside(span, tile) and not any(inside(o, span) for o in found)]
+    if len(innermost) != dots:
+        raise ValueError(f"expected {dots} dot loop(s) inside the tile loop, found {len(innermost)}")
+    in_dots = set()
+    dot_loops = []
+    for first, last in sorted(innermost):
+        body = [ins for ins in instructions[first:last + 1] if ins.base != "NOP"]
+        in_dots.update(range(first, last + 1))
+        macs = sum(m / threads for m, threads in (mma_macs(ins) for ins in body if ins.base in MMA_OPCODES))
+        dot_loops.append(DotLoop(len(body), sum(ins.base in MMA_OPCODES for ins in body), macs,
+                                 sum(ins.base == "FFMA" for ins in body), sum(ins.base == "MUFU" for ins in body)))
+    outside = [ins for i, ins in enumerate(instructions[tile[0]:tile[1] + 1], tile[0])
+               if i not in in_dots and ins.base != "NOP"]
+    opcodes = sorted({f"{ins.opcode}{ins.operands.split()[0] if ins.base == 'HGMMA' else ''}"
+                      for ins in instructions if ins.base in MMA_OPCODES})
+    return TileStats(dot_loops, len(outside), sum(ins.base == "MUFU" for ins in outside),
+                     sum(ins.base == "FFMA" for ins in outside), opcodes)
+
+
+def per_logit(tiles: TileStats, hidden_size: int, block_h: int, logits_per_thread: float) -> dict:
+    """Per logit of the recomputed tile, at hidden size H: each dot loop runs ceil(H / BLOCK_H) trips per tile."""
+    trips = math.ceil(hidden_size / block_h)
+    per_tile = lambda field, outside: (sum(getattr(d, field) for d in tiles.dot_loops) * trips + outside)
+    return {
+        "sass": per_tile("instructions", tiles.outside_instructions) / logits_per_thread,
+        "mufu": per_tile("mufu", tiles.outside_mufu) / logits_per_thread,
+        "ffma": per_tile("ffma", tiles.outside_ffma) / logits_per_thread,
+        "epilogue_sass": tiles.outside_instructions / logits_per_thread,
+        "dot_sass_per_trip": sum(d.instructions for d in tiles.dot_loops) / logits_per_thread,
+    }
+
+
+def predict_matmul(gpu: str, sass_per_logit: float, mufu_per_logit: float, ffma_per_logit: float,
+                   flops_per_logit: float, tensor_cores: bool, hbm_bytes_per_logit: float) -> dict:
+    """PREDICTED fraction of the compute peak (tensor cores, or the FP32 pipe for fp32 dots) and what limits
+    it: min(1, issue, MUFU, FP32-pipe rate over the peak rate, in logits/s). The HBM bound with no operand reuse
+    from L2 is reported beside it, as a fraction of the same peak, not folded in (L2 reuse is not modelled)."""
+    spec = GPUS[gpu]
+    rate = spec["sms"] * spec["clock_hz"]  # SM-clocks per second
+    peak_flops = spec["tensor_flops"] if tensor_cores else 2 * spec["fp32_lanes"] * rate
+    peak_rate = peak_flops / flops_per_logit  # logits/s at the compute peak
+    bounds = {"issue": rate * ISSUE_PER_CLOCK_PER_SM / max(sass_per_logit, 1e-9) / peak_rate,
+              "mufu": rate * MUFU_PER_CLOCK_PER_SM / mufu_per_logit / peak_rate if mufu_per_logit else math.inf}
+    if not tensor_cores:
+        bounds["fp32-pipe"] = rate * spec["fp32_lanes"] / max(ffma_per_logit, 1e-9) / peak_rate
+    bounds["peak"] = 1.0
+    bound = min(bounds, key=lambda k: bounds[k])
+    return {
+        "peak": "tensor" if tensor_cores else "fp32",
+        "peak_flops": peak_flops,
+        "predicted_fraction_of_peak": min(1.0, bounds[bound]),
+        "predicted_bound": bound,
+        "predicted_bounds": bounds,
+        "hbm_no_reuse_fraction_of_peak": spec["hbm_bytes_per_s"] / hbm_bytes_per_logit / peak_rate,
     }
 
 

@@ -4,8 +4,10 @@
 // The row functions run the kernels' own per-thread loops (thread_row_state, thread_row_grad,
 // thread_row_zero) for every emulated thread of a block, one after another, on the caller's memory, then
 // merge the thread states in the kernels' order (a butterfly within each warp of 32, then once more over the
-// warps' states). Only the CUDA-specific parts differ: shuffles become array reads, __expf becomes expf, and
-// fp16 is not offered (its conversion is CUDA's own intrinsic).
+// warps' states). Only the CUDA-specific parts differ: shuffles become array reads, ex2.approx becomes exp2f
+// (subnormals flushed as on the device; erpo_host_set_exp2_error perturbs it to test the tolerances), the
+// packed 16-bit max of a vector group becomes vectors_max (the same number), and fp16 is not offered (its
+// conversion is CUDA's own intrinsic).
 #include <stdint.h>
 #include <string.h>
 
@@ -21,6 +23,8 @@ using erpo::SoftmaxState;
 struct FloatConvert {
   float to_float(float v) const { return v; }
   float from_float(float v) const { return v; }
+  template <int U>
+  float max_of(const erpo::Vec<float> (&buf)[U]) const { return erpo::vectors_max(buf, *this); }
 };
 
 // bfloat16 as raw bits: the upper half of a float32, rounded to nearest even (as __float2bfloat16_rn).
@@ -38,6 +42,8 @@ struct Bf16Convert {
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return static_cast<uint16_t>(bits >> 16);
   }
+  template <int U>
+  float max_of(const erpo::Vec<uint16_t> (&buf)[U]) const { return erpo::vectors_max(buf, *this); }
 };
 
 constexpr int kFloat32 = 0;   // erpo_dtype codes of logprobs_entropy.h
@@ -104,7 +110,7 @@ void rows_bwd(const T* logits, int64_t stride_outer, int64_t stride_inner, int64
         erpo::thread_row_zero(g_row, split, vocab, t, threads, cv);
       } else {
         erpo::thread_row_grad<T, HAS_LOGP, HAS_ENT>(x_row, g_row, split, vocab, t, threads, target, lse[row],
-                                                    lse[row] - entropy[row], HAS_LOGP ? grad_logp[row] : 0.0f,
+                                                    entropy[row], HAS_LOGP ? grad_logp[row] : 0.0f,
                                                     HAS_ENT ? grad_entropy[row] : 0.0f, inv_t, cv);
       }
     }
@@ -180,6 +186,7 @@ int erpo_host_rows_bwd(const void* logits, int dtype, int64_t stride_outer, int6
 int erpo_host_chunked_row(const float* raw, int64_t vocab, float inv_t, int64_t target, int64_t chunk,
                           const int64_t* order, int64_t n_chunks, int group, int tree, float* out) {
   if (group != 1 && group != 4 && group != 8) return -1;
+  const erpo::RowScale k = erpo::row_scale(inv_t);
   std::vector<SoftmaxState> states;
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t begin = order[c] * chunk;
@@ -188,21 +195,21 @@ int erpo_host_chunked_row(const float* raw, int64_t vocab, float inv_t, int64_t 
     int64_t j = begin;
     for (; j + group <= end; j += group) {
       if (group == 1) {
-        const float x[1] = {raw[j] * inv_t};
-        erpo::state_add(s, x);
+        const float x[1] = {raw[j]};
+        erpo::state_add(s, x, k);
       } else if (group == 4) {
         float x[4];
-        for (int k = 0; k < 4; ++k) x[k] = raw[j + k] * inv_t;
-        erpo::state_add(s, x);
+        for (int i = 0; i < 4; ++i) x[i] = raw[j + i];
+        erpo::state_add(s, x, k);
       } else {
         float x[8];
-        for (int k = 0; k < 8; ++k) x[k] = raw[j + k] * inv_t;
-        erpo::state_add(s, x);
+        for (int i = 0; i < 8; ++i) x[i] = raw[j + i];
+        erpo::state_add(s, x, k);
       }
     }
     for (; j < end; ++j) {
-      const float x[1] = {raw[j] * inv_t};
-      erpo::state_add(s, x);
+      const float x[1] = {raw[j]};
+      erpo::state_add(s, x, k);
     }
     states.push_back(s);
   }
@@ -233,6 +240,10 @@ void erpo_host_split_row(uint64_t read_address, uint64_t write_address, int64_t 
   out[1] = s.n_vec;
   out[2] = s.tail_start;
 }
+
+// Every exponential of the row math is multiplied by (1 + relative_error) from now on (0 restores exp2f):
+// the tests run with the device's approximate ex2 error, and more, on both sides.
+void erpo_host_set_exp2_error(float relative_error) { erpo::host_exp2_error = relative_error; }
 
 int erpo_host_default_block_threads(int64_t vocab, int elem_size) {
   return erpo::default_block_threads(vocab, elem_size);

@@ -19,10 +19,15 @@
 //    offset from a 16-byte boundary (one thread reads and writes the same elements); otherwise the whole row
 //    takes the scalar path, which is still coalesced.
 //  * Accumulation is float32 in registers. Forward: each thread folds its elements into an online-softmax
-//    state (m, d, w) with one exponential per element; states merge with warp shuffles, then once through
+//    state (m, d, w) with one exponential per element (base 2, the temperature folded into the FMA feeding
+//    ex2.approx); the running max is taken once per step of kUnroll vectors (on packed pairs for 16-bit
+//    types) and the sums are rescaled only when it moves. States merge with warp shuffles, then once through
 //    shared memory (one state per warp) to the first warp. That final step is the only shared-memory
 //    traffic: the row itself never goes through shared memory because each element is used exactly once.
-//    Backward needs no reduction at all: p_j and E_p[x] come from the saved lse and entropy.
+//    Backward needs no reduction at all: p_j and E_p[x] come from the saved lse and entropy, and the target's
+//    one-hot term is added after the loop by the thread that owns that element.
+//  * Steady-state cost, read from the SASS by `python -m bench.static` (bench/results/static/static.md):
+//    under 10 instructions per element for every dtype, sm_80 and sm_90 (CI holds bf16 and fp16 to it).
 //  * All offsets are int64 (N x V overflows int32 at 8 x 4k x 150k). Temperature, ignore_index and the row
 //    strides are run-time arguments: one compiled kernel per dtype (and per backward gradient mask).
 //  * Rows whose target is ignore_index are never read: the forward writes zeros, the backward writes a zero
@@ -44,23 +49,55 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridX = 2147483647;
 
 // Explicit conversions: torch builds extensions with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones. max_of: the largest raw value of a group
+// of vectors; the 16-bit types reduce packed pairs (max.bf16x2 / max.f16x2, NaN skipped like fmaxf: the same
+// number as vectors_max, which the host tests run), then take the larger half.
 template <typename T>
 struct CudaConvert;
 template <>
 struct CudaConvert<float> {
   ERPO_HD float to_float(float v) const { return v; }
   ERPO_HD float from_float(float v) const { return v; }
+  template <int U>
+  ERPO_HD float max_of(const Vec<float> (&buf)[U]) const { return vectors_max(buf, *this); }
 };
+
+// Pairwise tree over N packed pairs (registers, not an indexed array: that would go to local memory).
+template <int N, typename Pair>
+__device__ __forceinline__ Pair max_tree(const Pair* m) {
+  if constexpr (N == 1) {
+    return m[0];
+  } else {
+    return __hmax2(max_tree<N / 2>(m), max_tree<N / 2>(m + N / 2));
+  }
+}
+
+template <typename Pair, typename T, int U>
+__device__ __forceinline__ float packed_max(const Vec<T> (&buf)[U]) {
+  constexpr int kPairs = U * kVecBytes / static_cast<int>(sizeof(Pair));
+  Pair pairs[kPairs];
+  memcpy(pairs, buf, sizeof pairs);
+  const Pair m = max_tree<kPairs>(pairs);
+  return fmaxf(__low2float(m), __high2float(m));
+}
+
 template <>
 struct CudaConvert<__half> {
   ERPO_HD float to_float(__half v) const { return __half2float(v); }
   ERPO_HD __half from_float(float v) const { return __float2half_rn(v); }
+  template <int U>
+  __device__ __forceinline__ float max_of(const Vec<__half> (&buf)[U]) const {
+    return packed_max<__half2>(buf);
+  }
 };
 template <>
 struct CudaConvert<__nv_bfloat16> {
   ERPO_HD float to_float(__nv_bfloat16 v) const { return __bfloat162float(v); }
   ERPO_HD __nv_bfloat16 from_float(float v) const { return __float2bfloat16_rn(v); }
+  template <int U>
+  __device__ __forceinline__ float max_of(const Vec<__nv_bfloat16> (&buf)[U]) const {
+    return packed_max<__nv_bfloat162>(buf);
+  }
 };
 
 __device__ __forceinline__ int64_t load_target(const void* targets, int targets_int64, int64_t row) {
@@ -70,7 +107,7 @@ __device__ __forceinline__ int64_t load_target(const void* targets, int targets_
 
 __device__ __forceinline__ SoftmaxState shfl_xor_state(SoftmaxState s, int lane_mask) {
   return SoftmaxState{__shfl_xor_sync(kFullMask, s.m, lane_mask), __shfl_xor_sync(kFullMask, s.d, lane_mask),
-                      __shfl_xor_sync(kFullMask, s.w, lane_mask), __shfl_xor_sync(kFullMask, s.bad, lane_mask)};
+                      __shfl_xor_sync(kFullMask, s.w, lane_mask)};
 }
 
 // Butterfly: after it every lane holds the warp's state. The host tests merge in this same order.
@@ -147,12 +184,10 @@ logprobs_entropy_bwd_kernel(const T* logits, int64_t stride_outer, int64_t strid
       thread_row_zero(g_row, split, vocab, threadIdx.x, blockDim.x, cv);
       continue;
     }
-    const float row_lse = lse[row];
-    const float mean_x = row_lse - entropy[row];  // E_p[x] = lse - H
     const float g_logp = HAS_LOGP ? grad_logp[row] : 0.0f;
     const float g_ent = HAS_ENT ? grad_entropy[row] : 0.0f;
-    thread_row_grad<T, HAS_LOGP, HAS_ENT>(x_row, g_row, split, vocab, threadIdx.x, blockDim.x, target, row_lse,
-                                          mean_x, g_logp, g_ent, inv_t, cv);
+    thread_row_grad<T, HAS_LOGP, HAS_ENT>(x_row, g_row, split, vocab, threadIdx.x, blockDim.x, target, lse[row],
+                                          entropy[row], g_logp, g_ent, inv_t, cv);
   }
 }
 

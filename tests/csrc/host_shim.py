@@ -31,6 +31,8 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.erpo_host_split_row.argtypes = [ctypes.c_uint64, ctypes.c_uint64, _i64, _int, _ptr]
     lib.erpo_host_split_row.restype = None
     lib.erpo_host_default_block_threads.argtypes = [_i64, _int]
+    lib.erpo_host_set_exp2_error.argtypes = [_f32]
+    lib.erpo_host_set_exp2_error.restype = None
     lib.erpo_host_token_terms.argtypes = [_ptr] * 17 + [_i64] + [_f32] * 11 + [_int] * 6
     lib.erpo_host_token_terms.restype = None
     return lib

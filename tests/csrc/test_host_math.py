@@ -3,9 +3,11 @@ against a float64 torch reference.
 
 The shim runs the kernels' own per-thread loops (scalar head, 16-byte vectors, scalar tail) for every thread
 of an emulated block, on the tensors' real memory (so misaligned rows of strided views take the same path
-they take on the GPU), then merges the thread states in the kernels' order. What it cannot check is the
-device-only part: shuffles, __expf, the CUDA fp16/bf16 conversions, launch configuration (tests/ops cover
-those on a GPU).
+they take on the GPU), then merges the thread states in the kernels' order. What it cannot run is the
+device-only part: shuffles, the CUDA fp16/bf16 conversions, the packed 16-bit max of a vector group (the
+host computes the same number with fmaxf), launch configuration (tests/ops cover those on a GPU). The device's
+ex2.approx.ftz is stood in for by exp2f with the same flush to zero, and the tests below put a 4-ulp error of
+either sign on every exponential to show the tolerances cover the approximation.
 
 Tolerances. Outputs are float32 computed in float32 from exact inputs (bf16 and fp32 logits upcast exactly),
 so errors are a few float32 roundings of quantities of the size of the scaled logits: x * (1/T), the running
@@ -348,3 +350,125 @@ def test_default_block_threads(shim):
         previous = threads
     assert shim.erpo_host_default_block_threads(151_936, 2) == 512
     assert shim.erpo_host_default_block_threads(100, 4) == 32
+
+
+# ---------------------------------------------------------------- what the host shim stands in for on the device
+
+# The device takes every exponential with ex2.approx.ftz (one MUFU instruction); the shim uses exp2f with the
+# same flush of subnormal results. The CUDA Programming Guide lists exp2f at 2 ulp; these tests put a relative
+# error of 4 ulp (2^-21), of either sign, on every exponential of the row math and require the float64
+# tolerances to hold still.
+EXP2_ERROR = 2.0 ** -21
+
+
+@pytest.fixture
+def exp2_error(shim):
+    def set_error(value):
+        shim.erpo_host_set_exp2_error(value)
+
+    yield set_error
+    shim.erpo_host_set_exp2_error(0.0)
+
+
+def _forward_and_backward(shim, logits, targets, inv_t, g_logp, g_ent, threads=64):
+    layout = row_layout(logits)
+    logp, entropy, lse = hs.rows_fwd(shim, layout, targets, inv_t, IGNORE, threads)
+    grad = torch.empty(logits.shape, dtype=logits.dtype)
+    hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, inv_t, IGNORE,
+                contiguous_layout_like(layout, grad), threads)
+    return logp, entropy, lse, grad
+
+
+@pytest.mark.parametrize("sign", (1.0, -1.0))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_tolerances_cover_the_device_exp2_error(shim, exp2_error, sign, dtype):
+    """bf16 rows at |logits| ~ 40 (and fp32), with -inf entries, every exponential off by 4 ulp."""
+    vocab = 1003
+    logits = make_logits("padded", 2, 3, vocab, dtype, scale=4.0, offset=40.0 * sign)
+    logits.reshape(-1, vocab)[:, ::7] = -math.inf
+    targets = torch.randint(0, vocab, (2, 3))
+    targets[logits.reshape(-1, vocab).gather(-1, targets.reshape(-1, 1)).isinf().view(2, 3)] = IGNORE
+    g_logp, g_ent = torch.randn(6), torch.randn(6)
+    exp2_error(sign * EXP2_ERROR)
+    logp, entropy, lse, grad = _forward_and_backward(shim, logits, targets, 0.8, g_logp, g_ent)
+    rows = logits.reshape(-1, vocab)
+    flat_targets = targets.reshape(-1)
+    ref = reference_forward(rows, flat_targets, 0.8)
+    tol = row_tolerance(rows, 0.8)
+    for name, got, want in zip(("logp", "entropy", "lse"), (logp, entropy, lse), ref):
+        assert_close_rows(got, want, tol, f"{name} with exp2 off by {sign * EXP2_ERROR:.2g}")
+    want = reference_grad(rows, flat_targets, 0.8, g_logp, g_ent).view(grad.shape)
+    scale = 1 + torch.cat([g_logp.abs(), g_ent.abs()]).max()
+    rounding = 2.0 ** -8 * want.abs() if dtype == torch.bfloat16 else 0.0
+    tol = rounding + (row_tolerance(rows, 0.8) * scale * 0.8).view(2, 3, 1)
+    err = (grad.double() - want).abs()
+    assert bool((err <= tol).all()), f"gradient off by {float(err.max()):.3g} with exp2 error {sign * EXP2_ERROR:.2g}"
+
+
+def test_exp2_error_knob_reaches_the_results(shim, exp2_error):
+    """The perturbation above must act: a gross error (2^-8) on every exponential moves lse visibly."""
+    logits = torch.randn(4, 300)
+    targets = torch.randint(0, 300, (4,))
+    clean = hs.rows_fwd(shim, row_layout(logits), targets, 1.0, IGNORE, 32)[2]
+    exp2_error(2.0 ** -8)
+    perturbed = hs.rows_fwd(shim, row_layout(logits), targets, 1.0, IGNORE, 32)[2]
+    assert float((perturbed - clean).abs().min()) > 1e-3
+
+
+def test_probability_underflow(shim):
+    """Entries 90 to 200 below the row max: p underflows into (and below) float32's subnormal range, which
+    ex2.approx.ftz flushes to 0. Outputs still match float64 and those entries get a zero or negligible
+    gradient, never NaN."""
+    vocab = 517
+    logits = torch.randn(4, vocab)
+    logits[:, 3] = 100.0
+    logits[:, 100:300] = 100.0 - torch.linspace(80.0, 200.0, 200)
+    targets = torch.tensor([3, 150, 299, 7])
+    g_logp, g_ent = torch.randn(4), torch.randn(4)
+    logp, entropy, lse, grad = _forward_and_backward(shim, logits, targets, 1.0, g_logp, g_ent, threads=32)
+    ref = reference_forward(logits, targets, 1.0)
+    tol = row_tolerance(logits, 1.0)
+    for name, got, want in zip(("logp", "entropy", "lse"), (logp, entropy, lse), ref):
+        assert_close_rows(got, want, tol, f"{name} with underflowing probabilities")
+    want = reference_grad(logits, targets, 1.0, g_logp, g_ent)
+    assert bool(torch.isfinite(grad).all())
+    scale = 1 + torch.cat([g_logp.abs(), g_ent.abs()]).max()
+    err = (grad.double() - want).abs()
+    assert bool((err <= (tol * scale).view(4, 1)).all()), f"max error {float(err.max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("inplace", (False, True))
+def test_backward_target_in_head_vectors_and_tail(shim, dtype, inplace):
+    """The one-hot term is added after the loops by the thread that owns the target: targets in the scalar
+    head, the first and last vector, the partial last step of the vector loop and the scalar tail of
+    misaligned rows all get it (once), in place too."""
+    vocab = 1001
+    threads = 32
+    logits = make_logits("padded", 1, 6, vocab, dtype, scale=2.0)
+    layout = row_layout(logits)
+    per_vec = 16 // logits.element_size()
+    picks = []
+    for r in range(6):
+        address = logits.data_ptr() + (layout.stride_outer * 0 + r * layout.stride_inner) * logits.element_size()
+        head, n_vec, tail_start = hs.split_row(shim, address, vocab, logits.element_size())
+        assert head > 0 and tail_start < vocab, "the padded layout must give these rows a head and a tail"
+        picks.append((0, head, head + per_vec - 1, head + (n_vec - 1) * per_vec, tail_start, vocab - 1)[r])
+    targets = torch.tensor(picks).view(1, 6)
+    g_logp, g_ent = torch.randn(6), torch.randn(6)
+    rows = logits.reshape(-1, vocab).clone()
+    _, entropy, lse = hs.rows_fwd(shim, layout, targets, 1.3, IGNORE, threads)
+    if inplace:
+        hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 1.3, IGNORE, layout, threads)
+        grad = logits
+    else:
+        grad = torch.empty(1, 6, vocab, dtype=dtype)
+        hs.rows_bwd(shim, layout, targets, lse, entropy, g_logp, g_ent, 1.3, IGNORE,
+                    contiguous_layout_like(layout, grad), threads)
+    want = reference_grad(rows, targets.reshape(-1), 1.3, g_logp, g_ent).view(1, 6, vocab)
+    scale = 1 + torch.cat([g_logp.abs(), g_ent.abs()]).max()
+    rounding = 2.0 ** -8 * want.abs() if dtype == torch.bfloat16 else 0.0
+    tol = rounding + (row_tolerance(rows, 1.3) * scale * 1.3).view(1, 6, 1)
+    err = (grad.double() - want).abs()
+    worst = divmod(int(err.argmax()), vocab)
+    assert bool((err <= tol).all()), f"row {worst[0]} element {worst[1]} (targets {picks}) off by {float(err.max()):.3g}"

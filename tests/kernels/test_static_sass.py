@@ -135,3 +135,74 @@ def test_steady_state_runs_one_exponential_per_loaded_element():
     assert sass.steady_state_loop(demo, 1 / 32).instructions == 7
     with pytest.raises(ValueError, match="no path through the streaming loop runs 2 MUFU"):
         sass.steady_state_loop(demo, 1 / 16)
+
+
+# A matmul tile kernel shaped like the fused head's forward: a tile loop (0x20-0xd0) holding one dot loop over H
+# (0x30-0x80, two MMAs per trip) and an epilogue with one exponential.
+TILE_SASS = """\
+\tcode for sm_90a
+\t\tFunction : tile_kernel
+        /*0000*/                   MOV R2, RZ ;                           /* 0x0 */
+        /*0010*/                   MOV R3, RZ ;                           /* 0x0 */
+        /*0020*/                   MOV R4, RZ ;                           /* 0x0 */
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ; /* 0x0 */
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24 ; /* 0x0 */
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ; /* 0x0 */
+        /*0060*/                   IADD3 R4, R4, 0x40, RZ ;               /* 0x0 */
+        /*0070*/                   NOP ;                                  /* 0x0 */
+        /*0080*/               @P0 BRA 0x30 ;                             /* 0x0 */
+        /*0090*/                   FFMA R8, R24, R9, -R10 ;               /* 0x0 */
+        /*00a0*/                   MUFU.EX2 R8, R8 ;                      /* 0x0 */
+        /*00b0*/                   FADD R11, R11, R8 ;                    /* 0x0 */
+        /*00c0*/                   IADD3 R3, R3, 0x40, RZ ;               /* 0x0 */
+        /*00d0*/               @P1 BRA 0x20 ;                             /* 0x0 */
+        /*00e0*/                   EXIT ;                                 /* 0x0 */
+"""
+
+
+def test_mma_shapes():
+    hmma = sass.Instruction(0, "HMMA.16816.F32.BF16", "R1, R2, R3, R4")
+    assert sass.mma_macs(hmma) == (16 * 8 * 16, 32)
+    assert sass.mma_macs(sass.Instruction(0, "HMMA.1688.F32.TF32", "R1, R2, R3, R4")) == (16 * 8 * 8, 32)
+    # cuobjdump's HGMMA opcode stops at the first lower-case letter: the shape continues in the operands.
+    hgmma = sass.parse_sass(TILE_SASS)["tile_kernel"][4]
+    assert (hgmma.opcode, sass.mma_macs(hgmma)) == ("HGMMA.64", (64 * 64 * 16, 128))
+    with pytest.raises(ValueError, match="not a recognised MMA"):
+        sass.mma_macs(sass.Instruction(0, "HFMA2.MMA", "R1, -RZ, RZ, 0, 0"))
+
+
+def test_matmul_tile_stats_and_per_logit():
+    instructions = sass.parse_sass(TILE_SASS)["tile_kernel"]
+    tiles = sass.matmul_tiles(instructions, dots=1)
+    (dot,) = tiles.dot_loops
+    assert (dot.instructions, dot.mma, dot.mufu) == (5, 2, 0)  # the NOP is not counted
+    assert dot.macs_per_thread == 2 * 64 * 64 * 16 / 128
+    assert (tiles.outside_instructions, tiles.outside_mufu, tiles.outside_ffma) == (6, 1, 1)
+    assert tiles.mma_opcodes == ["HGMMA.64x64x16.F32.BF16"]
+    # H = 256 in slices of 64: 4 trips of the dot loop per tile; 32 logits per thread.
+    figures = sass.per_logit(tiles, 256, 64, 32)
+    assert figures["sass"] == (5 * 4 + 6) / 32 and figures["mufu"] == 1 / 32 and figures["epilogue_sass"] == 6 / 32
+    assert sass.per_logit(tiles, 257, 64, 32)["sass"] == (5 * 5 + 6) / 32  # a partial slice is one more trip
+    with pytest.raises(ValueError, match="expected 2 dot loop"):
+        sass.matmul_tiles(instructions, dots=2)
+    with pytest.raises(ValueError, match="no tile loop"):
+        sass.matmul_tiles(sass.parse_sass(EARLY_EXIT_SASS)["early_exit_kernel"], dots=1)
+
+
+def test_matmul_prediction():
+    h100 = sass.GPUS["H100-SXM5"]
+    clocks = h100["sms"] * h100["clock_hz"]
+    flops = 2 * 4096
+    peak_rate = h100["tensor_flops"] / flops
+    # Few instructions per logit: the tensor cores are the limit.
+    fast = sass.predict_matmul("H100-SXM5", 10.0, 0.5, 0.0, flops, True, 100.0)
+    assert fast["predicted_bound"] == "peak" and fast["predicted_fraction_of_peak"] == 1.0
+    assert fast["hbm_no_reuse_fraction_of_peak"] == pytest.approx(h100["hbm_bytes_per_s"] / 100.0 / peak_rate)
+    # Twice the instructions the issue rate allows at the peak: half the peak, issue-bound.
+    sass_at_peak = clocks * sass.ISSUE_PER_CLOCK_PER_SM / peak_rate
+    slow = sass.predict_matmul("H100-SXM5", 2 * sass_at_peak, 0.5, 0.0, flops, True, 100.0)
+    assert slow["predicted_bound"] == "issue" and slow["predicted_fraction_of_peak"] == pytest.approx(0.5)
+    # fp32 dots: the FP32 pipe is the peak; FFMAs beyond one per multiply-add lower it.
+    fp32 = sass.predict_matmul("H100-SXM5", 1.0, 0.0, 2 * 4096, flops, False, 100.0)
+    assert fp32["peak"] == "fp32" and fp32["peak_flops"] == 2 * h100["fp32_lanes"] * clocks
+    assert fp32["predicted_bound"] == "fp32-pipe" and fp32["predicted_fraction_of_peak"] == pytest.approx(0.5)
