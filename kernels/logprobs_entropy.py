@@ -239,6 +239,8 @@ def logprobs_entropy_bwd_kernel(
         mine = (target >= start) & (target < stop)
         if HAS_GRAD_LOGP:
             target_x = tl.load(row_ptr + target, mask=mine, other=0.0).to(tl.float32)
+            # Every warp loads it for itself: none may store over it (in place) before the slowest has read it.
+            tl.debug_barrier()
         for block in range(start, full_stop, BLOCK_V):
             x = tl.load(row_ptr + block + cols).to(tl.float32)
             tl.store(grad_row_ptr + block + cols, _grad_block(x, scale, lse2, a, b).to(out_ty))
