@@ -219,6 +219,9 @@ def curves(runs: list[Run], records: dict, path: str, smooth_window: int) -> Non
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     labels = list(dict.fromkeys(r.method.label for r in runs))
+    # The default cycle repeats after 10 colours: beyond that, tab20 keeps every method's colour its own.
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     for ax, (key, title) in zip(axes.flat, PANELS):
         for label in labels:
             per_seed = {}
@@ -234,7 +237,7 @@ def curves(runs: list[Run], records: dict, path: str, smooth_window: int) -> Non
             if not steps:
                 continue
             bands = [stats.mean_ci([series[s] for series in per_seed.values() if s in series]) for s in steps]
-            line = ax.plot(steps, [b.mean for b in bands], label=label)[0]
+            line = ax.plot(steps, [b.mean for b in bands], label=label, color=colors[label])[0]
             ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands], color=line.get_color(), alpha=0.2,
                             linewidth=0)
         ax.set_title(title)
