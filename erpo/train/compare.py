@@ -265,7 +265,9 @@ def _commit() -> str:
                              timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=root, timeout=10).stdout.strip()
-        return (out.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+        changed = [line[3:] for line in dirty.splitlines()]
+        listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return (out.stdout.strip() or "unknown") + (f" (with uncommitted changes to {listed})" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
 
