@@ -263,9 +263,9 @@ def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=root, timeout=10).stdout.strip()
-        changed = [line[3:] for line in dirty.splitlines()]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=root, timeout=10).stdout  # not stripped: "XY path" lines
+        changed = [line[3:] for line in status.splitlines() if line.strip()]
         listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         return (out.stdout.strip() or "unknown") + (f" (with uncommitted changes to {listed})" if changed else "")
     except (OSError, subprocess.SubprocessError):
