@@ -61,6 +61,8 @@ def test_normal_install_ships_kernels_inside_erpo(tmp_path):
     assert not (target / "kernels").exists(), "the install claims the bare import name `kernels`"
     installed = (target / "erpo" / "kernels" / KERNEL)
     assert installed.read_bytes() == (REPO / "kernels" / KERNEL).read_bytes()
+    assert (target / "erpo" / "train" / "trainer.py").is_file(), "the trainer (erpo train) not shipped"
+    assert (target / "erpo" / "train" / "recipes" / "entropy_trap.yaml").is_file(), "built-in recipes not shipped"
     site = ":".join(p for p in sys.path if p.endswith("site-packages"))
     assert _probe(tmp_path, env_path=f"{target}:{site}") == installed
 

@@ -107,6 +107,10 @@ def test_each_mechanism_acts(knobs, metric):
         logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None])[..., 0].float()
         batch["rollout_logp"] = (logp + 0.3).clamp(max=0.0)
         batch["advantages"][0] = -1.0
+    if "delta" in knobs:  # the cap binds only where a < 0 and the ratio exceeds it: make sure such tokens exist
+        logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None])[..., 0].float()
+        batch["old_logp"][0] = logp[0] - 0.5  # ratio e^0.5 = 1.65 > delta
+        batch["advantages"][0] = -1.0
     base = dict(method="dapo", backend="torch", kl_coef=knobs.get("kl_coef", 0.0))
     plain, g_plain = run(logits, batch, erpo.LossConfig(**base))
     with_knob, g_knob = run(logits, batch, erpo.LossConfig(**{**base, **knobs}))

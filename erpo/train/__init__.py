@@ -1,0 +1,1 @@
+"""The trainer: `erpo train`, `erpo eval`, `erpo compare` (see docs/trainer.md)."""
