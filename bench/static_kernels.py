@@ -24,17 +24,14 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
-class TritonRow:
+class CompiledRow:
+    """What every Triton row has: the kernel it names and the compile spec it is built from."""
     kernel: str  # short name in the report
     dtype: str
     arch: int
     spec: Any  # (jit function, signature, constexprs, divisible, num_warps) from compile_for_gpu
-    elements_per_step: int
-    element_bytes: int
-    hbm_bytes: float
-    loop: bool = True
-    num_stages: int = 3  # Triton's default; the fused op's rows say what their launch uses
-    suffix: str = ""
+
+    suffix = ""  # a class attribute, not a field: TritonRow's autotune rows set their own
 
     @property
     def name(self) -> str:
@@ -43,6 +40,16 @@ class TritonRow:
     @property
     def num_warps(self) -> int:
         return self.spec[4]
+
+
+@dataclass(frozen=True)
+class TritonRow(CompiledRow):
+    elements_per_step: int
+    element_bytes: int
+    hbm_bytes: float
+    loop: bool = True
+    num_stages: int = 3  # Triton's default; the fused op's rows say what their launch uses
+    suffix: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,23 +108,11 @@ HEAD_DTYPES = ("bf16", "fp32")  # fp16 compiles to the bf16 code with another MM
 
 
 @dataclass(frozen=True)
-class HeadRow:
-    kernel: str
-    dtype: str
-    arch: int
-    spec: Any  # (jit function, signature, constexprs, divisible, num_warps)
+class HeadRow(CompiledRow):
     num_stages: int
     dots: int  # tl.dot loops over H per tile: the recompute, plus the gradient product in the backward
     element_bytes: int
     loop: bool = True
-
-    @property
-    def name(self) -> str:
-        return f"{self.kernel}-sm{self.arch}-{self.dtype}"
-
-    @property
-    def num_warps(self) -> int:
-        return self.spec[4]
 
     @property
     def tiles(self) -> tuple:
