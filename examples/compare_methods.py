@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from erpo.train import compare, stats
 from erpo.train.metrics import read
@@ -23,24 +24,34 @@ METHODS = ("grpo", "dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "
 # GRPO without its KL term is what the trap is about: the grpo preset's KL 0.04 anchors the policy to its
 # random initialisation, a near-uniform distribution, which on the pure-RL task acts as an entropy bonus.
 NO_KL_GRPO = "grpo:kl_coef=0"
+
+
+@dataclass(frozen=True)
+class Task:
+    config: str | None  # a built-in recipe or config file shared by every run; None = erpo train's defaults
+    baseline: str
+    seeds: tuple
+    methods: tuple
+
+
 # Baselines: GRPO on the built-in task (the question users ask: "does X beat GRPO?"); DAPO on the trap, where it
 # is the method that locks in and every control preset (erpo, high_entropy_mask, clip_cov, ...) is DAPO plus
 # that one control, so the paired difference isolates the control.
-TASKS = {  # name: (shared-config arguments of erpo compare, seeds, methods)
-    "builtin": (["--baseline", "grpo"], (0, 1, 2, 3, 4), METHODS),
-    "entropy-trap": (["--config", "entropy_trap", "--baseline", "dapo"], (100, 101, 102, 103, 104),
-                     (METHODS[0], NO_KL_GRPO, *METHODS[1:])),
+TASKS = {
+    "builtin": Task(None, "grpo", (0, 1, 2, 3, 4), METHODS),
+    "entropy-trap": Task("entropy_trap", "dapo", (100, 101, 102, 103, 104), (METHODS[0], NO_KL_GRPO, *METHODS[1:])),
 }
-COLUMNS = (("eval_pass@1", "eval", "pass@1"), ("reward", "window", "reward"), ("entropy", "window", "entropy"),
-           ("response_len", "window", "length"))
+# Column headers of erpo compare's final metrics (compare.FINAL), in its order.
+SHORT = {"eval_pass@1": "pass@1", "reward": "reward", "entropy": "entropy", "response_len": "length"}
 
 
-def run_task(name: str, jobs: int, runs_root: str) -> list[compare.Run]:
-    shared_args, seeds, methods = TASKS[name]
+def run_task(name: str, task: Task, jobs: int, runs_root: str) -> dict:
+    """Run (or reuse) the task's comparison, copy its report, and return {method: {metric: [final value per seed]}}."""
     out_dir = os.path.join(runs_root, f"compare-{name}")
-    cmd = [sys.executable, "-m", "erpo", "compare", *shared_args, "--seeds", *map(str, seeds), "--jobs", str(jobs),
-           "--out-dir", out_dir]
-    for method in methods:
+    cmd = [sys.executable, "-m", "erpo", "compare", "--baseline", task.baseline, "--seeds", *map(str, task.seeds),
+           "--jobs", str(jobs), "--out-dir", out_dir]
+    cmd += ["--config", task.config] if task.config else []
+    for method in task.methods:
         cmd += ["--method", method]
     print(" ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -48,14 +59,17 @@ def run_task(name: str, jobs: int, runs_root: str) -> list[compare.Run]:
     os.makedirs(results, exist_ok=True)
     for file in ("report.md", "curves.png"):
         shutil.copy(os.path.join(out_dir, file), os.path.join(results, file))
-    shared = compare.shared_values("entropy_trap" if "entropy_trap" in shared_args else None, [], None)
-    return compare.plan(list(methods), list(seeds), shared, out_dir)
-
-
-def cell(runs: list[compare.Run], method: str, key: str, how: str) -> str:
+    runs = compare.plan(list(task.methods), list(task.seeds), compare.shared_values(task.config, [], None), out_dir)
     window = max(1, min(25, runs[0].config.steps // 4))  # the window erpo compare's report uses
-    values = [compare.final_value(read(os.path.join(r.dir, "metrics.jsonl")), key, how, window)
-              for r in runs if r.method.label == method]
+    finals = {method: {key: [] for key, _, _ in compare.FINAL} for method in task.methods}
+    for run in runs:
+        records = read(os.path.join(run.dir, "metrics.jsonl"))
+        for key, _, how in compare.FINAL:
+            finals[run.method.label][key].append(compare.final_value(records, key, how, window))
+    return finals
+
+
+def cell(values: list[float]) -> str:
     interval = stats.mean_ci(values)
     return f"{interval.mean:.2f} ± {(interval.high - interval.low) / 2:.2f}"
 
@@ -65,12 +79,12 @@ def main():
     parser.add_argument("--jobs", type=int, default=compare.default_jobs())
     parser.add_argument("--runs-root", default="runs")
     args = parser.parse_args()
-    planned = {name: run_task(name, args.jobs, args.runs_root) for name in TASKS}
-    head = " | ".join(f"{task} {label}" for task in TASKS for _, _, label in COLUMNS)
-    lines = [f"| method | {head} |", "|---|" + "---:|" * (len(TASKS) * len(COLUMNS))]
-    for method in dict.fromkeys(m for _, _, methods in TASKS.values() for m in methods):
-        cells = [cell(planned[task], method, key, how) if method in TASKS[task][2] else "not run"
-                 for task in TASKS for key, how, _ in COLUMNS]
+    finals = {name: run_task(name, task, args.jobs, args.runs_root) for name, task in TASKS.items()}
+    head = " | ".join(f"{name} {SHORT[key]}" for name in TASKS for key, _, _ in compare.FINAL)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * (len(TASKS) * len(compare.FINAL))]
+    for method in dict.fromkeys(m for task in TASKS.values() for m in task.methods):
+        cells = [cell(finals[name][method][key]) if method in finals[name] else "not run"
+                 for name in TASKS for key, _, _ in compare.FINAL]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     text = ("Mean ± half-width of the 95 % t interval over 5 seeds. pass@1: greedy, all 100 problems, last "
             "evaluation; reward, entropy (nats/token), length (tokens, EOS included): means of the last 25 training "
