@@ -125,10 +125,14 @@ _TYPES = typing.get_type_hints(TrainConfig)
 BEFORE_THE_KEY_EXISTED = {"mini_batches": 1}
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of choices, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _unknown(key: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"{where}: unknown config key {key!r}{hint}; `erpo train --help` lists them all")
+    return ValueError(f"{where}: unknown config key {key!r}{did_you_mean(key, FIELDS)}; `erpo train --help` lists them all")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -159,9 +163,8 @@ def resolve_config(path: str) -> str:
         if path in recipes():
             return os.path.join(RECIPES_DIR, path + ".yaml")
         if not os.path.exists(path):
-            close = difflib.get_close_matches(path, recipes(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"config {path!r} is neither a file nor a built-in recipe {recipes()}{hint}")
+            raise ValueError(f"config {path!r} is neither a file nor a built-in recipe {recipes()}"
+                             f"{did_you_mean(path, recipes())}")
     return path
 
 

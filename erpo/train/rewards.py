@@ -5,7 +5,6 @@ The time limit uses SIGALRM, which only the main thread of a process can receive
 scores (under torchrun every rank is its own process). Off the main thread rewards run without a limit.
 math-verify's own timeouts also use SIGALRM, so they are switched off and the outer limit covers the call.
 """
-import difflib
 import importlib
 import logging
 import math
@@ -13,6 +12,8 @@ import signal
 import threading
 from contextlib import contextmanager
 from typing import Callable
+
+from erpo.train.config import did_you_mean
 
 RewardFn = Callable[[str, str, dict], float]
 
@@ -44,9 +45,8 @@ def resolve(spec: str) -> RewardFn:
         return BUILTIN[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        close = difflib.get_close_matches(spec, BUILTIN, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"reward {spec!r} must be one of {sorted(BUILTIN)} or 'module:function'{hint}")
+        raise ValueError(f"reward {spec!r} must be one of {sorted(BUILTIN)} or 'module:function'"
+                         f"{did_you_mean(spec, BUILTIN)}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

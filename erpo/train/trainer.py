@@ -6,7 +6,6 @@ accumulated over micro-batches of whole groups) -> loss-controller step -> weigh
 engine -> metrics, eval, checkpoint. Read top to bottom; the parts live in the sibling modules.
 """
 import dataclasses
-import difflib
 import math
 import os
 import shutil
@@ -20,7 +19,7 @@ from erpo.losses import LossConfig, advantages as advantages_lib, make_controlle
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
 from erpo.train import dynamic_sampling, normalizer, offpolicy, reward_shaping
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
-from erpo.train.config import TrainConfig, save as save_config
+from erpo.train.config import TrainConfig, did_you_mean, save as save_config
 from erpo.train.errors import CheckpointWriteError, NonFiniteError
 from erpo.train.evaluate import evaluate
 
@@ -32,9 +31,8 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     known = {f.name for f in dataclasses.fields(LossConfig)}
     for key in cfg.loss_args:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"loss_args: unknown LossConfig key {key!r}{hint}; docs/losses.md lists them all")
+            raise ValueError(f"loss_args: unknown LossConfig key {key!r}{did_you_mean(key, known)}; docs/losses.md "
+                             "lists them all")
     try:
         # Dr. GRPO's L_max is a constant, the longest response allowed (not the longest one of a micro-batch).
         return LossConfig(method=cfg.loss, temperature=cfg.temperature,
