@@ -36,6 +36,10 @@ FINAL = (("eval_pass@1", "final greedy pass@1", "eval"), ("reward", "final sampl
 PANELS = (("reward", "sampled reward"), ("eval_pass@1", "greedy pass@1 (eval)"), ("entropy", "entropy (nats/token)"),
           ("response_len", "response length (tokens)"), ("clip_frac", "clip fraction (low + high)"),
           ("masked_frac", "masked / selected token fraction"))
+# The range each panel's quantity can take: its shaded t interval is clipped to it (a t interval knows no bounds:
+# over a few seeds near 0 its low end goes below 0). None = unbounded on that side. Rewards: see band_range.
+RANGES = {"eval_pass@1": (0.0, 1.0), "entropy": (0.0, None), "response_len": (0.0, None), "clip_frac": (0.0, 1.0),
+          "masked_frac": (0.0, 1.0)}
 
 
 @dataclass
@@ -209,13 +213,62 @@ def _value(record: dict, key: str):
     return value if isinstance(value, (int, float)) else None
 
 
+def band_range(key: str, values: list[float]) -> tuple[float | None, float | None]:
+    """The valid range of a curve's quantity. Rewards are user-defined: bounded below by 0 only when no logged
+    reward value is negative (the built-in rewards are 0/1)."""
+    if key == "reward":
+        finite = [v for v in values if math.isfinite(v)]
+        return (0.0, None) if finite and min(finite) >= 0 else (None, None)
+    return RANGES.get(key, (None, None))
+
+
+def band(values: list[float], low: float | None = None, high: float | None = None) -> stats.Interval:
+    """Mean over seeds and its 95 % t interval, the interval's ends clipped to [low, high] (None: no bound).
+    NaN ends (fewer than 2 seeds) stay NaN."""
+    interval = stats.mean_ci(values)
+
+    def clip(x):
+        if math.isnan(x):
+            return x
+        if low is not None and x < low:
+            x = low
+        if high is not None and x > high:
+            x = high
+        return x
+
+    return stats.Interval(interval.mean, clip(interval.low), clip(interval.high), interval.n)
+
+
+def curve_bands(runs: list[Run], records: dict, key: str, smooth_window: int) -> dict:
+    """{method label: (steps, [band per step])} for one panel: the seeds' (smoothed) values at each step, their
+    mean and its interval clipped to the quantity's range (band_range)."""
+    from erpo.train.plots import smooth
+
+    out = {}
+    for label in dict.fromkeys(r.method.label for r in runs):
+        per_seed = {}
+        for run in runs:
+            if run.method.label != label:
+                continue
+            points = [(r["step"], _value(r, key)) for r in records[run.dir]]
+            points = [(s, v) for s, v in points if v is not None]
+            if key != "eval_pass@1":
+                points = list(zip([s for s, _ in points], smooth([v for _, v in points], smooth_window)))
+            per_seed[run.seed] = dict(points)
+        steps = sorted({s for series in per_seed.values() for s in series})
+        if not steps:
+            continue
+        low, high = band_range(key, [v for series in per_seed.values() for v in series.values()])
+        out[label] = (steps, [band([series[s] for series in per_seed.values() if s in series], low, high)
+                              for s in steps])
+    return out
+
+
 def curves(runs: list[Run], records: dict, path: str, smooth_window: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from erpo.train.plots import smooth
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     labels = list(dict.fromkeys(r.method.label for r in runs))
@@ -223,20 +276,7 @@ def curves(runs: list[Run], records: dict, path: str, smooth_window: int) -> Non
     palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     for ax, (key, title) in zip(axes.flat, PANELS):
-        for label in labels:
-            per_seed = {}
-            for run in runs:
-                if run.method.label != label:
-                    continue
-                points = [(r["step"], _value(r, key)) for r in records[run.dir]]
-                points = [(s, v) for s, v in points if v is not None]
-                if key != "eval_pass@1":
-                    points = list(zip([s for s, _ in points], smooth([v for _, v in points], smooth_window)))
-                per_seed[run.seed] = dict(points)
-            steps = sorted({s for series in per_seed.values() for s in series})
-            if not steps:
-                continue
-            bands = [stats.mean_ci([series[s] for series in per_seed.values() if s in series]) for s in steps]
+        for label, (steps, bands) in curve_bands(runs, records, key, smooth_window).items():
             line = ax.plot(steps, [b.mean for b in bands], label=label, color=colors[label])[0]
             ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands], color=line.get_color(), alpha=0.2,
                             linewidth=0)
@@ -244,7 +284,8 @@ def curves(runs: list[Run], records: dict, path: str, smooth_window: int) -> Non
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"mean over seeds, 95 % t interval shaded; training curves smoothed over {smooth_window} steps")
+    fig.suptitle(f"mean over seeds, 95 % t interval shaded (clipped to each quantity's range); training curves "
+                 f"smoothed over {smooth_window} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
