@@ -1,20 +1,32 @@
 """TRL's GRPOTrainer with erpo's loss: the only change to a TRL script is the import (and, optionally,
-`loss_config=` for what TRL lacks). Runs on a CPU in about a minute with the built-in task's tiny Llama:
+`loss_config=` for what TRL lacks). Trains the built-in task's tiny Llama for 5 GRPO steps by default (`--steps`)
+on the CPU: 16 s wall in all, 1.1 s of it training, the rest imports and the supervised warm-up (2026-12-07, shared
+2-core AMD EPYC VM, load average 2, torch 2.13.0+cpu, trl 1.16.0, transformers 5.25.0, float32;
+`tests/peers/test_trl_example.py` runs it):
 
-    python examples/trl_grpo.py --steps 5
+    python examples/trl_grpo.py
     python examples/trl_grpo.py --steps 5 --loss-config "method=dapo controls=high_entropy_mask,kl_cov"
 
-Needs `pip install trl==1.16.0` (the version erpo's tests pin).
+Needs TRL (trl==1.16.0, the version erpo's tests pin) and the trainer's dependencies, from the repository root:
+`pip install -e ".[train,peers]"` (on a CPU-only machine: `pip install -r requirements-cpu.txt -e ".[train,peers]"`).
+Without them it says so in one line and exits with status 1.
 """
 import argparse
+import sys
 import tempfile
 
-from datasets import Dataset
-from trl import GRPOConfig
+INSTALL = 'pip install -e ".[train,peers]"'
 
-from erpo import LossConfig
-from erpo.integrations.trl import GRPOTrainer  # was: from trl import GRPOTrainer
-from erpo.train import tiny_task
+try:
+    from trl import GRPOConfig
+    from datasets import Dataset
+
+    from erpo import LossConfig
+    from erpo.integrations.trl import GRPOTrainer  # was: from trl import GRPOTrainer
+    from erpo.train import tiny_task
+except ModuleNotFoundError as missing:
+    sys.exit(f"examples/trl_grpo.py needs the module {missing.name!r}, which is not installed: run `{INSTALL}` "
+             "from the repository root (the `peers` extra brings TRL, the `train` extra the rest)")
 
 
 def reward(completions, answer, **kwargs):
