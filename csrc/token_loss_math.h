@@ -103,8 +103,8 @@ ERPO_HD TokenTerms token_terms(float logp, float entropy, float old, float adv, 
       const float weight = p.cispo_upper ? min_nan(ratio, high) : clamp_nan(ratio, low, high);
       t.dlogp = -weight * adv;
       pg = t.dlogp * logp;
-      t.clip_low = ratio < low;
-      t.clip_high = ratio > high;
+      t.clip_low = adv < 0.0f && ratio < low;  // the side that binds for a's sign, as the clip objective's flags
+      t.clip_high = adv > 0.0f && ratio > high;
       break;
     }
     case kSapo: {  // the soft gate sigmoid(tau (r - 1)) 4 / tau; d/dlogp = 4 sigmoid (1 - sigmoid) r

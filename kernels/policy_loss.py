@@ -93,12 +93,12 @@ def policy_loss_token_kernel(
     elif OBJECTIVE == 2:  # cispo: the detached, clipped ratio weighs the log-prob
         if CISPO_UPPER:
             weight = tl.minimum(ratio, cispo_max, propagate_nan=nan_all)
-            clip_low = ratio < 0.0
-            clip_high = ratio > cispo_max
+            clip_low = (a < 0) & (ratio < 0.0)
+            clip_high = (a > 0) & (ratio > cispo_max)
         else:
             weight = tl.minimum(tl.maximum(ratio, lo, propagate_nan=nan_all), hi, propagate_nan=nan_all)
-            clip_low = ratio < lo
-            clip_high = ratio > hi
+            clip_low = (a < 0) & (ratio < lo)
+            clip_high = (a > 0) & (ratio > hi)
         dlogp = -weight * a
         pg = dlogp * logp
     elif OBJECTIVE == 3:  # sapo: a soft gate sigmoid(tau (r - 1)) 4 / tau in place of the clip

@@ -1,7 +1,7 @@
 """Aggregation of per-token loss terms (spec section 2) as per-token weights: loss = sum_t weight_t l_t.
 
-Weights are 0 on invalid tokens. A batch without valid tokens gives NaN weights (0 / 0), never a
-silently finite loss.
+Weights are 0 on invalid tokens. A batch without valid tokens gives all-zero weights (its local counts are
+clamped to 1): its loss is a differentiable 0 and adds nothing to the gradient, as an empty micro-batch must.
 
 Gradient accumulation and data parallelism: a micro-batch's loss divides by its own counts unless the
 caller gives the counts of the whole optimizer step (`num_items`: valid tokens, `num_seqs`: responses, over
@@ -20,10 +20,10 @@ def token_weights(agg: str, valid: Tensor, seq: Tensor, n_seqs: int, max_len: in
                   num_items: Optional[Tensor] = None, num_seqs: Optional[Tensor] = None) -> Tensor:
     ones = valid.to(dtype)
     if agg == "token-mean":
-        return ones / (ones.sum() if num_items is None else num_items.to(dtype))
+        return ones / (ones.sum().clamp_min(1) if num_items is None else num_items.to(dtype))
     if agg == "seq-mean-token-mean":
         lengths = segment_sum(ones, seq, n_seqs)
-        n_nonempty = (lengths > 0).sum().to(dtype) if num_seqs is None else num_seqs.to(dtype)
+        n_nonempty = (lengths > 0).sum().clamp_min(1).to(dtype) if num_seqs is None else num_seqs.to(dtype)
         return ones / (lengths[seq].clamp_min(1) * n_nonempty)
     seqs = n_seqs if num_seqs is None else num_seqs.to(dtype)
     if agg == "seq-mean-token-sum":

@@ -7,7 +7,7 @@ Packed: logits [N, V]; targets, mask, old_logp (ref_logp, rollout_logp), seq_ids
 Either layout: num_items_in_batch / num_seqs_in_batch, the valid tokens / responses of the whole optimizer step
 (all micro-batches and ranks), a number or a 0-d tensor, when the loss must be normalized globally.
 Shape and dtype problems raise at once (no device work). Value problems (NaN rewards, mask not 0/1, a valid
-token with the ignore id, no valid token, ...) are collected into one flag vector and read back with a
+token with the ignore id, ...) are collected into one flag vector and read back with a
 single host sync, only when config.check_inputs is True.
 """
 import dataclasses
@@ -226,7 +226,6 @@ def _check_values(vocab, flat_mask, valid, flat_targets, old, ref, rollout, adva
     checks = []  # (flag tensor: True = bad, message)
     if flat_mask.dtype != torch.bool:
         checks.append(((flat_mask != 0) & (flat_mask != 1), "batch['mask'] must hold only 0 and 1"))
-    checks.append((valid.sum() == 0, "batch has no valid token (mask is all 0): nothing to learn from"))
     if flat_targets is not None:
         checks.append(
             (valid & (flat_targets == IGNORE_INDEX),

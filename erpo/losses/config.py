@@ -15,11 +15,12 @@ Sources (see docs/losses.md): GRPO (Shao et al. 2024), DAPO (Yu et al. 2025), Dr
 own reading of arXiv 2603.28204 (its equations were not available).
 """
 import dataclasses
-import difflib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
 
+from erpo.hints import did_you_mean
 from erpo.ops import backends
 
 METHODS = (
@@ -152,9 +153,7 @@ def _number(name, value):
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}{hint}")
+        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}{did_you_mean(value, allowed)}")
 
 
 def _integer(name, value, minimum):
@@ -192,7 +191,7 @@ class LossConfig:
     buckets: Optional[int] = None  # K progress buckets per response
     eta: Optional[float] = None  # weight of the anchored term Psi (needs ref_logp when != 0)
     # --- 80/20 high-entropy mask ---
-    rho: Optional[float] = None  # keep the PG term on the top rho of valid tokens by entropy
+    rho: Optional[float] = None  # keep the PG term on the top rho of valid tokens by entropy (0: the top token only)
     # --- Clip-Cov ---
     clip_cov_ratio: Optional[float] = None  # r: pick max(1, floor(r * N_valid)) candidates
     clip_cov_lb: Optional[float] = None
@@ -300,8 +299,9 @@ class LossConfig:
         if self.gate_lambda < 0:
             raise ValueError(f"LossConfig.gate_lambda must be >= 0, got {self.gate_lambda}")
         _integer("buckets", self.buckets, 1)
-        if not 0.0 < self.rho <= 1.0:
-            raise ValueError(f"LossConfig.rho (kept entropy quantile) must be in (0, 1], got {self.rho}")
+        if not 0.0 <= self.rho <= 1.0:
+            # rho = 0 keeps only the highest-entropy token(s) (the 1.0 quantile), as TRL's top_entropy_quantile=0.0
+            raise ValueError(f"LossConfig.rho (kept entropy quantile) must be in [0, 1], got {self.rho}")
         if not 0.0 < self.clip_cov_ratio <= 1.0:
             raise ValueError(f"LossConfig.clip_cov_ratio must be in (0, 1], got {self.clip_cov_ratio}")
         if not self.clip_cov_lb < self.clip_cov_ub:
@@ -449,3 +449,20 @@ class LossConfig:
     @property
     def has_entropy_grad(self) -> bool:
         return self.entropy_coef != 0
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossConfig))
+_dataclass_init = LossConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_unknown_fields(self, *args, **kwargs):
+    """The dataclass's __init__, but a misspelt keyword names the field it probably meant."""
+    for key in kwargs:
+        if key not in _FIELD_NAMES:
+            raise TypeError(f"LossConfig: unknown field {key!r}{did_you_mean(key, _FIELD_NAMES)}; docs/losses.md "
+                            "lists them all")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LossConfig.__init__ = _init_naming_unknown_fields

@@ -11,6 +11,8 @@ Adaptive entropy coefficient (`entropy_target`, TRL's Skywork-OR1 rule): the coe
 entropy_coef_step while the mean entropy is <= the target and down otherwise, within [min, max], and the
 bonus applies only while the last measured entropy is <= the target.
 A config with several stateful controls gets one controller per control (`Controllers`).
+A step whose metrics report no valid token (n_valid_tokens == 0: every micro-batch empty) leaves the
+entropy-driven controllers as they were; KL-Cov's annealing counts optimizer steps and steps anyway.
 """
 import math
 from typing import Optional, Union
@@ -20,8 +22,16 @@ from torch import Tensor
 from erpo.losses.config import LossConfig
 
 
-def _mean_entropy(metrics_or_entropy: Union[dict, float, Tensor]) -> float:
-    value = metrics_or_entropy["entropy"] if isinstance(metrics_or_entropy, dict) else metrics_or_entropy
+def _mean_entropy(metrics_or_entropy: Union[dict, float, Tensor]) -> Optional[float]:
+    """The step's mean entropy, or None when a metrics dict reports no valid token (an empty batch measures
+    nothing: the entropy controllers keep their state, never step on a made-up 0 or NaN)."""
+    if isinstance(metrics_or_entropy, dict):
+        n_valid = metrics_or_entropy.get("n_valid_tokens")
+        if n_valid is not None and float(n_valid) == 0:
+            return None
+        value = metrics_or_entropy["entropy"]
+    else:
+        value = metrics_or_entropy
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"controller.step got a non-finite mean entropy ({value}); the step's loss is broken")
@@ -41,6 +51,8 @@ class EntropyTargetController:
 
     def step(self, metrics_or_entropy) -> None:
         entropy = _mean_entropy(metrics_or_entropy)
+        if entropy is None:
+            return
         self.steps += 1
         if self.target is None:
             self.target = entropy
@@ -133,6 +145,8 @@ class AdaptiveEntropyCoef:
 
     def step(self, metrics_or_entropy) -> None:
         entropy = _mean_entropy(metrics_or_entropy)
+        if entropy is None:
+            return
         self.steps += 1
         if entropy <= self.target:
             self.coef = min(self.coef + self.delta, self.high)

@@ -39,7 +39,8 @@ class Tokens:
 
     @property
     def n_valid(self) -> Tensor:
-        return self.valid.sum()
+        """The valid-token count as a divisor: at least 1, so a batch without valid tokens gives 0 fractions."""
+        return self.valid.sum().clamp_min(1)
 
     def seq_lengths(self) -> Tensor:
         return segment_sum(self.valid.to(self.logp.dtype), self.seq, self.n_seqs)
@@ -130,7 +131,8 @@ def high_entropy_mask(config: LossConfig, tokens: Tokens, base: Tensor) -> Shapi
     return Shaping(
         adv=torch.where(kept, base, torch.zeros_like(base)),
         masked=dropped,
-        metrics={"entropy_threshold": threshold, "entropy_mask_frac": dropped.sum() / tokens.n_valid},
+        metrics={"entropy_threshold": torch.where(tokens.valid.any(), threshold, torch.zeros_like(threshold)),
+                 "entropy_mask_frac": dropped.sum() / tokens.n_valid},
     )
 
 

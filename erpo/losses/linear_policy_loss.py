@@ -146,12 +146,15 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
     max_len = config.max_len if config.max_len is not None else flat.padded_len
     weights = token_weights(config.agg, valid, flat.seq, flat.n_seqs, max_len or 1, torch.float32, flat.num_items,
                             flat.num_seqs)
+    # The entropy bonus's own weights: a token mean whatever the aggregation (loss_from_token_stats)
+    bonus_weights = token_weights("token-mean", valid, flat.seq, flat.n_seqs, 1, torch.float32, flat.num_items)
     ref = flat.ref if config.kl_coef > 0 else None
     params = json.dumps(dataclasses.asdict(token_params(config)))
     # Detached: the gradient reaches hidden/weight/bias through _PrecomputedGradient, not through the op.
     logp, entropy, grad_hidden, grad_weight, grad_bias = _one_pass_op(
-        hidden.detach(), weight.detach().contiguous(), None if bias is None else bias.detach(), flat.targets, flat.old, adv.contiguous(), ref, weights.contiguous(),
-        1.0 / config.temperature, IGNORE_INDEX, params, token_backend, resolved_head,
+        hidden.detach(), weight.detach().contiguous(), None if bias is None else bias.detach(), flat.targets, flat.old,
+        adv.contiguous(), ref, weights.contiguous(), bonus_weights.contiguous(), 1.0 / config.temperature, IGNORE_INDEX,
+        params, token_backend, resolved_head,
     )
     result = loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
     attached = _PrecomputedGradient.apply(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
@@ -161,17 +164,18 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
 @torch.library.custom_op("erpo::linear_policy_loss_one_pass", mutates_args=())
 def _one_pass_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old: Tensor, adv: Tensor,
-    ref: Optional[Tensor], weights: Tensor, inv_temperature: float, ignore_index: int, params: str,
-    token_backend: str, head_backend: str,
+    ref: Optional[Tensor], weights: Tensor, bonus_weights: Tensor, inv_temperature: float, ignore_index: int,
+    params: str, token_backend: str, head_backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     token = TokenParams(**json.loads(params))
+    policy_token = dataclasses.replace(token, entropy_coef=0.0)  # the bonus is aggregated on its own (bonus_weights)
 
     def coefficients(idx, logp, entropy):
-        _, dlogp, dentropy, _, _ = token_terms(
-            logp, entropy, old[idx], adv[idx], None if ref is None else ref[idx], None, token, token_backend
+        _, dlogp, _, _, _ = token_terms(
+            logp, entropy, old[idx], adv[idx], None if ref is None else ref[idx], None, policy_token, token_backend
         )
-        w = weights[idx]
-        return dlogp * w, (dentropy * w if token.entropy_coef != 0 else None)
+        dentropy = -token.entropy_coef * bonus_weights[idx] if token.entropy_coef != 0 else None
+        return dlogp * weights[idx], dentropy
 
     flat_targets = targets.reshape(-1).contiguous()
     logp, entropy, _, grad_hidden, grad_weight, grad_bias = head.load(head_backend).forward_backward(
@@ -182,8 +186,8 @@ def _one_pass_op(
 
 
 @_one_pass_op.register_fake
-def _(hidden, weight, bias, targets, old, adv, ref, weights, inv_temperature, ignore_index, params, token_backend,
-      head_backend):
+def _(hidden, weight, bias, targets, old, adv, ref, weights, bonus_weights, inv_temperature, ignore_index, params,
+      token_backend, head_backend):
     f32 = torch.float32
     return (hidden.new_empty(targets.shape, dtype=f32), hidden.new_empty(targets.shape, dtype=f32),
             hidden.new_empty(hidden.shape, dtype=f32), weight.new_empty(weight.shape, dtype=f32),

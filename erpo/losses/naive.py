@@ -256,39 +256,48 @@ def naive_policy_loss(
         if config.kl_bias_correction:
             kl = ratio * kl
         per_token = per_token + config.kl_coef * kl_weight * kl
-    per_token = (per_token - config.entropy_coef * entropy) * keep
-    per_token = torch.where(mask, per_token, zero)
+    per_token = torch.where(mask, per_token * keep, zero)
 
     num_items, num_seqs = batch.get("num_items_in_batch"), batch.get("num_seqs_in_batch")
+    tokens = max(n_valid, 1) if num_items is None else float(num_items)  # an empty batch: loss 0, not 0 / 0
     if config.agg == "token-mean":
-        loss = per_token.sum() / (n_valid if num_items is None else float(num_items))
+        loss = per_token.sum() / tokens
     elif config.agg == "seq-mean-token-mean":
         per_seq = [per_token[i].sum() / lengths[i] for i in range(B) if lengths[i] > 0]
-        loss = torch.stack(per_seq).sum() / (len(per_seq) if num_seqs is None else float(num_seqs))
+        total = torch.stack(per_seq).sum() if per_seq else per_token.sum()
+        loss = total / (max(len(per_seq), 1) if num_seqs is None else float(num_seqs))
     elif config.agg == "seq-mean-token-sum":
         loss = per_token.sum(1).sum() / (B if num_seqs is None else float(num_seqs))
     else:
         loss = per_token.sum() / ((B if num_seqs is None else float(num_seqs)) * (config.max_len or L))
+    extra_bonus = {}
+    if config.entropy_coef != 0:  # the mean entropy per valid token, whatever the aggregation (Clip-Cov: kept tokens)
+        bonus = torch.where(mask, entropy * keep, zero).sum() / tokens
+        loss = loss - config.entropy_coef * bonus
+        extra_bonus["entropy_bonus"] = bonus
 
     r = ratio.detach()
     if objective == "clip":
         low_flag, high_flag = (a < 0) & (r < 1 - eps_low), (a > 0) & (r > 1 + eps_high)
-    elif objective == "cispo":  # the weight is clamped whatever the sign of a (verl counts ratio != clamp)
+    elif objective == "cispo":  # the weight is clamped whatever a's sign; counted on a's side (TRL, Liger)
         lo, hi = (0.0, config.cispo_max) if config.cispo_clip == "upper" else (1 - config.eps_low, 1 + config.eps_high)
-        low_flag, high_flag = r < lo, r > hi
+        low_flag, high_flag = (a < 0) & (r < lo), (a > 0) & (r > hi)
     elif objective == "gmpo":  # verl: the log-ratio was clamped, split by the sign of a
         clipped = log_ratio.detach() != torch.clamp(log_ratio.detach(), -config.eps_low, config.eps_high)
         low_flag, high_flag = clipped & (a < 0), clipped & (a > 0)
     else:
         low_flag = high_flag = torch.zeros_like(mask)
+    count = max(n_valid, 1)
     metrics = {
-        "entropy": H[mask].mean(),
-        "clip_frac_low": (mask & low_flag).sum() / n_valid,
-        "clip_frac_high": (mask & high_flag).sum() / n_valid,
-        "ratio_mean": ratio_d[mask].mean(),
-        "approx_kl": (torch.exp(old - lp) - (old - lp) - 1)[mask].mean(),
-        "masked_frac": masked.sum() / n_valid,
+        "entropy": H[mask].sum() / count,
+        "clip_frac_low": (mask & low_flag).sum() / count,
+        "clip_frac_high": (mask & high_flag).sum() / count,
+        "ratio_mean": ratio_d[mask].sum() / count,
+        "approx_kl": (torch.exp(old - lp) - (old - lp) - 1)[mask].sum() / count,
+        "masked_frac": masked.sum() / count,
         "n_valid_tokens": torch.tensor(n_valid),
+        "n_empty_batches": torch.tensor(int(n_valid == 0)),
+        **extra_bonus,
         "degenerate_groups": torch.tensor(degenerate),
         **extra,
     }

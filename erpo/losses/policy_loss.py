@@ -6,6 +6,7 @@ importance weights, corrections) -> the per-token kernel -> aggregation. `.backw
 per-token coefficients into the fused op's backward, the only other pass over V. Metrics are detached 0-d
 tensors: nothing syncs with the host except the optional input checks (config.check_inputs, one sync).
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,10 +56,10 @@ def _valid_mean(values: Tensor, valid: Tensor, n_valid: Tensor) -> Tensor:
 
 
 def _valid_extreme(values: Tensor, valid: Tensor, which: str) -> Tensor:
-    """min or max over the valid entries (NaN when there are none)."""
-    if values.numel() == 0:
-        return values.new_full((), float("nan"))
+    """min or max over the valid entries; +inf / -inf (the identity of min / max) when there are none."""
     fill = float("inf") if which == "min" else -float("inf")
+    if values.numel() == 0:
+        return values.new_full((), fill)
     masked = torch.where(valid, values, torch.full_like(values, fill))
     return masked.amin() if which == "min" else masked.amax()
 
@@ -154,9 +155,11 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
     extras, importance_metrics = token_extras(config, tokens, flat.rollout, shaping)
 
     ref_for_kl = flat.ref if config.kl_coef > 0 else None
+    params = token_params(config)
+    # The entropy bonus is a term of its own (below), so the per-token kernel runs without it.
     per_token, clip_low, clip_high = token_loss(
-        logp, entropy, flat.old, shaping.adv.contiguous(), ref_for_kl, shaping.klcov_w, token_params(config), backend,
-        extras,
+        logp, entropy, flat.old, shaping.adv.contiguous(), ref_for_kl, shaping.klcov_w,
+        dataclasses.replace(params, entropy_coef=0.0), backend, extras,
     )
     max_len = config.max_len if config.max_len is not None else flat.padded_len
     weights = token_weights(config.agg, flat.valid, flat.seq, flat.n_seqs, max_len or 1, dtype, flat.num_items,
@@ -164,9 +167,20 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
     if shaping.keep is not None:
         weights = weights * shaping.keep
     n_valid = flat.valid.sum()
-    # Invalid tokens carry weight 0 and finite terms; a NaN on a valid token propagates into the loss.
+    denominator = n_valid.clamp_min(1)  # metrics of a batch without valid tokens: 0, not 0 / 0
+    # Invalid tokens carry weight 0 and finite terms; a NaN on a valid token propagates into the loss. A batch
+    # without a valid token gives a differentiable 0 (every weight is 0) and counts in n_empty_batches.
     loss = (per_token * weights).sum()
-    loss = loss + torch.where(n_valid > 0, 0.0, float("nan")).to(dtype)  # no valid token: NaN, never finite
+    if config.entropy_coef != 0:
+        # The bonus is entropy_coef x the mean entropy per valid token of the optimizer step (token-mean over
+        # num_items_in_batch when given), whatever the policy term's aggregation: one meaning of entropy_coef for
+        # every preset (docs/losses.md, "Entropy bonus"). Clip-Cov's zeroed tokens lose it with the rest of their term.
+        bonus_weights = token_weights("token-mean", flat.valid, flat.seq, flat.n_seqs, 1, dtype, flat.num_items)
+        if shaping.keep is not None:
+            bonus_weights = bonus_weights * shaping.keep
+        bonus = torch.where(flat.valid, entropy * bonus_weights, torch.zeros((), dtype=dtype, device=logp.device)).sum()
+        loss = loss - config.entropy_coef * bonus
+        metrics["entropy_bonus"] = bonus.detach()
 
     with torch.no_grad():
         valid = flat.valid
@@ -174,18 +188,19 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
         log_back = flat.old - tokens.logp
         zero = torch.zeros((), device=logp.device)
         metrics.update({
-            "entropy": _valid_mean(tokens.entropy, valid, n_valid),
-            "clip_frac_low": (clip_low & valid).sum() / n_valid,
-            "clip_frac_high": (clip_high & valid).sum() / n_valid,
-            "ratio_mean": _valid_mean(ratio, valid, n_valid),
+            "entropy": _valid_mean(tokens.entropy, valid, denominator),
+            "clip_frac_low": (clip_low & valid).sum() / denominator,
+            "clip_frac_high": (clip_high & valid).sum() / denominator,
+            "ratio_mean": _valid_mean(ratio, valid, denominator),
             "ratio_min": _valid_extreme(ratio, valid, "min"),
             "ratio_max": _valid_extreme(ratio, valid, "max"),
-            "approx_kl": _valid_mean(torch.exp(log_back) - log_back - 1, valid, n_valid),
+            "approx_kl": _valid_mean(torch.exp(log_back) - log_back - 1, valid, denominator),
             "masked_frac": (
-                (shaping.masked & valid).sum() / n_valid if shaping.masked is not None else zero
+                (shaping.masked & valid).sum() / denominator if shaping.masked is not None else zero
             ),
             "n_valid_tokens": n_valid,
-            "adv_token_mean": _valid_mean(shaping.adv, valid, n_valid),
+            "n_empty_batches": (n_valid == 0).long(),
+            "adv_token_mean": _valid_mean(shaping.adv, valid, denominator),
             "nonfinite_tokens": (valid & ~torch.isfinite(per_token.detach())).sum(),
         })
         if ref_for_kl is not None:
@@ -196,7 +211,7 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
                 kl = 0.5 * diff * diff
             else:
                 kl = torch.exp(-diff) + diff - 1
-            metrics["kl_ref"] = _valid_mean(kl, valid, n_valid)
+            metrics["kl_ref"] = _valid_mean(kl, valid, denominator)
         metrics.update(shaping.metrics)
         metrics.update(importance_metrics)
     return LossResult(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})

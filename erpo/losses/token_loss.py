@@ -93,7 +93,9 @@ def _surrogate(logp, log_ratio, ratio, adv, params: TokenParams, extras: TokenEx
         else:
             low, high = 1.0 - eps_low, 1.0 + eps_high
             weight = torch.clamp(ratio, low, high)
-        return -weight * adv * logp, -weight * adv, ratio < low, ratio > high
+        # The weight is capped whatever the sign of a; the clip flags count, as every objective's (and TRL's
+        # cispo_clip_ratio, Liger's is_clipped), only the side that binds for a's sign: a > 0 above the cap, a < 0 below.
+        return -weight * adv * logp, -weight * adv, (adv < 0) & (ratio < low), (adv > 0) & (ratio > high)
     if objective == "sapo":
         tau = torch.where(adv > 0, params.sapo_tau_pos, params.sapo_tau_neg).to(ratio.dtype)
         gate = torch.sigmoid(tau * (ratio - 1.0))

@@ -47,7 +47,7 @@ def test_explicit_knobs_override_method_defaults():
     (dict(gamma=0.0), "gamma"),
     (dict(gamma=-1.0), "gamma"),
     (dict(buckets=0), "buckets"),
-    (dict(rho=0.0), "rho"),
+    (dict(rho=-0.1), "rho"),
     (dict(rho=1.5), "rho"),
     (dict(clip_cov_ratio=0.0), "clip_cov_ratio"),
     (dict(kl_cov_ratio=2.0), "kl_cov_ratio"),
