@@ -9,12 +9,13 @@ import shutil
 
 from setuptools import find_packages, setup
 
-TRAIN = ["transformers>=4.50", "tokenizers", "safetensors", "rich", "math-verify>=0.9", "pyyaml", "matplotlib", "datasets"]
+TRAIN = ["transformers>=4.50", "tokenizers", "safetensors", "rich", "math-verify>=0.9", "pyyaml", "matplotlib", "datasets",
+         "scipy"]
 BENCH = ["matplotlib", "psutil", "pytest-benchmark"]
 # The peers erpo's parity tests and integrations run against (tests/peers, erpo/integrations), pinned. Liger and
 # verl need --no-deps on a CPU machine (their requirements pull a CUDA torch, Ray, vLLM, ...): .ci/run installs
 # them that way; this extra lists what pip can resolve without replacing torch.
-PEERS = ["trl==1.16.0", "hydra-core==1.3.8", "omegaconf==2.3.1", "codetiming==1.4.0", "tensordict==0.15.3"]
+PEERS = ["trl==1.16.0", "hydra-core==1.3.8", "omegaconf==2.3.1", "codetiming==1.4.0", "tensordict==0.15.3", "orjson"]
 
 
 def cuda_extension() -> dict:

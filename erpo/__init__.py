@@ -1,16 +1,31 @@
-"""erpo: fused logits kernels and a lean trainer for entropy-regulated RL of language models."""
+"""erpo: fused logits kernels and a lean trainer for entropy-regulated RL of language models.
+
+The public names load on first use (PEP 562), so `import erpo` and the `erpo` command's help and argument
+errors do not pay for torch, triton and transformers until something needs them.
+"""
+import importlib
+
 from erpo._kernels_path import ensure_kernels_package
 
 ensure_kernels_package()
 
-from erpo.ops.logprobs_entropy import logprobs_and_entropy  # noqa: E402
-from erpo.ops.linear_logprobs_entropy import linear_logprobs_and_entropy  # noqa: E402
-from erpo.losses import (  # noqa: E402
-    LossConfig, LossResult, PolicyLoss, advantages, linear_policy_loss, make_controller, policy_loss, token_policy_loss,
-)
-
 __version__ = "0.1.0"
-__all__ = [
-    "logprobs_and_entropy", "linear_logprobs_and_entropy", "policy_loss", "linear_policy_loss", "LossConfig",
-    "LossResult", "PolicyLoss", "advantages", "make_controller", "token_policy_loss",
-]
+_HOMES = {
+    "logprobs_and_entropy": "erpo.ops.logprobs_entropy",
+    "linear_logprobs_and_entropy": "erpo.ops.linear_logprobs_entropy",
+    **{name: "erpo.losses" for name in ("LossConfig", "LossResult", "PolicyLoss", "advantages", "linear_policy_loss",
+                                         "make_controller", "policy_loss", "token_policy_loss")},
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'erpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -26,14 +26,11 @@ def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list) -
 
 def _train(args) -> int:
     from erpo.train import config as config_lib
+
+    config = config_lib.from_args(args)  # a bad flag or config fails here, before torch and transformers load
     from erpo.train.trainer import train
 
-    history = train(config_lib.from_args(args))
-    if history and os.environ.get("RANK", "0") == "0":
-        first, last = history[: min(25, len(history))], history[-min(25, len(history)):]
-        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        print(f"mean reward: first {len(first)} steps {mean(first, 'reward'):.3f} -> last {len(last)} steps "
-              f"{mean(last, 'reward'):.3f}")
+    train(config)
     return 0
 
 
@@ -115,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     cmp = sub.add_parser(
-        "compare", help="methods x seeds of `erpo train` in parallel, one report with 95 % intervals",
+        "compare", help="methods x seeds of `erpo train` in parallel, one report with 95 %% intervals",
         description="Train every --method on every seed (same shared config otherwise), in parallel jobs, and "
-        "write OUT/report.md (table, differences vs the baseline with 95 % paired t intervals) and OUT/curves.png. "
+        "write OUT/report.md (table, differences vs the baseline with 95 %% paired t intervals) and OUT/curves.png. "
         "Rerunning the same command reuses finished runs and resumes interrupted ones.",
     )
     cmp.add_argument("--method", action="append", metavar="SPEC",
@@ -182,8 +179,8 @@ def main(argv=None) -> int:
         return _fail(command, f"{err.strerror or err}{where}", 2)
     except (NonFiniteError, CheckpointWriteError, RunsFailedError) as err:
         return _fail(command, str(err), 1)
-    except KeyboardInterrupt:
-        return _fail(command, "interrupted", 130)
+    except KeyboardInterrupt as err:  # a run names its latest checkpoint and the resume command
+        return _fail(command, str(err) or "interrupted", 130)
 
 
 if __name__ == "__main__":

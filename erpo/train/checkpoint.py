@@ -10,6 +10,7 @@ Everything is written into `.tmp-step_000100-<pid>/` and renamed into place, so 
 a temp directory (ignored and cleaned up), never a half checkpoint under the final name. Loading checks the
 manifest and every hash: a missing manifest (partial copy) or a changed file is an error that names it.
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -127,6 +128,37 @@ def remove_run(path: str) -> None:
             os.remove(full)
 
 
+def lock_run(run_dir: str) -> int:
+    """Take the run directory's advisory lock for this process, or raise naming the process that holds it.
+
+    The lock is a flock on the directory itself: nothing is written into the run (a refused process leaves it
+    byte for byte as it was), and the kernel drops the lock when its process dies, SIGKILL included, so no stale
+    lock outlives its run. Returns the descriptor; it stays open for as long as the process trains the run."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise ValueError(f"run directory {run_dir!r} is being trained by {holder}: wait for it to finish or stop it "
+                         "first (two processes writing one run would interleave its metrics and checkpoints)") from None
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    """'process PID' of the flock on this directory, from /proc/locks (Linux), else 'another process'."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks", encoding="ascii") as handle:
+            for line in handle:
+                fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return f"process {fields[4]}"
+    except OSError:
+        pass
+    return "another process"
+
+
 def check_writable(run_dir: str) -> None:
     """Fail before any work when the run directory cannot be created or written. Folders it creates for the
     probe are removed again: a run that fails to start leaves nothing behind."""
@@ -189,6 +221,9 @@ def resolve(path: str, what: str = "--resume") -> str:
         raise CheckpointError(f"{what} {path!r}: no such directory")
     recover_swap(path)
     steps = list_steps(path)
+    if not steps and holds_run(path) and what != "--resume":
+        raise CheckpointError(f"{what} {path!r}: the run has no checkpoint yet (it stopped before its first one, or is "
+                              "still before it), so there is nothing to load")
     if not steps and holds_run(path):
         raise CheckpointError(f"{what} {path!r}: the run stopped before its first checkpoint, so there is nothing to "
                               f"continue from; start it again with --out-dir {path} --overwrite")

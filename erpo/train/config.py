@@ -5,7 +5,6 @@ Precedence: dataclass defaults < config file < flags. Every field is a flag (`--
 """
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import tomllib
@@ -14,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from erpo.hints import did_you_mean
+from erpo.losses.config import METHODS
 
 
 def _f(default, help: str, **kw):
@@ -48,7 +50,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; the loss uses the same one")
     top_p: float = _f(1.0, "nucleus sampling threshold (1 = off; the loss assumes the full distribution)")
     # Loss and updates
-    loss: str = _f("grpo", "policy-loss method: grpo, dapo, dr_grpo, erpo, high_entropy_mask, clip_cov, kl_cov, repo, repo_r, adapo")
+    loss: str = _f("grpo", "policy-loss method, one of erpo.LossConfig's presets: " + ", ".join(METHODS))
     loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
     fused_head: bool = _f(True, "policy loss and old/ref log-probs straight from the final hidden states and the LM head (erpo.linear_policy_loss): the [tokens, vocab] logits are never stored; --no-fused-head takes the logits path")
     ref_model: str = _f("auto", "reference model for KL / ERPO progress: 'auto' (a frozen copy of the initial policy when the loss needs one), 'none', 'init', or a path")
@@ -91,6 +93,12 @@ class TrainConfig:
                      "sft_warmup_steps", "lr_warmup_steps", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in METHODS:
+            raise ValueError(f"config: loss {self.loss!r} is not a preset{did_you_mean(self.loss, METHODS)}; the "
+                             f"presets: {', '.join(METHODS)}")
+        if self.group_size < 2:
+            raise ValueError("config: group_size must be >= 2: every advantage is relative to its group's other "
+                             f"completions, so with {self.group_size} per prompt each is 0 and nothing trains")
         if not self.temperature > 0:
             raise ValueError(f"config: temperature must be > 0 (the loss divides by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -125,14 +133,19 @@ _TYPES = typing.get_type_hints(TrainConfig)
 BEFORE_THE_KEY_EXISTED = {"mini_batches": 1}
 
 
-def did_you_mean(word: str, choices) -> str:
-    """' (did you mean 'x'?)' for the closest of choices, or '' when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+# Names TRL / transformers give the same setting: a config written for them gets our name back in the error.
+PEER_NAMES = {
+    "learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+    "max_steps": "steps", "output_dir": "out_dir", "loss_type": "loss", "num_iterations": "ppo_epochs",
+    "max_grad_norm": "grad_clip", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints", "warmup_steps": "lr_warmup_steps", "lr_scheduler_type": "lr_schedule",
+    "model_name_or_path": "model", "resume_from_checkpoint": "resume",
+}
 
 
 def _unknown(key: str, where: str) -> ValueError:
-    return ValueError(f"{where}: unknown config key {key!r}{did_you_mean(key, FIELDS)}; `erpo train --help` lists them all")
+    return ValueError(f"{where}: unknown config key {key!r}{did_you_mean(key, FIELDS, PEER_NAMES)}; "
+                      "`erpo train --help` lists them all")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:

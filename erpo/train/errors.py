@@ -11,3 +11,7 @@ class CheckpointWriteError(RuntimeError):
 
 class RunsFailedError(Exception):
     """Some runs of `erpo compare` failed; the finished ones are kept and a rerun resumes the rest."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during `erpo train`: the message names the latest checkpoint and the resume command."""

@@ -3,6 +3,7 @@ progress bar. On resume the log is cut back to the checkpoint's step, so it neve
 import json
 import math
 import os
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -58,6 +59,16 @@ def read(path: str, partial_tail: bool = False) -> list[dict]:
     return records
 
 
+def reward_summary(path: str, span: int = 25) -> str:
+    """The run's reward at its start and its end, over every step in metrics.jsonl (a resumed run included)."""
+    rewards = [r["reward"] for r in read(path, partial_tail=True) if isinstance(r.get("reward"), (int, float))]
+    if not rewards:
+        return ""
+    k = min(span, len(rewards))
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    return f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} (of {len(rewards)} steps)"
+
+
 class _BarAndMetrics(Progress):
     """The bar on one line, the live metrics below it (wrapped to the terminal, never squeezing the bar)."""
 
@@ -69,13 +80,19 @@ class _BarAndMetrics(Progress):
 
 
 class LiveProgress:
-    """A rich progress bar whose description carries the latest metrics; a no-op when disabled."""
+    """A rich progress bar whose description carries the latest metrics; a no-op when disabled.
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled = enabled
+    When stderr is not a terminal (nohup, CI, a pipe) a bar would show nothing until the end, so the same
+    metrics go to stdout as one plain line every `every` steps or `every_s` seconds, whichever comes first."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every: int = 0, every_s: float = 30.0):
         self.console = Console(stderr=True)
+        self.plain = enabled and not self.console.is_terminal
+        self.enabled = enabled and not self.plain
+        self.total, self.every, self.every_s = total, every or max(1, total // 20), every_s
+        self.last_line = (start, time.monotonic())
         self.shown: dict = {}
-        if enabled:
+        if self.enabled:
             self.progress = _BarAndMetrics(
                 TextColumn("[bold]erpo train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), console=self.console,
@@ -93,11 +110,19 @@ class LiveProgress:
 
     def update(self, step: int, metrics: dict) -> None:
         self.shown.update({k: metrics[k] for k, _, _ in LIVE if k in metrics})
+        text = " ".join(f"{label} {_plain(self.shown[k]):{fmt}}" for k, label, fmt in LIVE if k in self.shown
+                        and isinstance(_plain(self.shown[k]), (int, float)))
         if self.enabled:
-            text = " ".join(f"{label} {_plain(self.shown[k]):{fmt}}" for k, label, fmt in LIVE if k in self.shown
-                            and isinstance(_plain(self.shown[k]), (int, float)))
             self.progress.metrics_line = text
             self.progress.update(self.task, completed=step)
+        elif self.plain and step > self.last_line[0]:
+            last_step, last_time = self.last_line
+            now = time.monotonic()
+            if step - last_step >= self.every or now - last_time >= self.every_s or step == self.total:
+                per_step = (now - last_time) / (step - last_step)
+                print(f"step {step}/{self.total} {text} ({per_step:.2f} s/step, eta "
+                      f"{per_step * (self.total - step):.0f} s)", flush=True)
+                self.last_line = (step, now)
 
     def log(self, message: str) -> None:
         (self.progress.console if self.enabled else self.console).print(message, highlight=False)

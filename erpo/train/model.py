@@ -7,8 +7,13 @@ import urllib.parse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from erpo.train import tiny_task
+
+# erpo's own progress owns the terminal: no "Loading weights" / "Writing model shards" bars on stderr from
+# transformers, whose loads and saves happen at start, at eval and at every checkpoint.
+hf_logging.disable_progress_bar()
 
 HUB_HOST = "huggingface.co"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -20,7 +20,7 @@ from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, mo
 from erpo.train import dynamic_sampling, normalizer, offpolicy, reward_shaping
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
 from erpo.train.config import TrainConfig, did_you_mean, save as save_config
-from erpo.train.errors import CheckpointWriteError, NonFiniteError
+from erpo.train.errors import CheckpointWriteError, NonFiniteError, RunInterrupted
 from erpo.train.evaluate import evaluate
 
 
@@ -138,6 +138,23 @@ def policy_shift(policy, batch: dict, old_logp: torch.Tensor, chunk: int, cfg, a
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.lock = None  # the run directory's lock (rank 0), held while this trainer may write the run
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the run directory's lock back (the process exiting does it too)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def __del__(self):
+        self.release()
+
+    def _setup(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
         distributed.check_fsdp(cfg, self.dist)
@@ -199,6 +216,8 @@ class Trainer:
         if self.dist.is_main and not self.finished:  # a finished run's files are left exactly as they are
             self.cfg = cfg = dataclasses.replace(cfg, out_dir=self.run_dir, overwrite=False)
             os.makedirs(self.run_dir, exist_ok=True)
+            if self.lock is None:
+                self.lock = checkpoint.lock_run(self.run_dir)
             save_config(cfg, os.path.join(self.run_dir, "train_config.json"))
             checkpoint.clean_temp(self.run_dir)
             self.log = metrics_lib.MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
@@ -219,6 +238,8 @@ class Trainer:
             while checkpoint.holds_run(run_dir):  # two runs started in the same second
                 n += 1
                 run_dir = os.path.join("runs", f"{stamp}-{n}")
+        if self.dist.is_main and os.path.isdir(run_dir):  # before anything in it is read, checked or replaced
+            self.lock = checkpoint.lock_run(run_dir)
         continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
         if resume and self.cfg.overwrite:
             raise ValueError("--overwrite with --resume: a resume continues a run and never replaces one; to start "
@@ -520,6 +541,31 @@ class Trainer:
                       f"{cfg.steps}; nothing to train (give --steps N larger than {self.step} to extend it)")
             distributed.cleanup(self.dist)
             return history
+        try:
+            self._loop(history)
+        except KeyboardInterrupt:
+            raise RunInterrupted(self._interrupted()) from None
+        if main:
+            summary = metrics_lib.reward_summary(os.path.join(self.run_dir, "metrics.jsonl"))
+            if summary:
+                print(summary)
+        if main and cfg.plots:
+            plots.plot_run(self.run_dir)
+        distributed.cleanup(self.dist)
+        return history
+
+    def _interrupted(self) -> str:
+        steps = checkpoint.list_steps(self.run_dir)
+        if not steps:
+            return (f"interrupted at step {self.step} of {self.cfg.steps}, before the run's first checkpoint; start "
+                    f"it again with `erpo train --out-dir {self.run_dir} --overwrite` and the same options")
+        latest = os.path.join(self.run_dir, "checkpoints", f"step_{steps[-1]:06d}")
+        return (f"interrupted at step {self.step} of {self.cfg.steps}; the latest checkpoint is {latest}; continue "
+                f"with `erpo train --resume {self.run_dir}`")
+
+    def _loop(self, history: list) -> None:
+        cfg, main = self.cfg, self.dist.is_main
+        warned_degenerate = False
         with metrics_lib.LiveProgress(cfg.steps, self.step, cfg.progress and main) as self.progress:
             if main:
                 start = (f"resumed from {self.resumed_from} at step {self.step} of {cfg.steps}"
@@ -536,6 +582,11 @@ class Trainer:
             while self.step < cfg.steps:
                 record, problems = self.train_step()
                 self._report_problems(problems)
+                if main and not warned_degenerate and record["degenerate_groups"] == cfg.prompts_per_step:
+                    warned_degenerate = True
+                    self._report(f"[yellow]warning: step {self.step}: every group's rewards were equal (all right or "
+                                 "all wrong), so every advantage was 0 and the policy term gave no gradient; a run "
+                                 "where this persists learns nothing (shown once; see degenerate_groups)[/]")
                 last = self.step == cfg.steps
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or last) and main:
                     record.update(self.run_eval())
@@ -545,11 +596,11 @@ class Trainer:
                 history.append(record)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                     self._save()
-        if main and cfg.plots:
-            plots.plot_run(self.run_dir)
-        distributed.cleanup(self.dist)
-        return history
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.release()
