@@ -104,6 +104,11 @@ def linear_policy_loss(
         raise ValueError(f"hidden must be [B, L, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [V, H] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if weight.shape[1] != hidden.shape[-1]:  # before the targets are read against weight.shape[0] as V
+        transposed = " (is it transposed? pass the [V, H] weight, e.g. lm_head.weight)" if (
+            weight.shape[0] == hidden.shape[-1]) else ""
+        raise ValueError(f"hidden's last dim must be the head's H = {weight.shape[1]} (weight {tuple(weight.shape)}), "
+                         f"got hidden of shape {tuple(hidden.shape)}{transposed}")
     resolved_head = _head_backend(config, head_backend)
     vocab = weight.shape[0] if process_group is None else global_vocab(weight.shape[0], process_group, hidden.device)
     flat = prepare_tokens(tuple(hidden.shape[:-1]), vocab, hidden.device, torch.float32, batch, config,

@@ -201,6 +201,7 @@ def test_one_pass_refuses_a_second_backward():
 @pytest.mark.parametrize("case,message", [
     ("hidden_1d", "hidden must be"), ("h_mismatch", "the head's H"), ("cuda_backend", "no fused-head kernel"),
     ("schedule", "schedule must be"), ("targets", "batch\\['targets'\\]"), ("bias", "bias must be"),
+    ("transposed", "the head's H = .*is it transposed"),
 ])
 def test_errors(case, message):
     hidden, weight, bias, batch = make_inputs()
@@ -209,6 +210,9 @@ def test_errors(case, message):
         hidden = hidden[0, 0]
     elif case == "h_mismatch":
         weight = weight[:, :-1]
+    elif case == "transposed":  # [H, V] with ids >= H: named as the shape, not as out-of-range targets
+        weight = weight.T.contiguous()
+        assert int(batch["targets"].max()) >= weight.shape[0]
     elif case == "cuda_backend":
         config = erpo.LossConfig(method="grpo", backend="cuda")
     elif case == "schedule":
