@@ -5,7 +5,8 @@ Task ("add1"): prompt `a+b=` with a, b in 0..9, answer `str(a+b)` then EOS: 2 to
 (55 % of prompts), 3 otherwise. A randomly initialised policy never finds the two-digit answers by RL alone
 (it locks into one-digit answers), so the model first gets a short supervised warm-up (40 steps x 64
 examples, about a second) that leaves it right on ~10 % of samples: the reward starts above zero and RL has
-something to raise. Recipe and failure modes: shared/research/tiny-task.md.
+something to raise. How the task was chosen and how it fails without the warm-up: docs/trainer.md, "The built-in
+task".
 """
 import random
 

@@ -1,4 +1,4 @@
-"""The spec's formulas (shared/spec/algorithms.md) in plain Python floats, token by token.
+"""The spec's formulas (docs/algorithms.md) in plain Python floats, token by token.
 
 Independent of erpo's code: the tests compute expected losses here from the same logits (log-softmax by
 math.exp/log) and compare. Slow and literal on purpose; for batches of a few dozen tokens.
