@@ -84,3 +84,11 @@ def test_import_erpo_is_lazy_and_the_names_are_the_functions():
              "erpo.advantages.__name__, sorted(erpo.__all__) == sorted(n for n in dir(erpo) if n in erpo.__all__))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "True", "True", "True", "erpo.losses.advantages", "True"], out.stderr
+
+
+def test_eval_of_a_run_without_a_checkpoint_says_so_in_eval_terms(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run that stopped before its first checkpoint
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the run has no checkpoint yet" in err and "nothing to load" in err and "continue" not in err, err
