@@ -66,7 +66,8 @@ def _get(config, key, default=None):
 def loss_config_from_verl(config, preset: Optional[str]) -> LossConfig:
     """The LossConfig of `erpo_<preset>` (or of `erpo` when preset is None) for verl's actor `config`.
 
-    verl keys mapped: clip_ratio_low/high (or clip_ratio) -> eps_low/eps_high, loss_agg_mode -> agg,
+    verl keys mapped: clip_ratio_low/high (or clip_ratio) -> eps_low/eps_high, loss_agg_mode -> agg (token-sum:
+    token-mean over 1 / dp_size tokens),
     loss_scale_factor -> max_len, tau_pos/tau_neg -> sapo_tau_pos/neg, policy_loss.clip_cov_ratio/lb/ub,
     policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef -> kl_cov_beta. `policy_loss.erpo` (a dict) wins over all.
     verl's own KL loss (use_kl_loss) and entropy bonus (entropy_coeff) stay verl's: they are added by verl's
@@ -74,9 +75,7 @@ def loss_config_from_verl(config, preset: Optional[str]) -> LossConfig:
     """
     policy = _get(config, "policy_loss", {})
     clip = _get(config, "clip_ratio", 0.2)
-    agg = _get(config, "loss_agg_mode", "token-mean")
-    if agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        raise ValueError(f"actor.loss_agg_mode={agg!r} has no erpo equivalent")
+    agg = _agg(_get(config, "loss_agg_mode", "token-mean"))
     fields = dict(
         eps_low=_get(config, "clip_ratio_low", clip), eps_high=_get(config, "clip_ratio_high", clip), agg=agg,
         max_len=_get(config, "loss_scale_factor", None), sapo_tau_pos=_get(config, "tau_pos", 1.0),
@@ -98,6 +97,18 @@ def loss_config_from_verl(config, preset: Optional[str]) -> LossConfig:
     return LossConfig(**{**fields, **overrides})
 
 
+# verl 0.9.1 agg_loss modes; "token-sum" is erpo's token-mean with num_items_in_batch = 1 / dp_size (see _agg)
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _agg(mode: str) -> str:
+    """erpo's aggregation for verl's loss_agg_mode: verl's token-sum (sum over valid tokens x dp_size) is erpo's
+    token-mean whose token count is 1 / dp_size (set by _global_normalizers)."""
+    if mode not in VERL_AGG_MODES:
+        raise ValueError(f"actor.loss_agg_mode={mode!r} has no erpo equivalent (erpo maps {VERL_AGG_MODES})")
+    return "token-mean" if mode == "token-sum" else mode
+
+
 def _sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """verl's [B, T] advantages as erpo's one advantage per response; refuses token-varying advantages (GAE)."""
     lengths = mask.sum(-1)
@@ -110,11 +121,16 @@ def _sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.
     return per_seq
 
 
-def _global_normalizers(config, batch: dict) -> None:
-    """verl's global_batch_info (dp_size, batch_num_tokens, global_batch_size) as erpo's global normalisers."""
+def _global_normalizers(config, batch: dict, loss_agg_mode: str) -> None:
+    """verl's global_batch_info (dp_size, batch_num_tokens, global_batch_size) as erpo's global normalisers.
+
+    verl's agg_loss multiplies every mode by dp_size (DDP/FSDP average the gradients over ranks): token-mean divides
+    the local token sum by batch_num_tokens / dp_size, token-sum by 1 / dp_size."""
     info = _get(config, "global_batch_info", {}) or {}
     dp_size = info.get("dp_size", 1) or 1
-    if info.get("batch_num_tokens") is not None:
+    if loss_agg_mode == "token-sum":
+        batch["num_items_in_batch"] = torch.tensor(1.0 / dp_size, dtype=torch.float32)
+    elif info.get("batch_num_tokens") is not None:
         batch["num_items_in_batch"] = torch.as_tensor(info["batch_num_tokens"], dtype=torch.float32) / dp_size
     if info.get("global_batch_size") is not None:
         batch["num_seqs_in_batch"] = torch.as_tensor(info["global_batch_size"], dtype=torch.float32) / dp_size
@@ -139,8 +155,8 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
             f"{loss_config.kl_cov_anneal!r}, entropy_target={loss_config.entropy_target}) has state stepped once per "
             "optimizer step (REPO-R, ADAPO, KL-Cov annealing, adaptive entropy coefficient), which verl's policy-loss "
             "registry cannot drive: use the stateless form (e.g. repo instead of repo_r)")
-    if loss_config.agg != loss_agg_mode:
-        loss_config = loss_config.replace(agg=loss_agg_mode)
+    if loss_config.agg != _agg(loss_agg_mode):
+        loss_config = loss_config.replace(agg=_agg(loss_agg_mode))
     mask = response_mask.to(log_prob.dtype)
     entropy = _ENTROPY.get()
     needs_entropy = loss_config.entropy_coef != 0 or any(c in ENTROPY_CONTROLS for c in loss_config.controls)
@@ -158,7 +174,7 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
             "external_lib or VERL_USE_EXTERNAL_MODULES so its ppo_loss hook runs)")
     if rollout is not None and (loss_config.needs_rollout or loss_config.off_policy_mask is not None):
         batch["rollout_logp"] = rollout
-    _global_normalizers(config, batch)
+    _global_normalizers(config, batch, loss_agg_mode)
     if "max_len" in batch:
         loss_config = loss_config.replace(max_len=int(batch.pop("max_len")))
     result = erpo.token_policy_loss(log_prob, entropy if needs_entropy else None, batch, loss_config)

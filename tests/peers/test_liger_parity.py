@@ -88,3 +88,48 @@ def test_fused_linear_loss_and_grads_match_liger(liger_grpo, trl_grpo, tmp_path,
     for name, mine, theirs in zip(("hidden", "weight", "bias"), ours, peer):
         assert theirs.grad is not None and theirs.grad.abs().sum() > 0, f"Liger gives no gradient w.r.t. {name}"
         assert_close(mine.grad, theirs.grad, f"d loss / d {name}")
+
+
+def test_luspo_kl_over_padding_differs_from_liger(liger_grpo, trl_grpo, tmp_path):
+    """Deliberate difference (Liger's bug; docs/losses.md, "Parity with the peers"): Liger 0.8.5's LUSPO weighs the
+    unmasked (B, T) per-token loss by the response length and divides by B·T, so its KL term averages every position,
+    padding included (sum_t kl_t L_i / (B T)); TRL masks first (sum over valid t of kl_t / B), and erpo is TRL's. The
+    policy term agrees (one sequence-level value per response); the difference is exactly the KL aggregation."""
+    import erpo
+    from trl import GRPOConfig
+
+    from erpo.integrations.trl import loss_config_from_trl
+    from tests.peers.trl_reference import trl_inputs, trl_loss
+
+    x = token_inputs(dtype=torch.float64)
+    batch_size, length = x.mask.shape
+    hidden = torch.randn(batch_size, length, HIDDEN, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64) / HIDDEN ** 0.5
+    targets = torch.randint(0, VOCAB, (batch_size, length))
+    current = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None])[..., 0]
+    x.old, x.ref = near(current, 0.3), near(current, 0.3)
+    x.mask[1, 2:] = 0  # a short response, and a reference far from the policy on its padding: a large padding KL
+    x.ref[1, 2:] = x.ref[1, 2:] - 1.5
+    beta = 0.05
+    args = GRPOConfig(output_dir=str(tmp_path), loss_type="luspo", importance_sampling_level="sequence", beta=beta,
+                      report_to="none", use_cpu=True, per_device_train_batch_size=5, num_generations=5)
+    liger_losses = []
+    for liger_beta in (beta, 0.0):  # Liger's KL term: the difference of its losses with and without it
+        liger = liger_grpo.LigerFusedLinearGRPOLoss(
+            beta=liger_beta, compiled=False, use_ref_model=True, chunk_size=2, loss_type="luspo",
+            importance_sampling_level="sequence", epsilon_low=args.epsilon,
+            epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon)
+        liger_losses.append(liger(hidden, weight, targets, x.mask, x.advantages, ref_per_token_logps=x.ref,
+                                  old_per_token_logps=x.old)[0].double())
+    batch = {"targets": targets, "mask": x.mask, "old_logp": x.old, "ref_logp": x.ref, "advantages": x.advantages}
+    ours = erpo.linear_policy_loss(hidden.float(), weight.float(), {
+        k: v.float() if v.dtype == torch.float64 else v for k, v in batch.items()}, loss_config_from_trl(args)).loss
+    trl, _ = trl_loss(trl_grpo, args, current, torch.zeros_like(current), trl_inputs(x, use_ref=True))
+    assert_close(ours, trl, "erpo == TRL (KL masked first)", floor=loss_floor(x.advantages))
+    kl = torch.exp(x.ref - current) - (x.ref - current) - 1
+    trl_kl = (kl * x.mask).sum() / batch_size
+    liger_kl = (kl * x.mask.sum(-1, keepdim=True)).sum() / (batch_size * length)
+    # Liger computes in fp32: its KL term, a difference of two O(1) losses, carries their rounding (1e-3 relative)
+    assert_close(liger_losses[0] - liger_losses[1], beta * liger_kl, "Liger's KL: every B·T position, padding included",
+                 rtol=1e-3)
+    assert (liger_kl - trl_kl).abs() > 0.05 * trl_kl, "the inputs must tell the two KL aggregations apart"

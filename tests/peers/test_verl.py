@@ -4,6 +4,7 @@ loss and gradient w.r.t. log_prob, fp32, 1e-5 relative."""
 import pytest
 import torch
 
+from erpo.losses.config import METHODS
 from tests.peers.inputs import assert_close, loss_floor, token_inputs
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -253,7 +254,7 @@ def test_gspo_sequence_log_ratio_cap_differs_from_verl(verl_core):
     assert_close(grad[others], expected_grad[others], "gspo gradient on the other responses")
 
 
-@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("agg", [*AGGS, "token-sum"])
 def test_global_batch_info_normalises_like_verl(verl_core, verl_erpo, agg):
     """verl's global_batch_info (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) becomes erpo's
     global normalisers: erpo_gpg equals verl's gpg under data parallelism's scaling."""
@@ -295,3 +296,73 @@ def test_stateful_controls_raise_under_verl(verl_core, verl_erpo, preset):
     with verl_erpo.per_token_entropy(x.entropy.detach()):
         with pytest.raises(ValueError, match="cannot drive"):
             run_verl(verl_core, f"erpo_{preset}", x, actor_config())
+
+
+@pytest.mark.parametrize("mode", sorted(PARITY))
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_token_sum_matches_verl(verl_core, verl_erpo, mode, dp_size):
+    """verl's loss_agg_mode="token-sum" (sum over the valid tokens x dp_size) through the registered loss == verl's own
+    loss of the same formula: erpo's token-mean over num_items_in_batch = 1 / dp_size."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    x = token_inputs()
+    overrides = {k: v for k, v in PARITY[mode].items() if k not in ("method", "eps_low", "eps_high")}
+    overrides.pop("kl_cov_ratio", None), overrides.pop("kl_cov_beta", None)
+    raw = {"_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp", "rollout_n": 1,
+           "ppo_micro_batch_size_per_gpu": 1, "clip_ratio_low": 0.15, "clip_ratio_high": 0.25,
+           "loss_agg_mode": "token-sum",
+           "policy_loss": {"_target_": "erpo.integrations.verl.PolicyLossConfig", "loss_mode": f"erpo_{mode}",
+                           "kl_cov_ratio": 0.2, "ppo_kl_coef": 0.7, "erpo": overrides}}
+    config = omega_conf_to_dataclass(raw)
+    config.global_batch_info.update(dp_size=dp_size, batch_num_tokens=int(x.mask.sum()) * 3)
+    expected, expected_grad = run_verl(verl_core, mode, x, config)
+    loss, grad = run_verl(verl_core, f"erpo_{PARITY[mode]['method']}", x, config)
+    assert_close(loss, expected, f"{mode} token-sum loss", floor=loss_floor(x.advantages) * x.mask.sum().item())
+    assert_close(grad, expected_grad, f"{mode} token-sum d loss / d log_prob")
+
+
+@pytest.mark.parametrize("preset", [m for m in METHODS if m not in ("repo_r", "adapo", "erpo")])  # those: refused
+def test_every_preset_takes_token_sum(verl_core, verl_erpo, preset):
+    """No erpo_<preset> raises under token-sum, and each gives verl's token-sum of its own per-token terms:
+    token-sum with dp_size 2 == 2 x N_valid x the local token-mean."""
+    x = token_inputs()
+    losses = []
+    for agg, dp_size in (("token-mean", 1), ("token-sum", 2)):
+        config = actor_config(agg, kl_cov_ratio=0.2)
+        config.global_batch_info.update(dp_size=dp_size)
+        if agg == "token-mean":
+            config.global_batch_info.update(batch_num_tokens=int(x.mask.sum()) * dp_size)
+        with verl_erpo.per_token_entropy(x.entropy.detach()):
+            losses.append(run_verl(verl_core, f"erpo_{preset}", x, config))
+    (mean_loss, mean_grad), (sum_loss, sum_grad) = losses
+    n_valid = x.mask.sum()
+    assert_close(sum_loss, 2 * n_valid * mean_loss, f"{preset} token-sum loss",
+                 floor=loss_floor(x.advantages) * n_valid.item())
+    assert_close(sum_grad, 2 * n_valid * mean_grad, f"{preset} token-sum d loss / d log_prob")
+
+
+def test_k3_kl_clamp_differs_from_verl(verl_core):
+    """Deliberate difference (docs/losses.md, "Parity with the peers"): verl's k3 / low_var_kl penalty clamps
+    ref - logp to [-20, 20] and the estimate to [-10, 10] (value capped, gradient stopped); erpo's kl_coef term (k3)
+    clamps nothing, as TRL's. They differ only on a token whose k3 exceeds 10, by exactly the capped excess."""
+    import erpo
+
+    x = token_inputs(dtype=torch.float64)  # the KL term as a difference of two losses: fp64 keeps it exact
+    x.logp.data[1, 0], x.ref[1, 0] = -3.5, -0.01  # k3 = e^3.49 - 3.49 - 1 ~ 28 > 10
+    n_valid = x.mask.sum()
+    logp = x.logp.detach().clone().requires_grad_(True)
+    verl_kl = verl_core.agg_loss(verl_core.kl_penalty(logp, x.ref, "low_var_kl"), x.mask, "token-mean")
+    verl_kl.backward()
+    terms = []
+    for kl_coef in (0.1, 0.0):
+        config = _erpo_config(method="dapo", kl_coef=kl_coef, kl_estimator="k3")
+        terms.append(run_erpo(x, config, ref_logp=x.ref))
+    erpo_kl, erpo_grad = (terms[0][0] - terms[1][0]) / 0.1, (terms[0][1] - terms[1][1]) / 0.1
+    k3 = torch.exp(x.ref[1, 0] - x.logp[1, 0]) - (x.ref[1, 0] - x.logp[1, 0]) - 1
+    assert k3 > 10
+    assert_close(erpo_kl - verl_kl, (k3 - 10) / n_valid, "erpo's KL - verl's KL: the capped excess of one token")
+    assert logp.grad[1, 0] == 0, "verl's clamp stops that token's gradient"
+    assert_close(erpo_grad[1, 0], (1 - torch.exp(x.ref[1, 0] - x.logp[1, 0])) / n_valid, "erpo keeps it")
+    others = torch.ones_like(x.mask, dtype=torch.bool)
+    others[1, 0] = False
+    assert_close(erpo_grad[others], logp.grad[others], "KL gradient on the other tokens")
