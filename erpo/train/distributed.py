@@ -63,9 +63,6 @@ def check_fsdp(cfg, d: Dist) -> None:
     why = []
     if not d.enabled:
         why.append("it needs torchrun with 2 or more processes (one process has nothing to shard over)")
-    if cfg.fused_head:
-        why.append("the fused head reads lm_head.weight outside the model's forward, where FSDP holds only this "
-                   "rank's shard: add --no-fused-head")
     if cfg.eval_every:
         why.append("eval runs on rank 0 alone, and a sharded model's forward needs every rank: add --eval-every 0")
     if cfg.rollout != "hf":
@@ -92,6 +89,31 @@ def shard(model, d: Dist):
     # (synced_gpus), since ranks whose responses end early must still join the others' all-gathers.
     model._is_fsdp_managed_module = True
     return model
+
+
+def full_head(tensor):
+    """The whole of an LM head parameter (weight or bias) for the fused head under FSDP2.
+
+    Strategy (the one TRL 1.16 uses before its chunked head): gather the head once per micro-batch. A DTensor
+    shard is all-gathered with `full_tensor()`, differentiably: its backward reduce-scatters the head's gradient
+    back onto this rank's shard (averaged over the ranks with the rest of FSDP's gradients). Where FSDP2 has
+    already unsharded the head for the model's forward (the root module's parameters stay unsharded from the
+    forward to the backward: the embeddings, the final norm and the head, tied or not), the parameter is a plain
+    tensor and is returned as it is; its gradient is reduce-scattered by FSDP's own post-backward, like the
+    embeddings'. Either way no rank's optimizer ever sees a partial head gradient. The vocabulary-parallel
+    alternative (`erpo.linear_policy_loss(process_group=...)` on each rank's row shard, no full head held) is
+    not used: FSDP shards by rows of the flattened parameter, which for [V, H] is rows of V, but the shard
+    boundaries are FSDP's (padded, uneven), and the full head exists on every rank anyway during the forward."""
+    if tensor is None:
+        return None
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    # The gradient each rank computes for the full head is its own batch slice's share: a partial average over
+    # the mesh (as FSDP averages the other gradients). Without grad_placements, full_tensor's backward would take
+    # it as replicated and keep only this rank's rows of its own share: no reduction, a wrong head gradient.
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * len(tensor.placements))
 
 
 def no_sync(model, d: Dist, sync: bool):

@@ -78,10 +78,13 @@ def response_hidden(model, batch: dict, rows: slice, autocast: bool):
 
 def output_head(model, dtype: torch.dtype):
     """The LM head's (weight [V, H], bias [V] or None), cast to the hidden states' dtype (a differentiable cast:
-    the gradient reaches the float32 parameters)."""
+    the gradient reaches the float32 parameters). Under FSDP2 (`--fsdp`) a head still sharded here (a DTensor)
+    is gathered once per micro-batch with `full_tensor()`, whose backward reduce-scatters the head's gradient
+    into the sharded parameter (distributed.full_head); the root module's own unsharded head, which FSDP2 keeps
+    from the forward to the backward, is used as it is."""
     head = model.get_output_embeddings()
-    bias = None if head.bias is None else head.bias.to(dtype)
-    return head.weight.to(dtype), bias
+    weight, bias = distributed.full_head(head.weight), distributed.full_head(head.bias)
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def check_plain_head(model) -> None:

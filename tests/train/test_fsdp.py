@@ -26,25 +26,42 @@ def _rel(a, b) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def test_two_sharded_ranks_take_the_steps_of_one_process_on_the_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """fsdp_worker.py once alone (logits and fused head) and once on 2 sharded ranks (all three modes)."""
     worker = os.path.join(ROOT, "tests", "train", "fsdp_worker.py")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _run([sys.executable, worker, one])
-    _run(TORCHRUN + [worker, two])
-    with open(one + ".json") as f:
-        want = json.load(f)
-    with open(two + ".json") as f:
-        got = json.load(f)
+    root = tmp_path_factory.mktemp("fsdp-worker")
+    one, two = str(root / "one"), str(root / "two")
+    _run([sys.executable, worker, one, "logits", "fused"])
+    _run(TORCHRUN + [worker, two, "logits", "fused", "fused-reshard"])
+    out = []
+    for path in (one, two):
+        with open(path + ".json") as f:
+            results = json.load(f)
+        states = torch.load(path + ".pt")
+        out.append({mode: {**r, "state": states[mode]} for mode, r in results.items()})
+    return out
+
+
+# fused: the root's head, which FSDP2 keeps unsharded from the forward to the backward (tied to the embeddings);
+# fused-reshard: the root resharded after its forward, so the head is a DTensor that distributed.full_head gathers
+@pytest.mark.parametrize("mode, baseline, head_type", [("logits", "logits", None), ("fused", "fused", "Parameter"),
+                                                       ("fused-reshard", "fused", "DTensor")])
+def test_two_sharded_ranks_take_the_steps_of_one_process_on_the_same_global_batch(worker_runs, mode, baseline,
+                                                                                 head_type):
+    want, got = worker_runs[0][baseline], worker_runs[1][mode]
     assert want["world"] == 1 and not want["sharded"]
     assert got["world"] == 2 and got["sharded"]  # the model really was fully_shard-ed
+    if head_type:  # the head the fused loss read, as the model held it right after the forward
+        assert got["head_types"] == [head_type] and want["head_types"] == ["Parameter"]
     assert len(set(round(x, 6) for x in want["losses"])) == len(want["losses"])  # the loss moves with the weights
     for a, b in zip(got["losses"], want["losses"]):
         assert _rel(a, b) < 1e-5
     # The clipped gradient norm catches gradients summed instead of averaged, or never synchronised (AdamW alone
-    # would hide a scale).
+    # would hide a scale); the weights catch a head gradient lost or half-applied (the tied embedding included).
     for a, b in zip(got["norms"], want["norms"]):
         assert _rel(a, b) < 1e-5
-    full_one, full_two = torch.load(one + ".pt"), torch.load(two + ".pt")
+    full_one, full_two = want["state"], got["state"]
     assert sorted(full_one) == sorted(full_two)
     for name, value in full_one.items():
         assert full_two[name].shape == value.shape  # the gathered state is the full tensor, not a shard
@@ -83,7 +100,6 @@ def test_erpo_train_fsdp_under_torchrun_starts_like_ddp_and_saves_full_weights(t
 
 @pytest.mark.parametrize("change, message", [
     (dict(world=1), "it needs torchrun with 2 or more processes"),
-    (dict(fused_head=True), "add --no-fused-head"),
     (dict(eval_every=10), "add --eval-every 0"),
     (dict(rollout="vllm"), "use --rollout hf"),
     (dict(resume="runs/x"), "resuming an FSDP run"),
