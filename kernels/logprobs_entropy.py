@@ -1,9 +1,9 @@
 """Triton kernels of the fused op: per-row log-prob of the target and entropy of softmax(logits / T).
 
 Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of the row moved once):
-  forward   reads the row once and writes 3 floats (logp, entropy, lse). Online softmax in fp32 registers,
-            in base 2 (t = x * log2(e) / T feeds exp2 directly, one FMA): a running block-wide max m and, per
-            lane, d = sum 2^(t - m) and w = sum 2^(t - m) (t - m). The sums are rebased only when a block
+  forward   reads the row once and writes 3 floats (logp, entropy, lse). Online softmax in fp32 registers, in
+            the state of online_softmax.py (t = x * log2(e) / T - m log2(e) feeds exp2 directly, one FMA): a
+            running block-wide max m and, per lane, the base-2 sums d and w. The sums are rebased only when a block
             raises m (a few times per row), so the steady-state loop costs one exp2 and a handful of
             instructions per element; everything stays relative to the max, so bf16 logits of magnitude ~40
             lose no precision. The target's logit is read once after the loop, not compared per element.
@@ -13,12 +13,11 @@ Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of 
             a = -g_ent ln2 / T, b = -(g_logp + g_ent H) / T, because x/T - E_p[x] = t ln2 + H. The one-hot
             term is added after the loop to the target alone (its logit read before the loop, which may
             overwrite it in place).
-  NaN and +inf propagate through the arithmetic, with no per-element test: a NaN or +inf logit makes
-  2^t NaN, hence d, lse, logp, entropy and the row's gradient NaN; -inf logits (a masked vocabulary) give
-  2^t = 0, and t is clamped at -256 (where 2^t is already 0) wherever it multiplies that 0.
+  NaN and +inf propagate through the arithmetic, with no per-element test (online_softmax.py): such a row's
+  logp, entropy, lse and gradient are NaN; -inf logits (a masked vocabulary) take no part.
   Small N (below about two waves of programs): each row is split into chunks of V, one program each; the
-  forward's partial states (m, d, w) merge associatively in a second tiny kernel (state_merge of
-  csrc/softmax_row_math.h, in base 2), the backward needs no merge. Block size, warps and stages are autotuned per
+  forward's partial states (m, d, w) merge associatively in a second tiny kernel (online_softmax.rebase
+  onto the largest m), the backward needs no merge. Block size, warps and stages are autotuned per
   (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs one fixed configuration.
 Row offsets are int64 (N * V overflows int32 at 8 x 4k x 150k); temperature and ignore_index are runtime
 arguments (no recompile per value); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
@@ -29,18 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, rebase, terms
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ERPO_TRITON_AUTOTUNE=0 runs the fixed configuration on a GPU too (no tuning runs: test suites with many shapes).
 AUTOTUNE = not INTERPRET and os.environ.get("ERPO_TRITON_AUTOTUNE", "1") != "0"
-# ex2.approx.ftz: one MUFU instruction. Triton's exp2 (non-ftz) adds a range test and two multiplies per
-# element to keep denormal results, which are < 2^-126 of the row max's term and change no sum here.
-FAST_EXP2: tl.constexpr = tl.constexpr(not INTERPRET)
-T_FLOOR: tl.constexpr = tl.constexpr(-256.0)  # 2^t is exactly 0 below this: clamping t there changes nothing
-# The running max starts finite: t = x * scale - m must be -inf (2^t = 0), not -inf - (-inf) = NaN, for the
-# -inf logits of a row whose first blocks hold nothing else.
-M_START: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 # The fixed configuration (interpreter, ERPO_TRITON_AUTOTUNE=0): the widest block up to MAX_BLOCK_V, with
 # DEFAULT_WARPS. Tests lower MAX_BLOCK_V to exercise the multi-block path (and the rebasing) on small V.
@@ -58,40 +50,27 @@ MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and la
 
 
 @triton.jit
-def _exp2(t):
-    if FAST_EXP2:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [t], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp2(t)
-
-
-@triton.jit
 def _row_offset(row, inner, stride_outer, stride_inner):
     row = row.to(tl.int64)
     return (row // inner) * stride_outer + (row % inner) * stride_inner
 
 
 @triton.jit
-def _accumulate(x, m, d, w, scale):
-    """Fold one block of logits (fp32, -inf in masked lanes) into the running (m, d, w), base 2."""
-    m_new = tl.maximum(m, tl.max(x, axis=0) * scale)
-    if m_new > m:  # rebase on the new max; before any finite value m = M_START and d = w = 0
-        delta = tl.maximum(m - m_new, T_FLOOR)
-        rescale = tl.exp2(delta)
-        w = rescale * (w + d * delta)
-        d = rescale * d
+def _accumulate(x, m, d, w, inv_temperature, scale):
+    """Fold one block of logits (fp32, -inf in masked lanes) into the running state of online_softmax.py: one
+    m for the block, d and w per lane; the sums are rebased only when the block raises m."""
+    m_new = tl.maximum(m, tl.max(x, axis=0) * inv_temperature)
+    if m_new > m:
+        d, w = rebase(m, d, w, m_new)
         m = m_new
-    t = x * scale - m
-    e = _exp2(t)
-    d += e
-    w += e * tl.maximum(t, T_FLOOR)  # -inf logit: e = 0 and t = -inf; the clamp keeps 0 * t = 0
-    return m, d, w
+    e, et = terms(x * scale - m * LOG2E)
+    return m, d + e, w + et
 
 
 @triton.jit
-def _chunk_state(row_ptr, start, stop, scale, BLOCK_V: tl.constexpr):
+def _chunk_state(row_ptr, start, stop, inv_temperature, BLOCK_V: tl.constexpr):
     """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block."""
+    scale = inv_temperature * LOG2E
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], M_START, tl.float32)
     d = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -99,19 +78,17 @@ def _chunk_state(row_ptr, start, stop, scale, BLOCK_V: tl.constexpr):
     full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
     for block in range(start, full_stop, BLOCK_V):
         x = tl.load(row_ptr + block + cols).to(tl.float32)
-        m, d, w = _accumulate(x, m, d, w, scale)
+        m, d, w = _accumulate(x, m, d, w, inv_temperature, scale)
     if full_stop < stop:
         offs = full_stop + cols
         x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
-        m, d, w = _accumulate(x, m, d, w, scale)
+        m, d, w = _accumulate(x, m, d, w, inv_temperature, scale)
     return m, tl.sum(d, axis=0), tl.sum(w, axis=0)
 
 
 @triton.jit
 def _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row):
-    log2_d = tl.log2(d)
-    lse = (m + log2_d) * LN2
-    entropy = (log2_d - w / d) * LN2
+    lse, entropy = finish(m, d, w)
     # An out-of-range id (possible only with check_targets=False) gives NaN, never a read outside the row.
     in_range = (target >= 0) & (target < vocab)
     target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
@@ -136,7 +113,7 @@ def logprobs_entropy_fwd_kernel(
         tl.store(lse_ptr + row, 0.0)
     else:
         row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
-        m, d, w = _chunk_state(row_ptr, 0, vocab, inv_temperature * LOG2E, BLOCK_V)
+        m, d, w = _chunk_state(row_ptr, 0, vocab, inv_temperature, BLOCK_V)
         _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
 
 
@@ -151,13 +128,13 @@ def logprobs_entropy_partial_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    m = tl.full([], -float("inf"), tl.float32)
+    m = tl.full([], M_START, tl.float32)
     d = tl.full([], 0.0, tl.float32)
     w = tl.full([], 0.0, tl.float32)
     if target != ignore_index:
         row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
         start = split * chunk
-        m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), inv_temperature * LOG2E, BLOCK_V)
+        m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), inv_temperature, BLOCK_V)
     out = state_ptr + (row.to(tl.int64) * n_chunks + split) * 3
     tl.store(out, m)
     tl.store(out + 1, d)
@@ -182,23 +159,19 @@ def logprobs_entropy_merge_kernel(
         chunks = tl.arange(0, BLOCK_CHUNKS)
         live = chunks < n_chunks
         states = state_ptr + (row.to(tl.int64) * n_chunks + chunks) * 3
-        m_c = tl.load(states, mask=live, other=-float("inf"))
-        d_c = tl.load(states + 1, mask=live, other=0.0)
-        w_c = tl.load(states + 2, mask=live, other=0.0)
+        m_c = tl.load(states, mask=live, other=M_START)
         m = tl.max(m_c, axis=0)
-        # NaN states stay NaN through d_c; an all -inf row has m = -inf: shift by 0 (every d_c is 0 then).
-        delta = tl.maximum(m_c - tl.where(m > -float("inf"), m, 0.0), T_FLOOR)
-        rescale = tl.exp2(delta)
-        d = tl.sum(rescale * d_c, axis=0)
-        w = tl.sum(rescale * (w_c + d_c * delta), axis=0)
+        d_c = tl.load(states + 1, mask=live, other=0.0)
+        d_c, w_c = rebase(m_c, d_c, tl.load(states + 2, mask=live, other=0.0), m)
+        d = tl.sum(d_c, axis=0)  # NaN states stay NaN through d_c
+        w = tl.sum(w_c, axis=0)
         row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
         _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
 
 
 @triton.jit
 def _grad_block(x, scale, lse2, a, b):
-    t = x * scale - lse2
-    return _exp2(t) * (a * tl.maximum(t, T_FLOOR) + b)
+    return grad_terms(x * scale - lse2, a, b)
 
 
 @triton.jit

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from erpo.ops import row_stats
 from erpo.ops.row_layout import RowLayout
 
 BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # one [R, V] float32 chunk buffer
@@ -66,23 +67,6 @@ def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tenso
     if inv_temperature != 1.0:
         z.mul_(inv_temperature)
     return z
-
-
-def _row_stats(z: Tensor, e_buffer: Tensor, tgt: Tensor):
-    """Shift z by its row max in place and write e = exp(z) into `e_buffer`; return
-    (e, Σe, log Σe, E_p[z], logp, bad rows, shift) of the rows."""
-    row_max = z.amax(dim=1, keepdim=True)
-    # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
-    bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    z.sub_(shift)
-    target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-    e = torch.exp(z, out=e_buffer[: z.shape[0]])
-    denom = e.sum(dim=1)
-    weighted = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e z per row without an [r, V] product
-    log_denom = torch.log(denom)
-    mean_z = weighted / denom
-    return e, denom, log_denom, mean_z, target_z - log_denom, bad, shift.squeeze(1)
 
 
 def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, hit: Tensor, scale: Tensor, g_logp: Optional[Tensor],
@@ -180,14 +164,16 @@ def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], 
     nan = float("nan")
     for idx, h, tgt, ignored, hit in chunks:
         z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
-        e, denom, log_denom, mean_z, row_logp, bad, shift = _row_stats(z, e_buffer, tgt)
-        row_entropy = torch.where(bad, nan, log_denom - mean_z).masked_fill(ignored, 0.0)
-        row_logp = torch.where(bad | ~hit, nan, row_logp).masked_fill(ignored, 0.0)
-        logp[idx], entropy[idx] = row_logp, row_entropy
-        lse[idx] = (shift + log_denom).masked_fill(ignored, 0.0)
+        target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        e = e_buffer[: z.shape[0]]
+        state = row_stats.of_rows(z, e)  # z becomes z - m, e = exp(z - m): both reused by the gradient
+        row_logp, row_entropy, row_lse = row_stats.finish(state, target_z)
+        row_logp = row_logp.masked_fill(~hit, nan).masked_fill(ignored, 0.0)
+        row_entropy = row_entropy.masked_fill(ignored, 0.0)
+        logp[idx], entropy[idx], lse[idx] = row_logp, row_entropy, row_lse.masked_fill(ignored, 0.0)
         if grads is not None:
             g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
-            grads.add(idx, h, _dlogits_into(z, e, tgt, hit, 1.0 / denom, g_logp, g_ent, -mean_z))
+            grads.add(idx, h, _dlogits_into(z, e, tgt, hit, 1.0 / state.d, g_logp, g_ent, -state.w / state.d))
     if grads is None:
         return logp, entropy, lse, None, None, None
     return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias

@@ -13,6 +13,7 @@ same memory plan, eager fallback.
 """
 import torch
 
+from erpo.ops import row_stats
 from erpo.ops import torch_chunk_bodies as chunk_bodies
 from erpo.ops.row_layout import RowLayout
 
@@ -51,31 +52,16 @@ def _on_row(tgt: torch.Tensor, ignored: torch.Tensor, vocab: int) -> torch.Tenso
 
 
 def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float, ignore_index: int):
-    """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1]."""
+    """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1] (row_stats.py)."""
     cdt = _compute_dtype(chunk.dtype)
     ignored = tgt == ignore_index
     hit = _on_row(tgt, ignored, chunk.shape[-1])
     x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
-    row_max = x.amax(dim=-1, keepdim=True)
-    # NaN and +inf propagate into the max: such a row's outputs are NaN, never silently finite.
-    bad = (torch.isnan(row_max) | torch.isposinf(row_max)).squeeze(-1)
-    # A finite shift keeps x - max from being -inf - -inf for rows of -inf; such a row still ends
-    # non-finite through log(0), as documented.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    x.sub_(shift)
     target_x = x.gather(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1)).squeeze(-1)
-    e = torch.exp(x)
-    denom = e.sum(dim=-1)
-    # e * x is 0 * -inf = NaN at masked (-inf) entries, which contribute nothing.
-    x.masked_fill_(torch.isneginf(x), 0.0)
-    weighted = e.mul_(x).sum(dim=-1)
-    log_denom = torch.log(denom)
-    nan = torch.full_like(log_denom, float("nan"))
-    zero = torch.zeros_like(log_denom)
-    row_entropy = torch.where(bad, nan, log_denom - weighted / denom)
-    row_logp = torch.where(bad | ~hit, nan, target_x - log_denom)
-    return (torch.where(ignored, zero, row_logp), torch.where(ignored, zero, row_entropy),
-            shift.squeeze(-1) + log_denom)
+    row_logp, row_entropy, row_lse = row_stats.finish(row_stats.of_rows(x), target_x)
+    zero = torch.zeros_like(row_lse)
+    row_logp = torch.where(hit, row_logp, torch.full_like(row_lse, float("nan")))
+    return torch.where(ignored, zero, row_logp), torch.where(ignored, zero, row_entropy), row_lse
 
 
 def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, inv_temperature: float, ignore_index: int):

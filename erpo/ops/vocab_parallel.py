@@ -9,7 +9,8 @@ Forward: each rank runs the single-device kernel on its slice, with targets mapp
 target lives on another rank gets an id outside [0, V_r): the kernels then skip its one-hot term). The
 kernel's per-row outputs are a full softmax state of the slice: lse_r, entropy H_r, and the target's logit
 (logp_r + lse_r) on the rank that holds it. ONE collective merges them: an all_gather of the [N, 4] states
-(lse_r, H_r, target logit, holds-the-target flag) and a local merge on every rank:
+(lse_r, H_r, target logit, holds-the-target flag) and a local merge on every rank: each slice is the
+row_stats state (m, d, w) = (lse_r, 1, -H_r), merged as any two parts of a row are (row_stats.py), so
     lse = logsumexp_r lse_r,  w_r = exp(lse_r - lse),  H = sum_r w_r (H_r - log w_r),  logp = x_t / T - lse.
 Why all_gather and not all_reduce: an all-reduce (SUM) of e^(x - m) needs a common shift m, i.e. a MAX
 all-reduce first (two collectives, two latencies). The all_gather moves world x N x 4 floats (8 ranks x 64k
@@ -29,6 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from erpo.ops import row_stats
 
 STATE_FIELDS = 4  # lse_r, H_r, target logit, holds-the-target flag
 _SHARDS: dict = {}  # (group, local vocab, device) -> (offset, global vocab)
@@ -86,22 +89,12 @@ def merge(logp_r: Tensor, entropy_r: Tensor, lse_r: Tensor, local: Tensor, local
     states = state.new_empty((world * STATE_FIELDS,) + tuple(state.shape[1:]))  # ranks concatenated on dim 0
     _all_gather(states, state, group)
     lse_all, h_all, x_all, held_all = states.view(world, STATE_FIELDS, -1).unbind(1)  # each [world, N]
-    lse = torch.logsumexp(lse_all, dim=0)
-    log_w = lse_all - lse
-    w = torch.exp(log_w)
-    # A slice whose row is all -inf (a masked part of the vocabulary) has w = 0 and takes no part.
-    entropy = torch.where(w > 0, w * (h_all - log_w), torch.zeros_like(w)).sum(dim=0)
-    # A slice with NaN/+inf logits poisons the whole row (as on one device); an all -inf slice does not.
-    bad = (~torch.isneginf(lse_all) & ~(torch.isfinite(lse_all) & torch.isfinite(h_all))).any(dim=0)
+    # A slice with NaN/+inf logits poisons the whole row (as on one device); an all -inf slice takes no part.
+    logp, entropy, lse = row_stats.finish(row_stats.merge(row_stats.from_finished(lse_all, h_all)), x_all.sum(dim=0))
     # No rank holds the target (an id outside the global vocabulary with check_targets=False): NaN, never 0.
-    found = held_all.sum(dim=0) > 0
-    nan = torch.full_like(lse, float("nan"))
-    logp = torch.where(found & ~bad, x_all.sum(dim=0) - lse, nan)
-    entropy = torch.where(bad, nan, entropy)
-    lse = torch.where(bad, nan, lse)
+    logp = logp.masked_fill(held_all.sum(dim=0) == 0, float("nan"))
     ignored = local == ignore_index
-    zero = torch.zeros_like(lse)
-    return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy), torch.where(ignored, zero, lse)
+    return logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0), lse.masked_fill(ignored, 0.0)
 
 
 def _all_gather(out: Tensor, tensor: Tensor, group) -> None:

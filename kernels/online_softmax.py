@@ -1,0 +1,78 @@
+"""The online softmax row state of erpo's Triton kernels: one convention, imported by both (the fused op of
+logprobs_entropy.py and the fused LM head of linear_logprobs_entropy.py). New row math goes here once.
+
+Convention (the one of csrc/softmax_row_math.h, so the CUDA and Triton kernels share one): a part of a row of
+scaled logits x = logits / T is summarised by (m, d, w): m the largest x seen (M_START while none: finite, so
+that x - m is -inf, never NaN, for the -inf logits of a masked vocabulary), and the sums in base 2,
+d = sum 2^t, w = sum 2^t t, with t = (x - m) log2(e). The caller forms t as suits it: the fused op as one FMA,
+logits * (log2(e) / T) - m log2(e); the head as (z - m) log2(e), exactly 0 at the max. Sums relative to m lose
+no precision on bf16 logits in the thousands, and the states of disjoint parts merge exactly in any order.
+A caller keeps m as it likes (one per row, or one per block) and d, w per lane or per row: `terms` gives the
+elementwise summands, `rebase` moves sums onto a new m, `merge` joins two states, `finish` reads off lse and H.
+NaN policy, with no per-element test: a NaN or +inf logit makes its t NaN (x - m, or +inf - +inf once it
+raised m), hence d, and so lse and H NaN (in that row only); NaN survives rebase and merge. -inf entries give
+2^t = 0, and t is clamped at T_FLOOR wherever it multiplies that 0. A row of only -inf has d = 0 and ends
+non-finite through log(0).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# ex2.approx.ftz: one MUFU instruction. Triton's exp2 (non-ftz) adds a range test and two multiplies per
+# element to keep denormal results, which are < 2^-126 of the row max's term and change no sum here.
+FAST_EXP2: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+T_FLOOR: tl.constexpr = tl.constexpr(-256.0)  # 2^t is exactly 0 below this: clamping t there changes nothing
+# The running max before any value: half of FLT_MAX, so that m log2(e) is still finite (csrc: kMStart).
+M_START: tl.constexpr = tl.constexpr(-1.7014117331926443e38)
+
+
+@triton.jit
+def exp2(t):
+    if FAST_EXP2:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [t], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(t)
+
+
+@triton.jit
+def terms(t):
+    """The summands of d and w for t - m, elementwise: (2^t, 2^t t); -inf gives (0, 0), never 0 * -inf."""
+    e = exp2(t)
+    return e, e * tl.maximum(t, T_FLOOR)
+
+
+@triton.jit
+def rebase(m, d, w, m_new):
+    """(d, w) re-expressed relative to m_new >= m: 2^delta d and 2^delta (w + d delta), delta = (m - m_new)
+    log2(e). An empty state (m = M_START, d = w = 0) stays 0; delta is clamped like t."""
+    delta = tl.maximum((m - m_new) * LOG2E, T_FLOOR)
+    scale = tl.exp2(delta)
+    return scale * d, scale * (w + d * delta)
+
+
+@triton.jit
+def merge(m_a, d_a, w_a, m_b, d_b, w_b):
+    """The state of the union of two disjoint parts of a row. Commutative and associative up to rounding."""
+    m = tl.maximum(m_a, m_b)
+    d_a, w_a = rebase(m_a, d_a, w_a, m)
+    d_b, w_b = rebase(m_b, d_b, w_b, m)
+    return m, d_a + d_b, w_a + w_b
+
+
+@triton.jit
+def finish(m, d, w):
+    """(lse, entropy) of a whole row's state: lse = m + ln(2) log2(d), H = ln(2) (log2(d) - w / d)."""
+    log2_d = tl.log2(d)
+    return m + log2_d * LN2, (log2_d - w / d) * LN2
+
+
+@triton.jit
+def grad_terms(t, a, b):
+    """p (a t + b) with p = 2^t, t = (x - lse) log2(e): the derivative of g_logp logp + g_ent H with respect to
+    x = logits / T off the target, for a = -g_ent ln(2) and b = -(g_logp + g_ent H) (as x - E_p[x] = t ln(2) + H);
+    the callers fold 1 / T into a and b or apply it after. A masked entry (t = -inf) gets exactly 0."""
+    return exp2(t) * (a * tl.maximum(t, T_FLOOR) + b)
