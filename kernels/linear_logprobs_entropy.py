@@ -5,9 +5,9 @@ registers (tl.dot over BLOCK_H slices of H); no logits tile is written to global
 
 Memory plan (N rows, V vocabulary, H hidden size, S vocabulary splits):
   forward   grid (N / BLOCK_N, S). Each program sweeps its 1/S of the vocabulary in BLOCK_V tiles and keeps
-            an online softmax state per row in registers: m = max z, d = sum e^(z - m), w = sum e^(z - m)(z - m),
-            the target's z, and NaN/+inf and target-found flags (the state of csrc/softmax_row_math.h). It
-            writes that state once: 6 x S x N floats of scratch. A second tiny kernel merges the S states of
+            an online softmax state per row in registers (online_softmax.py: m = max z and base-2 sums d, w)
+            and the target's z. It writes that state once: 4 x S x N floats of scratch
+            (NaN and +inf need no flag: they make d NaN). A second tiny kernel merges the S states of
             each row (the merge is associative: states of disjoint vocabulary parts combine exactly) and writes
             logp, entropy, lse [N] f32. S > 1 only when N / BLOCK_N programs cannot fill the GPU.
   backward  two kernels, each recomputing the logits tiles (tl.dot over H again), forming dlogits in registers
@@ -40,8 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
+from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, merge, rebase, terms
+
 # Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). The GPU ones are the largest
-# of those tried that ptxas compiles without spills for sm_80 and sm_90 (tests/kernels/compile_for_gpu.py
+# of those tried that ptxas compiles without spills for sm_80 and sm_90 (bench/compile_for_gpu.py
 # reports registers, spills and shared memory; `python -m bench.static` fails on any spill); fp32 dots run on
 # FMA units ("ieee"), hence smaller tiles (BLOCK_V 64 made ptxas 12.8 spill 24 B in the fp32 grad_weight
 # kernel for sm_80). Not tuned on a GPU. The interpreter runs each tile as numpy: small tiles keep tests fast.
@@ -56,7 +58,7 @@ TILES: Optional[tuple] = None  # fixed (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, nu
 SPLIT_V: Optional[int] = None  # fixed number of vocabulary splits in the forward instead of the heuristic
 PROGRAMS_PER_SM = 4  # the forward splits V until it has about this many programs per SM
 MERGE_BLOCK = 256
-STATE_FIELDS = 6  # m, d, w, target z, target found, bad
+STATE_FIELDS = 4  # m, d, w (online_softmax.py) and the target's z (NaN where this split does not hold it)
 
 
 # Triton 3.7's interpreter multiplies bf16 tiles as their raw uint16 bits in tl.dot. Under the interpreter the
@@ -98,17 +100,31 @@ def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col
 
 
 @triton.jit
-def _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
-                  HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
-    """dz * inv_temperature, zero outside the vocabulary and on ignored rows (never 0 * inf)."""
-    p = tl.exp(z - lse[:, None])
-    dz = tl.zeros(z.shape, dtype=tl.float32)
+def _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
+                  HAS_GRAD_LOGP: tl.constexpr):
+    """dz * inv_temperature, zero outside the vocabulary and on ignored rows: online_softmax.grad_terms at
+    t = (z - lse) log2(e), plus the one-hot term."""
+    a = -g_ent * LN2
+    b = -(g_logp + g_ent * entropy)
+    dz = grad_terms((z - lse[:, None]) * LOG2E, a[:, None], b[:, None])
     if HAS_GRAD_LOGP:
-        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        dz = g_logp[:, None] * (onehot - p)
-    if HAS_GRAD_ENTROPY:
-        dz -= g_ent[:, None] * p * tl.where(z > -float("inf"), z - mean_z[:, None], 0.0)
+        dz += tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0)
     return tl.where(active[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
+
+
+@triton.jit
+def _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, BLOCK_N: tl.constexpr,
+                   HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """(lse, entropy, g_logp, g_entropy) of a row tile; an absent incoming gradient is 0."""
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
+    g_logp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    g_ent = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.load(grad_entropy_ptr + rows, mask=active, other=0.0)
+    return lse, entropy, g_logp, g_ent
 
 
 @triton.jit
@@ -126,12 +142,10 @@ def linear_stats_fwd_kernel(
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     active = row_ok & (target != ignore_index)
     row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
-    m = tl.full([BLOCK_N], -float("inf"), tl.float32)
+    m = tl.full([BLOCK_N], M_START, tl.float32)
     d = tl.zeros([BLOCK_N], dtype=tl.float32)
     w = tl.zeros([BLOCK_N], dtype=tl.float32)
-    target_z = tl.zeros([BLOCK_N], dtype=tl.float32)
-    found = tl.zeros([BLOCK_N], dtype=tl.int32)
-    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    target_z = tl.full([BLOCK_N], float("nan"), tl.float32)
     if tl.max(active.to(tl.int32), axis=0) > 0:  # a tile of ignored rows costs nothing
         v_begin = split * v_per_split
         v_end = tl.minimum(v_begin + v_per_split, vocab)
@@ -140,32 +154,22 @@ def linear_stats_fwd_kernel(
             col_ok = cols < v_end
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
                              inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            bad = bad | tl.max((~(z < float("inf"))).to(tl.int32), axis=1)  # NaN or +inf
-            live = (z > -float("inf")) & (z < float("inf"))
-            m_new = tl.maximum(m, tl.max(tl.where(live, z, -float("inf")), axis=1))
-            # Until a finite value is seen m_new is -inf: shift by 0 then (d and w are still 0).
-            shift = tl.where(m_new > -float("inf"), m_new, 0.0)
-            seen = m > -float("inf")
-            delta = tl.where(seen, m - shift, 0.0)
-            scale = tl.where(seen, tl.exp(delta), 0.0)
-            zm = tl.where(live, z - shift[:, None], 0.0)
-            e = tl.where(live, tl.exp(zm), 0.0)
-            w = scale * (w + d * delta) + tl.sum(e * zm, axis=1)
-            d = d * scale + tl.sum(e, axis=1)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            d, w = rebase(m, d, w, m_new)
             m = m_new
+            e, et = terms((z - m[:, None]) * LOG2E)  # exactly 0 at the max: d = 1 for a one-id vocabulary
+            d += tl.sum(e, axis=1)
+            w += tl.sum(et, axis=1)
             # The target's lane in this tile (-1: not here), compared in int32 over the tile, not int64.
             in_tile = (target >= v0) & (target < tl.minimum(v0 + BLOCK_V, v_end))
             target_lane = tl.where(in_tile, target - v0, -1).to(tl.int32)
             hit = tl.arange(0, BLOCK_V)[None, :] == target_lane[:, None]
-            target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
-            found = found | tl.max(hit.to(tl.int32), axis=1)
+            target_z = tl.where(in_tile, tl.sum(tl.where(hit, z, 0.0), axis=1), target_z)
     out = state_ptr + split.to(tl.int64) * n_rows + rows
     tl.store(out, m, mask=row_ok)
     tl.store(out + n_states, d, mask=row_ok)
     tl.store(out + 2 * n_states, w, mask=row_ok)
     tl.store(out + 3 * n_states, target_z, mask=row_ok)
-    tl.store(out + 4 * n_states, found.to(tl.float32), mask=row_ok)
-    tl.store(out + 5 * n_states, bad.to(tl.float32), mask=row_ok)
 
 
 @triton.jit
@@ -175,41 +179,21 @@ def linear_stats_merge_kernel(
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n_rows
-    m = tl.full([BLOCK], -float("inf"), tl.float32)
+    m = tl.full([BLOCK], M_START, tl.float32)
     d = tl.zeros([BLOCK], dtype=tl.float32)
     w = tl.zeros([BLOCK], dtype=tl.float32)
-    target_z = tl.zeros([BLOCK], dtype=tl.float32)
-    found = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    target_z = tl.full([BLOCK], float("nan"), tl.float32)
     for split in range(0, n_splits):
         src = state_ptr + split * n_rows + rows
-        m_b = tl.load(src, mask=row_ok, other=-float("inf"))
+        m_b = tl.load(src, mask=row_ok, other=M_START)
         d_b = tl.load(src + n_states, mask=row_ok, other=0.0)
-        w_b = tl.load(src + 2 * n_states, mask=row_ok, other=0.0)
-        target_z += tl.load(src + 3 * n_states, mask=row_ok, other=0.0)
-        found = tl.maximum(found, tl.load(src + 4 * n_states, mask=row_ok, other=0.0))
-        bad = tl.maximum(bad, tl.load(src + 5 * n_states, mask=row_ok, other=0.0))
-        m_new = tl.maximum(m, m_b)
-        shift = tl.where(m_new > -float("inf"), m_new, 0.0)
-        delta_a = tl.where(m > -float("inf"), m - shift, 0.0)
-        delta_b = tl.where(m_b > -float("inf"), m_b - shift, 0.0)
-        scale_a = tl.where(m > -float("inf"), tl.exp(delta_a), 0.0)
-        scale_b = tl.where(m_b > -float("inf"), tl.exp(delta_b), 0.0)
-        w = scale_a * (w + d * delta_a) + scale_b * (w_b + d_b * delta_b)
-        d = d * scale_a + d_b * scale_b
-        m = m_new
+        m, d, w = merge(m, d, w, m_b, d_b, tl.load(src + 2 * n_states, mask=row_ok, other=0.0))
+        z_b = tl.load(src + 3 * n_states, mask=row_ok, other=float("nan"))
+        target_z = tl.where(z_b == z_b, z_b, target_z)  # the split that holds the target (none: NaN logp)
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
     active = row_ok & (target != ignore_index)
-    d = tl.where(active, d, 1.0)  # rows never computed: keep log(0) and 0 / 0 out of the arithmetic
-    log_d = tl.log(d)
-    lse = tl.where(m > -float("inf"), m, 0.0) + log_d
-    entropy = log_d - w / d
-    logp = tl.where(found > 0, target_z - lse, float("nan"))  # out-of-range id: NaN, never a silent 0
-    row_bad = bad > 0
-    lse = tl.where(row_bad, float("nan"), lse)
-    entropy = tl.where(row_bad, float("nan"), entropy)
-    logp = tl.where(row_bad, float("nan"), logp)
-    tl.store(logp_ptr + rows, tl.where(active, logp, 0.0), mask=row_ok)
+    lse, entropy = finish(m, tl.where(active, d, 1.0), w)  # rows never computed: no log(0) or 0 / 0
+    tl.store(logp_ptr + rows, tl.where(active, target_z - lse, 0.0), mask=row_ok)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=row_ok)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
 
@@ -228,14 +212,8 @@ def linear_grad_hidden_kernel(
     active = row_ok & (target != ignore_index)
     if tl.max(active.to(tl.int32), axis=0) > 0:  # grad_hidden starts zeroed: ignored tiles stay 0
         row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
-        lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-        mean_z = lse - tl.load(entropy_ptr + rows, mask=active, other=0.0)  # E_p[z] = lse - H
-        g_logp = tl.zeros([BLOCK_N], dtype=tl.float32)
-        g_ent = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if HAS_GRAD_LOGP:
-            g_logp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0)
-        if HAS_GRAD_ENTROPY:
-            g_ent = tl.load(grad_entropy_ptr + rows, mask=active, other=0.0)
+        lse, entropy, g_logp, g_ent = _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr,
+                                                     grad_entropy_ptr, BLOCK_N, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
         ks = tl.arange(0, BLOCK_H)
         out_rows = grad_hidden_ptr + rows.to(tl.int64)[:, None] * hidden_size
         for v0 in range(0, vocab, BLOCK_V):
@@ -243,8 +221,8 @@ def linear_grad_hidden_kernel(
             col_ok = cols < vocab
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
                              inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENTROPY).to(weight_ptr.dtype.element_ty)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
+                               HAS_GRAD_LOGP).to(weight_ptr.dtype.element_ty)
             w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
             for k0 in range(0, hidden_size, BLOCK_H):
                 k = k0 + ks
@@ -277,18 +255,12 @@ def linear_grad_weight_kernel(
         active = row_ok & (target != ignore_index)
         if tl.max(active.to(tl.int32), axis=0) > 0:
             row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
-            lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-            mean_z = lse - tl.load(entropy_ptr + rows, mask=active, other=0.0)
-            g_logp = tl.zeros([BLOCK_N], dtype=tl.float32)
-            g_ent = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if HAS_GRAD_LOGP:
-                g_logp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0)
-            if HAS_GRAD_ENTROPY:
-                g_ent = tl.load(grad_entropy_ptr + rows, mask=active, other=0.0)
+            lse, entropy, g_logp, g_ent = _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr,
+                                                          grad_entropy_ptr, BLOCK_N, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
                              inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, mean_z, g_logp, g_ent, inv_temperature,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
+                               HAS_GRAD_LOGP)
             bias_acc += tl.sum(dz, axis=0)
             dz_t = tl.trans(dz.to(weight_ptr.dtype.element_ty))
             for k0 in range(0, hidden_size, BLOCK_H):
@@ -332,7 +304,7 @@ def forward_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
         splits = 1
     v_per_split = triton.cdiv(v_tiles, max(1, min(splits, v_tiles))) * block_v
     splits = triton.cdiv(vocab, v_per_split)
-    # The merge addresses its 6 x S x N scratch floats with int32 offsets.
+    # The merge addresses its STATE_FIELDS x S x N scratch floats with int32 offsets.
     assert STATE_FIELDS * splits * n_rows < 2**31, "too many rows for one launch of the fused head"
     return splits, v_per_split
 
