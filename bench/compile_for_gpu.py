@@ -1,16 +1,15 @@
 """Compile every Triton kernel of erpo for real GPU targets without a GPU; print what the PTX shows, as JSON.
 
 Run in a process without TRITON_INTERPRET (under the interpreter @triton.jit makes Python functions, which
-cannot be compiled): `python -m tests.kernels.compile_for_gpu`. The arguments are specialised the way
+cannot be compiled): `python -m bench.compile_for_gpu`. The arguments are specialised the way
 `@triton.jit` specialises them at launch for the shapes that matter (pointers, row strides and V divisible by
-16, e.g. V = 151936).
+16, e.g. V = 151936). One spec, two users: the static report (bench/static_kernels.py) and the CI compile test
+(tests/kernels/test_triton_compiles_for_gpu.py).
 """
 import itertools
 import json
 import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -126,15 +125,20 @@ def cases():
         yield f"token-sm{arch}-{name}", arch, token_case(mode)
 
 
-def compile_case(arch, kernel, signature, constexprs, divisible, num_warps):
+def _compile(arch, kernel, signature, constexprs, divisible, options):
+    """(PTX, compiled kernel, its `ptxas -v` line) for one spec on one architecture."""
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     # Spills are ptxas's doing and never show in the PTX: read them from `ptxas -v` on this PTX.
     functions, _ = ptxas_report(ptx, "sm_90a" if arch == 90 else f"sm_{arch}")
-    ptxas = functions[compiled.metadata.name]
+    return ptx, compiled, functions[compiled.metadata.name]
+
+
+def compile_case(arch, kernel, signature, constexprs, divisible, num_warps):
+    ptx, compiled, ptxas = _compile(arch, kernel, signature, constexprs, divisible, {"num_warps": num_warps})
     return {
         "cubin": "cubin" in compiled.asm,
         "vector_load": bool(re.search(r"\bld\.global(\.[a-z0-9]+)*\.v4\.", ptx)),
@@ -210,40 +214,17 @@ def head_cases():
                                                                    False, True)
 
 
-def ptxas_usage(ptx, arch):
-    """Registers, spill bytes and static shared memory as `ptxas -v` reports them for this PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
-        src.write(ptx)
-        src.flush()
-        out = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src.name,
-                              "-o", "/dev/null"], capture_output=True, text=True, check=True)
-    log = out.stderr + out.stdout
-
-    def number(pattern):
-        found = re.search(pattern, log)
-        return int(found.group(1)) if found else None
-
-    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
-            "spill_loads": number(r"(\d+) bytes spill loads"), "stack_frame": number(r"(\d+) bytes stack frame")}
-
-
 def compile_head_case(arch, kernel, signature, constexprs, divisible, num_warps, num_stages):
-    names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = compiled.asm["ptx"]
+    ptx, compiled, ptxas = _compile(arch, kernel, signature, constexprs, divisible,
+                                    {"num_warps": num_warps, "num_stages": num_stages})
     return {
         "cubin": "cubin" in compiled.asm,
         "shared_bytes": compiled.metadata.shared,
         "local_memory": ".local" in ptx,
         "tensor_core_mma": bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)\.", ptx)),
         "tf32_mma": bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)\.[a-z0-9._]*tf32", ptx)),
-        **ptxas_usage(ptx, arch),
+        "registers": ptxas.registers, "spill_stores": ptxas.spill_store_bytes, "spill_loads": ptxas.spill_load_bytes,
+        "stack_frame": ptxas.stack_bytes,
     }
 
 

@@ -1,6 +1,6 @@
 """The kernels the static report (bench/static.py) compiles and reads, one row each: extend the tables here.
 
-A Triton row names a case function of tests/kernels/compile_for_gpu.py (the compile spec the CI compile test
+A Triton row names a case function of bench/compile_for_gpu.py (the compile spec the CI compile test
 uses: signature, constexprs, divisibility, warps; one spec, two users) and says what the kernel streams:
   elements_per_step  logits one program consumes per trip of its loop over V (BLOCK_V), or per program for a
                      flat kernel without a loop (BLOCK);
@@ -8,7 +8,7 @@ uses: signature, constexprs, divisibility, warps; one spec, two users) and says 
   hbm_bytes          HBM bytes each element costs this kernel (read once: element_bytes; read + gradient
                      write: 2 x element_bytes; the token kernel: its 4 fp32 inputs, 3 fp32 + 2 int8 outputs);
   loop               True when the steady state is a loop over V (the row kernels), False for flat kernels.
-To add a streaming kernel: give it a case function in tests/kernels/compile_for_gpu.py, then one TritonRow
+To add a streaming kernel: give it a case function in bench/compile_for_gpu.py, then one TritonRow
 here per (arch, dtype) that matters.
 The fused LM head's kernels are matmul tiles, one HeadRow each (head_rows): the tiles the op launches with
 (GPU_TILES of kernels/linear_logprobs_entropy.py, through the same compile_for_gpu cases), how many tl.dot
@@ -67,7 +67,7 @@ class CudaRow:
 
 def triton_rows():
     """Every Triton kernel of erpo at its production configuration, per arch and dtype."""
-    from tests.kernels import compile_for_gpu as specs
+    from bench import compile_for_gpu as specs
 
     stages = specs.NUM_STAGES
     for arch, dtype in itertools.product(ARCHS, DTYPE_BYTES):
@@ -91,7 +91,7 @@ def triton_rows():
 def autotune_rows():
     """The fused op's bf16 forward and backward at every autotune candidate, sm_90 (`--configs`)."""
     from erpo.kernels.logprobs_entropy import CONFIGS
-    from tests.kernels import compile_for_gpu as specs
+    from bench import compile_for_gpu as specs
 
     for block, warps, stages in CONFIGS:
         suffix = f"-b{block}w{warps}s{stages}"
@@ -140,7 +140,7 @@ class HeadRow(CompiledRow):
 def head_rows():
     """The fused LM head's kernels at the tiles the op launches (GPU_TILES), per arch, bf16 and fp32."""
     from erpo.kernels import linear_logprobs_entropy as head
-    from tests.kernels import compile_for_gpu as specs
+    from bench import compile_for_gpu as specs
 
     for arch, dtype in itertools.product(ARCHS, HEAD_DTYPES):
         cases = (("head-fwd", specs.head_forward_case(dtype, True), 1),
@@ -154,7 +154,7 @@ def head_merge_rows():
     """The head's merge of the split states: flat, one row of N per element (6 f32 states in at S = 1, the
     int64 target, 3 f32 out)."""
     from erpo.kernels import linear_logprobs_entropy as head
-    from tests.kernels import compile_for_gpu as specs
+    from bench import compile_for_gpu as specs
 
     case = specs.head_merge_case()
     for arch in ARCHS:

@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as Python, so it cannot catch what only the compiler sees (a loop-carried value
 changing type, an unsupported construct, register spills). Triton compiles to PTX and cubin without a driver,
-given a target; tests/kernels/compile_for_gpu.py does it in a process without TRITON_INTERPRET. The PTX is then
+given a target; bench/compile_for_gpu.py does it in a process without TRITON_INTERPRET. The PTX is then
 checked for the memory-bound plan: 16-byte vector loads of the logits, 16-byte vector stores of the gradient,
 and no register spills as `ptxas -v` reports them (spills are ptxas's doing: the PTX cannot show them; that
 the detector sees a real spill is tested in tests/kernels/test_static_report.py). On a machine with a GPU the kernels themselves run in tests/ops and tests/losses instead.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.compile_for_gpu import cases, head_cases
+from bench.compile_for_gpu import cases, head_cases
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = [name for name, _, _ in cases()]
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs th
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tests.kernels.compile_for_gpu"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "bench.compile_for_gpu"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
