@@ -446,10 +446,6 @@ class LossConfig:
         """Whether the batch must carry group_ids (ERPO's gate normalizes within groups)."""
         return "erpo" in self.controls
 
-    @property
-    def has_entropy_grad(self) -> bool:
-        return self.entropy_coef != 0
-
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossConfig))
 _dataclass_init = LossConfig.__init__
