@@ -11,7 +11,7 @@ import torch
 BLOCK_THREADS = 0
 
 
-def _extension():
+def extension():
     try:
         from erpo import _C
     except ImportError as err:
@@ -37,7 +37,7 @@ def _per_row(tensor):
 
 def forward(layout, targets, inv_temperature, ignore_index):
     """Flat float32 (logp, entropy, lse), each [N], for the rows described by `layout` (a RowLayout)."""
-    ext = _extension()
+    ext = extension()
     logits = layout.tensor
     logp = torch.empty(layout.n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
@@ -52,7 +52,7 @@ def forward(layout, targets, inv_temperature, ignore_index):
 
 def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout):
     """Write dlogits into grad_layout.tensor (which may be layout.tensor itself: the in-place gradient)."""
-    ext = _extension()
+    ext = extension()
     if not layout.n_rows:
         return
     ext.logprobs_entropy_bwd(
@@ -63,35 +63,6 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     )
 
 
-EXTRA_NAMES = ("log_ratio", "seq_coef", "eps_low", "eps_high", "kl_weight", "pg_weight")  # TokenExtras, in order
-
-
-def token_kernel_args(logp, entropy, old, adv, ref, klcov_w, params, extras=None):
-    """The per-token kernel's (12 arrays, 11 float scalars, 6 int codes) in csrc/policy_loss_token.h's order
-    (the host shim's too); an absent array is None."""
-    arrays = [logp, entropy, old, adv, ref, klcov_w, *(getattr(extras, name, None) for name in EXTRA_NAMES)]
-    scalars = [float(x) for x in (
-        params.eps_low, params.eps_high, 1.0 - params.eps_low, 1.0 + params.eps_high, params.dual_clip_c,
-        params.kl_coef, params.entropy_coef, 0.0 if params.delta is None else params.delta, params.cispo_max,
-        params.sapo_tau_pos, params.sapo_tau_neg)]
-    codes = [params.objective_code, int(params.dual_clip), int(params.delta is not None),
-             int(params.cispo_clip == "upper"), params.kl_code, int(params.kl_bias_correction)]
-    return arrays, scalars, codes
-
-
-def token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras=None):
-    """The per-token loss terms on csrc/policy_loss_token.cu: the same contract as kernels/policy_loss.py."""
-    ext, n = _extension(), logp.numel()
-    arrays, _, _ = token_kernel_args(logp, entropy, old, adv, ref, klcov_w, params, extras)
-    arrays = [None if t is None else t.reshape(-1).float().contiguous() for t in arrays]
-    out = [torch.empty(n, dtype=torch.float32, device=logp.device) for _ in range(3)]
-    flags = [torch.empty(n, dtype=torch.bool, device=logp.device) for _ in range(2)]
-    if n:
-        ext.policy_loss_token(
-            *arrays, *out, *flags, params.eps_low, params.eps_high, params.dual_clip_c, params.kl_coef,
-            params.entropy_coef, params.delta, params.cispo_max, params.sapo_tau_pos, params.sapo_tau_neg,
-            params.objective_code, params.dual_clip, params.cispo_clip == "upper", params.kl_code,
-            params.kl_bias_correction,
-        )
-    return (*out, *flags)
-
+# The per-token loss binding moved to cuda_token_loss.py; these names stay until erpo/losses/token_loss.py imports
+# it from there.
+from erpo.ops.cuda_token_loss import token_kernel_args, token_terms  # noqa: E402,F401

@@ -89,8 +89,8 @@ def split_row(lib, read_address, vocab, elem_size, write_address=0):
 
 def token_terms(lib, logp, entropy, old, adv, ref, klcov_w, params, extras=None):
     """The per-token policy-loss kernel's code on the host: (loss, dlogp, dentropy, clip_low, clip_high).
-    `extras`: a TokenExtras or None; the scalars and codes as erpo/ops/cuda_logprobs_entropy.token_terms passes them."""
-    from erpo.ops.cuda_logprobs_entropy import token_kernel_args
+    `extras`: a TokenExtras or None; the scalars and codes as erpo/ops/cuda_token_loss.token_terms passes them."""
+    from erpo.ops.cuda_token_loss import token_kernel_args
 
     arrays, scalars, codes = token_kernel_args(logp, entropy, old, adv, ref, klcov_w, params, extras)
     arrays = [None if t is None else t.to(torch.float32).contiguous() for t in arrays]
