@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 from trl import GRPOTrainer as _TRLGRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
 import erpo
 from erpo.losses.config import LossConfig
-from erpo.losses.controllers import make_controller
+from erpo.losses.controllers import AdaptiveEntropyCoef, make_controller
 
 CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, next to TRL's own files
 
@@ -159,6 +160,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
                              "load-balancing loss): erpo's GRPOTrainer does not add it; set router_aux_loss_coef=0")
         self.loss_config = loss_config_from_trl(self.args, loss_config, use_vllm=self.use_vllm)
         self._erpo_global_tokens = self.loss_config.agg == "token-mean" and self.loss_type in GLOBAL_TOKEN_LOSS_TYPES
+        # TRL's _entropy_bonus_enabled: a static coefficient or the adaptive one (which logs policy_loss, entropy_coef)
+        self._erpo_entropy_bonus = self.loss_config.entropy_coef != 0 or self.loss_config.entropy_target is not None
         unwrapped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._erpo_fused_head = _fusable_head(unwrapped)
         if self._erpo_fused_head:
@@ -247,12 +250,83 @@ class GRPOTrainer(_TRLGRPOTrainer):
             # TRL's per-response means divide by every completion of the micro-batch, empty ones included
             batch["num_seqs_in_batch"] = torch.tensor(float(mask.size(0)), device=mask.device)
         config = self.loss_config if self.erpo_controller is None else self.erpo_controller.apply(self.loss_config)
+        # A micro-batch without a valid token (all completions truncated and masked, or all tool output) gives a
+        # differentiable 0 and no update, as TRL's own loss does; erpo counts it in erpo/n_empty_batches.
         result = erpo.token_policy_loss(logp, entropy, batch, config, generator=self._erpo_generator)
         loss = result.loss if self._erpo_global_tokens else result.loss / accumulation
         self._log_erpo_metrics(mode, result.metrics)
+        with torch.no_grad():
+            self._log_trl_metrics(mode, config, result, logp.detach(), entropy.detach(), batch, inputs)
         if self.erpo_controller is not None and mode == "train":
             self._step_controller(result.metrics)
+        if self._erpo_entropy_bonus and mode == "train" and self.accelerator.sync_gradients:
+            # TRL logs its entropy coefficient once per optimizer step (after its adaptive update), bonus on or not
+            self._metrics[mode]["entropy_coef"].append(self._erpo_entropy_coef())
         return loss
+
+    def _erpo_entropy_coef(self) -> float:
+        """The entropy coefficient TRL would log: the adaptive controller's current value (whether or not the bonus
+        is applied this step), else the configured one."""
+        controllers = getattr(self.erpo_controller, "controllers", [self.erpo_controller])
+        for controller in controllers:
+            if isinstance(controller, AdaptiveEntropyCoef):
+                return float(controller.coef)
+        return float(self.loss_config.entropy_coef)
+
+    def _log_trl_metrics(self, mode: str, config: LossConfig, result, logp, entropy, batch: dict, inputs) -> None:
+        """The keys TRL 1.16's `_compute_loss` logs for the same configuration, computed as TRL computes them (token
+        sums and counts reduced over processes; per-completion extremes gathered): `policy_loss` (the loss without
+        the entropy bonus, before gradient-accumulation scaling) when the bonus is on, `kl`, `entropy`, and the clip
+        ratios of the objective (`clip_ratio/*` for clip, `cispo_clip_ratio`, `vespo/phi_seq_mean`)."""
+        metrics = self._metrics[mode]
+        mask = batch["mask"].float()
+        if self._erpo_entropy_bonus:
+            policy_loss = result.loss.detach()
+            if "entropy_bonus" in result.metrics:
+                policy_loss = policy_loss + config.entropy_coef * result.metrics["entropy_bonus"]
+            metrics["policy_loss"].append(self.accelerator.gather(policy_loss.float().reshape(1)).nanmean().item())
+        log_ratio = logp - batch["old_logp"]
+        if config.is_level == "sequence":
+            coef_1 = torch.exp((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        else:
+            coef_1 = torch.exp(log_ratio)
+        advantages = batch["advantages"].unsqueeze(1)
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:  # sequence level: one value per completion
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum.float(), local_count.float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if config.kl_coef > 0:
+            diff = logp - batch["ref_logp"]
+            kl = {"k1": diff, "k2": 0.5 * diff * diff, "k3": torch.exp(-diff) + diff - 1}[config.kl_estimator]
+            metrics["kl"].append(global_masked_mean(kl * coef_1 if config.kl_bias_correction else kl))
+        metrics["entropy"].append(global_masked_mean(entropy))
+        if config.objective == "clip":
+            low = (coef_1 < 1 - config.eps_low) & (advantages < 0)
+            high = (coef_1 > 1 + config.eps_high) & (advantages > 0)
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+        elif config.objective == "cispo":
+            cap = config.cispo_max if config.cispo_clip == "upper" else 1 + config.eps_high
+            metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > cap) & (advantages > 0)).float()))
+        elif config.objective == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=advantages, log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"), k_pos=config.vespo_k_pos,
+                lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg, lambda_neg=config.vespo_lambda_neg)
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
 
     def _step_controller(self, metrics: dict) -> None:
         n_valid = metrics["n_valid_tokens"].float()
@@ -262,7 +336,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
             return
         totals = self.accelerator.reduce(self._erpo_window, reduction="sum")
         self._erpo_window = None
-        self.erpo_controller.step((totals[0] / totals[1].clamp(min=1.0)).item())
+        # A window without a valid token on any process measured no entropy: erpo's controllers keep their state
+        # (TRL's would step on an entropy of 0); KL-Cov's annealing still counts the optimizer step.
+        self.erpo_controller.step({"n_valid_tokens": totals[1].item(),
+                                   "entropy": (totals[0] / totals[1].clamp(min=1.0)).item()})
         applied = self.erpo_controller.apply(self.loss_config)
         for knob in ("entropy_coef", "zeta", "eps_high", "kl_cov_beta"):
             if getattr(applied, knob) != getattr(self.loss_config, knob):
@@ -288,11 +365,14 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 self.erpo_controller.load_state_dict(json.load(f))
 
     def _log_erpo_metrics(self, mode: str, metrics: dict) -> None:
-        """erpo's metrics into TRL's logging, under TRL's names where TRL has one and `erpo/<name>` always."""
-        trl_names = {"entropy": "entropy", "kl_ref": "kl", "clip_frac_low": "clip_ratio/low_mean",
-                     "clip_frac_high": "clip_ratio/high_mean"}
+        """erpo's metrics into TRL's logging as `erpo/<name>` (mean over processes). A micro-batch without a valid
+        token contributes only its counts (n_valid_tokens, n_empty_batches): its means are not measurements, and
+        a step with no valid token on any process logs none, so they never drag the logged averages to 0."""
+        empty = bool(metrics["n_empty_batches"])
         for name, value in metrics.items():
-            value = self.accelerator.gather(value.detach().float().reshape(1)).nanmean().item()
-            self._metrics[mode][f"erpo/{name}"].append(value)
-            if name in trl_names:
-                self._metrics[mode][trl_names[name]].append(value)
+            value = value.detach().float().reshape(1)
+            if empty and not name.startswith("n_"):
+                value = torch.full_like(value, float("nan"))
+            value = self.accelerator.gather(value).nanmean().item()  # every process gathers every key
+            if value == value:
+                self._metrics[mode][f"erpo/{name}"].append(value)

@@ -7,7 +7,7 @@ the mapping the drop-in trainer uses.
 import pytest
 import torch
 
-from tests.peers.inputs import assert_close, loss_floor, token_inputs
+from tests.peers.inputs import TokenInputs, assert_close, loss_floor, token_inputs
 from tests.peers.trl_reference import trl_inputs, trl_loss
 
 # (loss_type, GRPOConfig overrides, vLLM IS mode or None)
@@ -23,6 +23,8 @@ CASES = [
     ("sapo", {"sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.6}, None),
     ("dapo", {"top_entropy_quantile": 0.3}, None),
     ("dapo", {"top_entropy_quantile": 0.5, "beta": 0.05}, None),
+    ("dapo", {"top_entropy_quantile": 0.0}, None),  # TRL: keep only the highest-entropy token (erpo's rho = 0)
+    ("grpo", {"top_entropy_quantile": 0.0, "beta": 0.05}, None),
     ("bnpo", {"entropy_coef": 0.02}, None),
     ("dapo", {"off_policy_mask_threshold": 0.02}, None),
     ("dapo", {"off_policy_mask_threshold": 0.02}, "token_truncate"),
@@ -99,20 +101,51 @@ def test_gradient_is_not_trivially_zero(trl_grpo, tmp_path):
     assert 0 < (logp.grad[x.mask.bool()] == 0).sum() < x.mask.sum(), "inputs must clip some, not all, tokens"
 
 
-def test_entropy_bonus_under_seq_mean_differs_from_trl(trl_grpo, tmp_path):
-    """Deliberate difference (docs/losses.md, "Parity with the peers"): TRL adds the entropy bonus as a token mean
-    whatever the loss type; erpo aggregates it like the policy term (here seq-mean-token-mean). Equal without it."""
-    args = _grpo_config(tmp_path, "grpo", {"entropy_coef": 0.05}, None)
-    x = token_inputs(dtype=torch.float64)  # the difference of two O(1) losses: fp64 keeps it exact to 1e-5
+@pytest.mark.parametrize("loss_type,overrides", [
+    ("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", {}), ("sapo", {}), ("vespo", {}),
+    ("luspo", {"importance_sampling_level": "sequence"}), ("grpo", {"beta": 0.04}),
+])
+def test_entropy_bonus_matches_trl_for_every_loss_type(trl_grpo, tmp_path, loss_type, overrides):
+    """TRL adds entropy_coef x the token mean of the entropy whatever the loss type, and so does erpo (issue 28: erpo
+    aggregated it like the policy term, 13.3x the coefficient under LUSPO). Loss and gradients w.r.t. logp and the
+    entropy equal TRL's for every loss type (fp64: the bonus is a small part of the loss)."""
+    args = _grpo_config(tmp_path, loss_type, {"entropy_coef": 0.05, **overrides}, None)
+    x = token_inputs(dtype=torch.float64)
+    inputs = trl_inputs(x, use_ref=args.beta != 0)
+    num_items = x.mask.sum() if loss_type in ("dapo", "cispo", "vespo") else None
     logp, entropy = x.fresh()
-    expected, _ = trl_loss(trl_grpo, args, logp, entropy, trl_inputs(x))
-    result, _, _ = erpo_side(args, x, None)
-    assert not torch.allclose(result.loss, expected, rtol=1e-4), "erpo now matches TRL: update docs/losses.md"
-    mask = x.mask
-    token_mean = (x.entropy * mask).sum() / mask.sum()
-    seq_mean = ((x.entropy * mask).sum(-1) / mask.sum(-1)).mean()
-    # the two differ by exactly the entropy term's aggregation
-    assert_close(result.loss - expected, -0.05 * (seq_mean - token_mean), "difference of the entropy terms")
+    expected, _ = trl_loss(trl_grpo, args, logp, entropy, inputs)
+    expected.backward()
+    result, grad_logp, grad_entropy = erpo_side(args, x, None, num_items)
+    assert_close(result.loss, expected, "loss", floor=loss_floor(x.advantages))
+    assert_close(grad_logp, logp.grad, "d loss / d logp")
+    assert_close(grad_entropy, entropy.grad, "d loss / d entropy")
+
+
+def test_entropy_bonus_over_an_accumulation_window_differs_from_trl(trl_grpo, tmp_path):
+    """Deliberate difference (docs/losses.md, "Parity with the peers"): for the loss types TRL normalises by the
+    window's token count (dapo, cispo, vespo), TRL still adds each micro-batch's own entropy mean / accumulation steps,
+    so micro-batches of unequal size weigh their tokens unequally; erpo divides the bonus by num_items_in_batch like the
+    policy term: the window's token mean. The policy terms agree; the bonuses differ by exactly that."""
+    args = _grpo_config(tmp_path, "dapo", {"entropy_coef": 0.05, "gradient_accumulation_steps": 2}, None)
+    assert args.steps_per_generation == 2  # TRL's normaliser: num_items_in_batch x accumulation / steps_per_generation
+    x = token_inputs(batch=6, dtype=torch.float64)
+    x.mask[3:, 2:] = 0  # the second micro-batch has fewer valid tokens than the first
+    window = x.mask.sum()
+    trl_total, erpo_total, means = 0.0, 0.0, []
+    for rows in (slice(0, 3), slice(3, 6)):
+        part = TokenInputs(*(getattr(x, f)[rows].detach() for f in ("logp", "entropy", "old", "ref", "rollout", "mask",
+                                                                      "advantages")))
+        inputs = trl_inputs(part)
+        inputs["num_items_in_batch"] = window
+        logp, entropy = part.fresh()
+        trl_total = trl_total + trl_loss(trl_grpo, args, logp, entropy, inputs, accumulation=2)[0]
+        erpo_total = erpo_total + erpo_side(args, part, None, window)[0].loss
+        means.append((part.entropy * part.mask).sum() / part.mask.sum())
+    window_mean = (x.entropy * x.mask).sum() / window
+    assert_close(erpo_total - trl_total, -0.05 * (window_mean - (means[0] + means[1]) / 2),
+                 "erpo - TRL: the window's token mean vs the mean of the micro-batch means")
+    assert (window_mean - (means[0] + means[1]) / 2).abs() > 1e-3
 
 
 def test_empty_response_counts_like_trl_with_num_seqs(trl_grpo, tmp_path):

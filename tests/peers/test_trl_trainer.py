@@ -191,3 +191,110 @@ def test_conflicting_trl_option_and_loss_config_raise(trl_grpo, tmp_path):
         loss_config_from_trl(_args(tmp_path, beta=0.1), LossConfig(method="erpo"))
     config = loss_config_from_trl(_args(tmp_path, temperature=0.7), LossConfig(method="erpo"))
     assert config.method == "erpo" and config.temperature == 0.7
+
+
+def _both_trainers(trl_grpo, tmp_path, loss_type, overrides):
+    """erpo's drop-in and TRL's own GRPOTrainer on the same tiny model and GRPOConfig."""
+    from erpo.integrations.trl import GRPOTrainer
+
+    tokenizer, model, data = _task()
+    args = _args(tmp_path, loss_type=loss_type, **overrides)
+    if args.beta != 0:  # TRL loads its reference model from the policy's name_or_path: give it a saved copy
+        model.save_pretrained(tmp_path / "policy")
+        model.config._name_or_path = str(tmp_path / "policy")
+    trainers = [cls(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=data,
+                    processing_class=tokenizer) for cls in (GRPOTrainer, trl_grpo.GRPOTrainer)]
+    for trainer in trainers:
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which these tests do not run
+    return model, tokenizer, trainers
+
+
+def _compute(trainer, inputs):
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _with_ref(trainer, model, inputs):
+    """TRL's ref_per_token_logps for a beta != 0 batch: the (frozen) reference model's log-probs, near the policy's."""
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        prompt_len = inputs["prompt_ids"].size(1)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, prompt_len - 1:-1].float(), -1)
+        logp = logp.gather(-1, inputs["completion_ids"][..., None])[..., 0]
+    return {**inputs, "ref_per_token_logps": -(logp + 0.2 * torch.randn(logp.shape)).abs() - 1e-4}
+
+
+@pytest.mark.parametrize("loss_type,overrides", [
+    ("dapo", {"entropy_coef": 0.01}), ("grpo", {"entropy_coef": 0.02, "beta": 0.04}),
+    ("dapo", {"use_adaptive_entropy": True, "entropy_target": 50.0, "entropy_coef": 0.01}),
+    ("dapo", {"beta": 0.1, "use_bias_correction_kl": True}), ("cispo", {"epsilon_high": 1.3}), ("vespo", {}),
+    ("luspo", {"importance_sampling_level": "sequence", "entropy_coef": 0.01}), ("sapo", {}),
+    ("bnpo", {"top_entropy_quantile": 0.5}),
+])
+def test_logs_every_key_trl_logs_with_its_value(trl_grpo, tmp_path, loss_type, overrides):
+    """Every key TRL 1.16's _compute_loss logs for the configuration (policy_loss and entropy_coef with the entropy
+    bonus, kl, entropy, clip_ratio/*, cispo_clip_ratio, vespo/phi_seq_mean) is logged by the drop-in, with TRL's value
+    on the same batch (1e-5 relative)."""
+    model, tokenizer, (ours, theirs) = _both_trainers(trl_grpo, tmp_path, loss_type, overrides)
+    inputs = _batch(model, tokenizer)
+    if ours.loss_config.kl_coef > 0:
+        inputs = _with_ref(ours, model, inputs)
+    for trainer in (ours, theirs):
+        _compute(trainer, inputs)
+    logged, expected = ours._metrics["train"], theirs._metrics["train"]
+    missing = sorted(set(expected) - set(logged))
+    assert not missing, f"TRL logs {missing}, the drop-in does not"
+    for key, values in expected.items():
+        assert len(logged[key]) == len(values), f"{key}: logged {len(logged[key])} times, TRL {len(values)}"
+        assert_close(torch.tensor(logged[key]), torch.tensor(values), key, floor=1e-6)
+
+
+def test_all_masked_micro_batch_is_a_zero_step_like_trl(trl_grpo, tmp_path):
+    """Every completion masked (TRL's mask_truncated_completions with every completion truncated, or all tool output):
+    TRL takes the step with loss 0 and no gradient; the drop-in too (erpo raised "batch has no valid token"), and counts
+    it in erpo/n_empty_batches."""
+    model, tokenizer, (ours, theirs) = _both_trainers(trl_grpo, tmp_path, "dapo", {"entropy_coef": 0.01})
+    inputs = _batch(model, tokenizer)
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    (loss, grads), (expected, _) = (_compute(t, inputs) for t in (ours, theirs))
+    assert loss.item() == 0.0 == expected.item() and loss.requires_grad
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads.values())
+    assert ours._metrics["train"]["erpo/n_empty_batches"] == [1.0]
+    assert "erpo/entropy" not in ours._metrics["train"], "an empty micro-batch's means are not measurements"
+    assert ours._metrics["train"]["entropy"] == theirs._metrics["train"]["entropy"]
+
+
+def test_trains_when_every_completion_is_truncated_and_masked(trl_grpo, tmp_path):
+    """TRL's test_train_with_mask_truncated_completions_all_masked, with the drop-in: the end of sequence (and the pad
+    token, which TRL also reads as an end) is suppressed, every completion hits max_completion_length and is masked;
+    training runs, changes nothing, counts the empty steps, and the adaptive entropy controller, which measured
+    nothing, keeps its coefficient (TRL's would step on an entropy of 0)."""
+    from erpo.integrations.trl import GRPOTrainer
+
+    tokenizer, model, data = _task()
+    before = copy.deepcopy(model.state_dict())
+    args = _args(tmp_path, mask_truncated_completions=True, use_adaptive_entropy=True, entropy_target=50.0,
+                 entropy_coef=0.01,
+                 generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id, tokenizer.pad_token_id]})
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "an all-masked step changed a weight"
+    assert trainer.erpo_controller.coef == 0.01 and trainer.erpo_controller.steps == 0
+    counts = [r["erpo/n_empty_batches"] for r in trainer.state.log_history if "erpo/n_empty_batches" in r]
+    assert counts and all(c == 1.0 for c in counts)
+
+
+def test_top_entropy_quantile_zero_keeps_the_top_token_like_trl(trl_grpo, tmp_path):
+    """TRL documents top_entropy_quantile=0.0 as valid (it keeps only the highest-entropy token); the drop-in refused
+    it (erpo required rho > 0). Loss and gradients equal TRL's on one batch."""
+    model, tokenizer, (ours, theirs) = _both_trainers(trl_grpo, tmp_path, "dapo", {"top_entropy_quantile": 0.0})
+    assert ours.loss_config.rho == 0.0 and ours.loss_config.controls == ("high_entropy_mask",)
+    inputs = _batch(model, tokenizer)
+    (loss, grads), (expected, expected_grads) = (_compute(t, inputs) for t in (ours, theirs))
+    assert_close(loss, expected, "loss", floor=loss_floor(inputs["advantages"]))
+    assert grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        assert_close(grads[name], expected_grads[name], f"d loss / d {name}")

@@ -30,8 +30,10 @@ class _OneProcess:
         return tensor
 
 
-def trl_loss(grpo_module, args, logp, entropy, inputs: dict, use_vllm: bool = False, training: bool = True):
-    """TRL's loss for `args` (a GRPOConfig) on `inputs` (TRL's batch dict) with per-token `logp` and `entropy`."""
+def trl_loss(grpo_module, args, logp, entropy, inputs: dict, use_vllm: bool = False, training: bool = True,
+             accumulation: int = 1):
+    """TRL's loss for `args` (a GRPOConfig) on `inputs` (TRL's batch dict) with per-token `logp` and `entropy`;
+    `accumulation`: TRL's current_gradient_accumulation_steps (one micro-batch of that window)."""
     trainer_cls = grpo_module.GRPOTrainer
     fake = types.SimpleNamespace()
     fake.args = args
@@ -48,7 +50,7 @@ def trl_loss(grpo_module, args, logp, entropy, inputs: dict, use_vllm: bool = Fa
     fake.use_vllm = use_vllm
     fake.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
     fake.max_completion_length = args.max_completion_length
-    fake.current_gradient_accumulation_steps = 1
+    fake.current_gradient_accumulation_steps = accumulation
     fake.aux_loss_enabled = False
     fake.accelerator = _OneProcess()
     fake.model = types.SimpleNamespace(training=training)
