@@ -169,9 +169,9 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params: TokenParams, back
         flat_extras = TokenExtras(**{f.name: flat(getattr(extras, f.name)) for f in dataclasses.fields(extras)})
         return kernel.token_terms(*args, params, flat_extras)
     if backend == "cuda" and float32:
-        from erpo.ops import cuda_logprobs_entropy
+        from erpo.ops import cuda_token_loss
 
-        return cuda_logprobs_entropy.token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras)
+        return cuda_token_loss.token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras)
     return token_terms_torch(logp, entropy, old, adv, ref, klcov_w, params, extras)
 
 

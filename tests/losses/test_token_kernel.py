@@ -386,12 +386,12 @@ def test_dispatch_runs_the_kernel_for_extras(monkeypatch):
 
 
 def test_dispatch_sends_extras_to_the_cuda_kernel(monkeypatch):
-    """backend='cuda' hands every objective and extras to erpo.ops.cuda_logprobs_entropy.token_terms (recorded
+    """backend='cuda' hands every objective and extras to erpo.ops.cuda_token_loss.token_terms (recorded
     here without the extension; the kernel itself runs in tests/csrc)."""
-    from erpo.ops import cuda_logprobs_entropy
+    from erpo.ops import cuda_token_loss
 
     seen = []
-    monkeypatch.setattr(cuda_logprobs_entropy, "token_terms",
+    monkeypatch.setattr(cuda_token_loss, "token_terms",
                         lambda *a: seen.append((a[6].objective, a[7])) or token_terms_torch(*a))
     for objective in OBJECTIVE_OPTIONS:
         x, seq = segment_inputs(9)
