@@ -24,11 +24,14 @@ class Normalizer:
         counts = torch.stack([part.sum(), torch.tensor(part.shape[0], device=mask.device)]).to(torch.float64)
         if dist.enabled:
             torch_dist.all_reduce(counts)
-        return cls(counts[0], counts[1], dist.world)
+        # A step with no valid token anywhere (every completion masked) is a zero step: its micro-batch losses
+        # are 0 and divide by 1, never by 0.
+        return cls(counts[0].clamp_min(1), counts[1].clamp_min(1), dist.world)
 
     def batch_keys(self) -> dict:
         return {"num_items_in_batch": self.tokens, "num_seqs_in_batch": self.seqs}
 
-    def scale(self, mask: torch.Tensor, rows: slice) -> float:
-        """What the micro-batch's loss is multiplied by before backward (undoes DDP's average over ranks)."""
+    @property
+    def loss_scale(self) -> float:
+        """What each micro-batch's loss is multiplied by before backward (undoes DDP's average over ranks)."""
         return float(self.world)

@@ -388,7 +388,7 @@ class Trainer:
         step). Adds the loss metrics, token-weighted x `share`, into `sums`; returns the step's loss."""
         mask = batch["mask"]
         norm = normalizer.Normalizer.of(mask, micro_rows, self.dist)
-        total_tokens = float(mask.sum())
+        total_tokens = max(float(mask.sum()), 1.0)  # an all-masked step: metrics weigh 0, never 0 / 0
         step_loss = 0.0
         for index, rows in enumerate(micro_rows):
             sync = index == len(micro_rows) - 1
@@ -404,7 +404,7 @@ class Trainer:
                 else:
                     logits = response_logits(self.model, batch, rows, self.autocast)
                     result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator, shift=True)
-                scale = norm.scale(mask, rows)
+                scale = norm.loss_scale
                 (result.loss * scale).backward()
             step_loss += float(result.loss.detach()) * scale  # averaged over ranks: the step's global loss
             weight = float(mask[rows].sum()) / total_tokens * share
