@@ -23,7 +23,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="shape sweep (default: gpu when CUDA is available, else cpu)")
-    p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny CPU shapes, seconds (CI)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny CPU shapes, about a minute (CI)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<preset>)")
     p.add_argument("--cases", default=None, help=f"comma list of cases (default all): {','.join(cases.BY_NAME)}")
     p.add_argument("--kinds", default=None,

@@ -82,6 +82,8 @@ CASES = (
          unavailable=_import_reason("liger_kernel.transformers.grpo_loss", "liger_kernel")),
     Case("liger-fused-linear", ("linear",), optional=True, linear_methods=("dapo",),
          unavailable=_import_reason("liger_kernel.chunked_loss.grpo_loss", "liger_kernel")),
+    Case("trl-chunked", ("linear",), optional=True,
+         unavailable=_import_reason("trl.kernels.chunked_logprob", "TRL's ChunkedLogProbFunction")),
     Case("verl-linear-ce", ("linear",), needs_cuda=True, optional=True,
          unavailable=_import_reason("verl.utils.kernel.linear_cross_entropy", "verl's linear_cross_entropy")),
 )
@@ -225,6 +227,29 @@ def _verl_linear(method: str, batch: dict):
     return run
 
 
+def _trl_chunked(method: str, batch: dict):
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from erpo import LossConfig
+    from erpo.losses.batch import prepare_tokens
+    from erpo.losses.policy_loss import loss_from_token_stats
+
+    config = LossConfig(method=method)
+    b, seq_len = batch["targets"].shape
+    chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE  # the vocabulary tile TRL 1.16's GRPOTrainer passes
+
+    def run(hidden, weight):
+        # TRL 1.16's fused head (cuBLAS tiles folded by Triton on GPU, by torch elsewhere) gives logp and entropy;
+        # erpo's [N] middle makes the loss of them, as for verl's head.
+        flat = prepare_tokens((b, seq_len), weight.shape[0], hidden.device, torch.float32, batch, config, "hidden")
+        logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, flat.targets.reshape(-1).clamp_min(0),
+                                                         1.0, chunk, None, 1.0, ("entropy",))
+        return loss_from_token_stats(logp, entropy, flat, config, "torch").loss
+
+    return run
+
+
 def build_linear(name: str, method: str, batch: dict) -> Callable:
     """A function (hidden [N, H], weight [V, H]) -> scalar loss of `method` on `batch` ([B, L] layout)."""
     from erpo import LossConfig
@@ -251,4 +276,6 @@ def build_linear(name: str, method: str, batch: dict) -> Callable:
         return _liger_fused_linear(method, batch)
     if name == "verl-linear-ce":
         return _verl_linear(method, batch)
+    if name == "trl-chunked":
+        return _trl_chunked(method, batch)
     raise ValueError(f"case {name!r} has no linear builder")
