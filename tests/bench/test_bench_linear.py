@@ -41,3 +41,26 @@ def test_linear_kind_is_a_default_only_with_its_own_shapes():
     args = cli.parse(["--n", "512", "--v", "1000", "--dtypes", "float32", "--hidden", "64"])
     assert cli.selected_kinds(args) == ("op", "loss", "linear")
     assert cli._shapes(PRESETS["cpu"], args) == (Shape(512, 1000, "float32", 64),)
+
+
+def test_trls_fused_head_is_a_linear_peer_on_cpu_and_gpu():
+    for preset, device in (("cpu", "cpu"), ("gpu", "cuda")):
+        planned, _ = _planned(PRESETS[preset], device)
+        assert ("trl-chunked", "dapo", None) in planned and ("trl-chunked", "kl_cov", None) in planned, preset
+
+
+def test_trls_fused_head_gives_naives_loss_and_gradients():
+    import torch
+
+    from bench.inputs import Inputs
+
+    inputs = Inputs(Shape(48, 301, "float32", 24), "cpu", seed=0)
+    batch = inputs.linear_batch()
+    for method in ("dapo",):  # row-local; kl_cov goes through the same head and the same [N] middle
+        results = []
+        for name in ("naive", "trl-chunked"):
+            hidden, weight = inputs.hidden(), inputs.weight()
+            loss = cases.build_linear(name, method, batch)(hidden, weight)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+        for ours, theirs in zip(*results):
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6), method
