@@ -3,6 +3,8 @@
 Layout of `RUN_DIR/checkpoints/step_000100/`:
     model/            `save_pretrained` output (config + model.safetensors) and the tokenizer: loadable on its own
     trainer_state.pt  optimizer, LR scheduler, loss controller, sampler position, step, RNG states of every rank
+    sharded/          under FSDP (`--fsdp`) only: model and optimizer state as torch.distributed.checkpoint shards,
+                      one file per rank (trainer_state.pt then holds no optimizer state)
     train_config.json the run's config
     MANIFEST.json     sha256 of every file above; written last
 
@@ -69,14 +71,26 @@ def _files(root: str) -> list[str]:
     return sorted(f for f in out if f != MANIFEST)
 
 
-def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict, keep: int = 0,
-         model_state: Optional[dict] = None) -> str:
-    """Write checkpoint `step` atomically; delete the oldest beyond `keep` (0 = keep all). Returns its path."""
+def temp_dir(run_dir: str, step: int) -> str:
+    """The fresh (empty) temp directory checkpoint `step` is written into before its rename. Under FSDP rank 0
+    makes it and every rank writes its shards of `sharded/` into it before rank 0's `save(..., tmp=...)`."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp-step_{step:06d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict, keep: int = 0,
+         model_state: Optional[dict] = None, tmp: Optional[str] = None) -> str:
+    """Write checkpoint `step` atomically; delete the oldest beyond `keep` (0 = keep all). Returns its path.
+    `tmp`: a `temp_dir` that already holds files of the checkpoint (FSDP's sharded state); they are hashed into
+    the manifest with the rest and renamed into place together."""
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:06d}")
+    if tmp is None:
+        tmp = temp_dir(run_dir, step)
     try:
         _write(tmp, step, model, tokenizer, trainer_state, train_config, model_state)
     except BaseException:
@@ -99,7 +113,6 @@ def save(run_dir: str, step: int, model, tokenizer, trainer_state: dict, train_c
 
 def _write(tmp: str, step: int, model, tokenizer, trainer_state: dict, train_config: dict,
            model_state: Optional[dict] = None) -> None:
-    os.makedirs(tmp)
     hf_logging.disable_progress_bar()  # no per-save "Writing model shards" bar over the training progress
     # model_state: the full weights gathered from an FSDP-sharded model (None: the model's own)
     model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, state_dict=model_state)
@@ -265,6 +278,16 @@ def verify(path: str) -> dict:
     # Files not in the manifest (an editor's backup, .DS_Store, a note) are not part of the checkpoint: nothing
     # reads them, so they are ignored rather than blocking a resume.
     return manifest
+
+
+def check_world(path: str, world: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes, naming both."""
+    written = load_trainer_state(path)["world"]
+    if written != world:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written by {written} processes and this run has {world}: resume it with "
+            f"{written} (torchrun --nproc-per-node {written}); prompts_per_step is per rank and every rank's random "
+            "streams are restored, so another number of processes would not continue the same run")
 
 
 def load_trainer_state(path: str) -> dict:

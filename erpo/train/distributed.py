@@ -63,12 +63,8 @@ def check_fsdp(cfg, d: Dist) -> None:
     why = []
     if not d.enabled:
         why.append("it needs torchrun with 2 or more processes (one process has nothing to shard over)")
-    if cfg.eval_every:
-        why.append("eval runs on rank 0 alone, and a sharded model's forward needs every rank: add --eval-every 0")
     if cfg.rollout != "hf":
         why.append(f"rollout {cfg.rollout!r} would need the full weights gathered each step: use --rollout hf")
-    if cfg.resume:
-        why.append("resuming an FSDP run (loading sharded optimizer state) is not implemented")
     if why:
         raise ValueError("--fsdp: " + "; ".join(why))
 
@@ -138,14 +134,34 @@ def full_model_state(model, d: Dist, fsdp: bool):
     return {k: v for k, v in state.items() if k in names}
 
 
-def full_optimizer_state(optimizer, model, d: Dist, fsdp: bool):
-    """The optimizer state to checkpoint: the full one gathered from the shards under FSDP (a collective)."""
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+SHARDED_DIR = "sharded"  # a checkpoint's torch.distributed.checkpoint (DCP) directory: model + optimizer
 
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def _train_state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # FQN keys, DTensor shards under FSDP
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_sharded(model, optimizer, path: str) -> None:
+    """Write the model and optimizer state with torch.distributed.checkpoint (a collective: every rank calls it
+    with the same `path`, on a filesystem every rank sees): each rank writes its own shards, rank 0 the
+    metadata. No rank gathers the full optimizer state. The files are FQN-keyed, so `load_sharded` reads them
+    into an FSDP model of any world size or into a plain one (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_train_state_dicts(model, optimizer), checkpoint_id=path)
+
+
+def load_sharded(model, optimizer, path: str) -> None:
+    """Load what `save_sharded` wrote into `model` and `optimizer` (sharded or not; a collective under FSDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _train_state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def mean(values: dict, d: Dist) -> dict:
@@ -173,6 +189,9 @@ def barrier(d: Dist) -> None:
 
 def cleanup(d: Dist) -> None:
     if d.enabled:
+        # Every rank is done with every collective before any rank tears its group down (a gloo rank torn down
+        # while its peer still had work in flight was seen aborting at exit after a complete run).
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -160,6 +160,10 @@ class Trainer:
     def _setup(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
+        resume = checkpoint.resolve(cfg.resume) if cfg.resume else None
+        if resume:
+            checkpoint.verify(resume)  # before anything is loaded from it
+            checkpoint.check_world(resume, self.dist.world)
         distributed.check_fsdp(cfg, self.dist)
         threads = cfg.threads or (1 if cfg.model == tiny_task.MODEL_NAME else 0)
         if threads:
@@ -169,9 +173,6 @@ class Trainer:
         self.loss_cfg = loss_config(cfg)
         self.reward_fn = rewards_lib.resolve(cfg.reward)
 
-        resume = checkpoint.resolve(cfg.resume) if cfg.resume else None
-        if resume:
-            checkpoint.verify(resume)  # before anything is loaded from it
         self.run_dir = self._run_dir(resume)
         if cfg.rollout == "vllm":
             rollout_lib.require_vllm()  # before anything is written for it
@@ -292,9 +293,14 @@ class Trainer:
 
     def _load(self, path: str) -> None:
         state = checkpoint.load_trainer_state(path)
-        if state["world"] != self.dist.world:
-            raise ValueError(f"checkpoint {path!r} was written by {state['world']} processes, this run has {self.dist.world}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = os.path.join(path, distributed.SHARDED_DIR)
+        if os.path.isdir(sharded):  # written under FSDP: model and optimizer from the DCP shards
+            distributed.load_sharded(self.policy, self.optimizer, sharded)
+        elif self.cfg.fsdp:
+            raise ValueError(f"checkpoint {path!r} was written without --fsdp (its optimizer state is not sharded); "
+                             "resume it without --fsdp")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
@@ -307,26 +313,39 @@ class Trainer:
     def _save(self) -> None:
         rng = distributed.gather(checkpoint.rng_state(), self.dist)
         generators = distributed.gather(self.loss_generator.get_state(), self.dist)
-        model_state = distributed.full_model_state(self.policy, self.dist, self.cfg.fsdp)  # collectives under FSDP
-        optimizer_state = distributed.full_optimizer_state(self.optimizer, self.policy, self.dist, self.cfg.fsdp)
+        # Under FSDP (collectives): the full weights gathered for model/ (what `erpo eval` and a new run load), and
+        # the model and optimizer shards written by every rank into the checkpoint's temp dir (DCP).
+        model_state = distributed.full_model_state(self.policy, self.dist, self.cfg.fsdp)
+        tmp = None
+        if self.cfg.fsdp:
+            tmp = distributed.gather(checkpoint.temp_dir(self.run_dir, self.step) if self.dist.is_main else None,
+                                     self.dist)[0]
+            try:
+                distributed.save_sharded(self.policy, self.optimizer, os.path.join(tmp, distributed.SHARDED_DIR))
+            except Exception as err:  # DCP raises on every rank when any rank's write failed
+                if self.dist.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise self._write_failed(getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]) from None
         if self.dist.is_main:
             state = {
-                "step": self.step, "world": self.dist.world, "optimizer": optimizer_state,
+                "step": self.step, "world": self.dist.world,
+                "optimizer": None if self.cfg.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "controller": None if self.controller is None else self.controller.state_dict(),
                 "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
             }
             try:
                 checkpoint.save(self.run_dir, self.step, self.policy, self.tokenizer, state, self.cfg.to_dict(),
-                                keep=self.cfg.keep_checkpoints, model_state=model_state)
+                                keep=self.cfg.keep_checkpoints, model_state=model_state, tmp=tmp)
             except OSError as err:
-                steps = checkpoint.list_steps(self.run_dir)
-                intact = f"the latest intact checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
-                raise CheckpointWriteError(
-                    f"step {self.step}: writing the checkpoint failed ({err.strerror or err}); {intact}; fix the "
-                    f"cause and continue with `erpo train --resume {self.run_dir}`"
-                ) from None
+                raise self._write_failed(err.strerror or err) from None
         distributed.barrier(self.dist)
+
+    def _write_failed(self, why) -> CheckpointWriteError:
+        steps = checkpoint.list_steps(self.run_dir)
+        intact = f"the latest intact checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+        return CheckpointWriteError(f"step {self.step}: writing the checkpoint failed ({why}); {intact}; fix the "
+                                    f"cause and continue with `erpo train --resume {self.run_dir}`")
 
     # --- one step ----------------------------------------------------------------------------------
     def rollout(self):
@@ -527,6 +546,11 @@ class Trainer:
             self._report(f"[yellow]step {self.step}: {len(problems) - 3} more reward failures[/]")
 
     def run_eval(self) -> dict:
+        """Greedy pass@1 (by default) on the eval rows. Under FSDP every rank calls it and generates the whole eval
+        set in the same batches as one process (a sharded forward all-gathers each layer from every rank, and
+        `generate` keeps the ranks in step with synced_gpus), so the figure is the one process's: each rank's
+        rows are the same, its full weights the same gathered ones. It costs each rank the whole set's decoding;
+        splitting the rows over the ranks would not, but changes the batches and so could flip a greedy near-tie."""
         if not self.eval_rows:
             return {}
         cfg = self.cfg
@@ -578,10 +602,13 @@ class Trainer:
                 warning = offpolicy.on_policy_warning(cfg, self.loss_cfg)
                 if warning:
                     self._report(f"[yellow]warning: {warning}[/]")
-            if cfg.eval_every and self.step == 0 and main:  # the "before" figure of a fresh run
+            # Under FSDP every rank evaluates (a sharded model's forward needs them all; see run_eval); rank 0 logs.
+            evaluates = main or cfg.fsdp
+            if cfg.eval_every and self.step == 0 and evaluates:  # the "before" figure of a fresh run
                 before = {"step": 0, **self.run_eval()}
-                self.log.write(before)
-                self.progress.update(0, before)
+                if main:
+                    self.log.write(before)
+                    self.progress.update(0, before)
             while self.step < cfg.steps:
                 record, problems = self.train_step()
                 self._report_problems(problems)
@@ -591,7 +618,7 @@ class Trainer:
                                  "all wrong), so every advantage was 0 and the policy term gave no gradient; a run "
                                  "where this persists learns nothing (shown once; see degenerate_groups)[/]")
                 last = self.step == cfg.steps
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last) and main:
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last) and evaluates:
                     record.update(self.run_eval())
                 if main:
                     self.log.write(record)
