@@ -19,9 +19,8 @@
 // gradient NaN; NaN survives every merge (NaN * 0 is NaN). -inf entries are a masked vocabulary: t = -inf,
 // 2^t = 0, and t is clamped at kTFloor wherever it multiplies that 0. A row of only -inf has d = 0 and ends
 // non-finite through log(0) (lse = -inf).
-//
-// The same state is kernels/online_softmax.py (Triton, the same convention) and erpo/ops/row_stats.py (torch,
-// base e); tests/csrc/test_row_stats_vs_header.py holds this header to the torch one.
+// Twins: kernels/online_softmax.py (Triton, this convention), erpo/ops/row_stats.py (torch, base e; held to this
+// header by tests/csrc/test_row_stats_vs_header.py).
 #pragma once
 
 #include <float.h>

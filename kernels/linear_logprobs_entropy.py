@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, merge, rebase, terms
+from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, finish, grad_terms, merge, rebase, row_offset,
+                                          terms)
 
 # Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). The GPU ones are the largest
 # of those tried that ptxas compiles without spills for sm_80 and sm_90 (bench/compile_for_gpu.py
@@ -72,12 +73,6 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _row_offsets(rows, inner, stride_outer, stride_inner):
-    rows = rows.to(tl.int64)
-    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
 
 
 @triton.jit
@@ -141,7 +136,7 @@ def linear_stats_fwd_kernel(
     row_ok = rows < n_rows
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     active = row_ok & (target != ignore_index)
-    row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+    row_off = row_offset(rows, inner, stride_outer, stride_inner)
     m = tl.full([BLOCK_N], M_START, tl.float32)
     d = tl.zeros([BLOCK_N], dtype=tl.float32)
     w = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -211,7 +206,7 @@ def linear_grad_hidden_kernel(
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     active = row_ok & (target != ignore_index)
     if tl.max(active.to(tl.int32), axis=0) > 0:  # grad_hidden starts zeroed: ignored tiles stay 0
-        row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+        row_off = row_offset(rows, inner, stride_outer, stride_inner)
         lse, entropy, g_logp, g_ent = _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr,
                                                      grad_entropy_ptr, BLOCK_N, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
         ks = tl.arange(0, BLOCK_H)
@@ -254,7 +249,7 @@ def linear_grad_weight_kernel(
         target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
         active = row_ok & (target != ignore_index)
         if tl.max(active.to(tl.int32), axis=0) > 0:
-            row_off = _row_offsets(rows, inner, stride_outer, stride_inner)
+            row_off = row_offset(rows, inner, stride_outer, stride_inner)
             lse, entropy, g_logp, g_ent = _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr,
                                                           grad_entropy_ptr, BLOCK_N, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,

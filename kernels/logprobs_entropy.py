@@ -3,16 +3,14 @@
 Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of the row moved once):
   forward   reads the row once and writes 3 floats (logp, entropy, lse). Online softmax in fp32 registers, in
             the state of online_softmax.py (t = x * log2(e) / T - m log2(e) feeds exp2 directly, one FMA): a
-            running block-wide max m and, per lane, the base-2 sums d and w. The sums are rebased only when a block
-            raises m (a few times per row), so the steady-state loop costs one exp2 and a handful of
-            instructions per element; everything stays relative to the max, so bf16 logits of magnitude ~40
-            lose no precision. The target's logit is read once after the loop, not compared per element.
+            running block-wide max m (in base 2 in the loop) and, per lane, the sums d and w. The sums are
+            rebased only when a block raises m (a few times per row), so the steady-state loop costs one exp2
+            and a handful of instructions per element; everything stays relative to the max, so bf16 logits of
+            magnitude ~40 lose no precision. The target's logit is read once after the loop, not compared per element.
   backward  reads the row once and writes the gradient once (in the logits' dtype, possibly in place):
-            with t = x log2(e) / T - lse log2(e) and p = 2^t,
-            dx = (g_logp (1[j=y] - p) - g_ent p (x/T - E_p[x])) / T = p (a t + b) + 1[j=y] g_logp / T,
-            a = -g_ent ln2 / T, b = -(g_logp + g_ent H) / T, because x/T - E_p[x] = t ln2 + H. The one-hot
-            term is added after the loop to the target alone (its logit read before the loop, which may
-            overwrite it in place).
+            dx = p (a t + b) + 1[j=y] g_logp / T (online_softmax.grad_terms, 1/T folded into a and b). The
+            one-hot term is added after the loop to the target alone (its logit read before the loop, which
+            may overwrite it in place).
   NaN and +inf propagate through the arithmetic, with no per-element test (online_softmax.py): such a row's
   logp, entropy, lse and gradient are NaN; -inf logits (a masked vocabulary) take no part.
   Small N (below about two waves of programs): each row is split into chunks of V, one program each; the
@@ -28,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, rebase, terms
+from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, rebase, row_offset, shift, terms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ERPO_TRITON_AUTOTUNE=0 runs the fixed configuration on a GPU too (no tuning runs: test suites with many shapes).
@@ -50,21 +48,16 @@ MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and la
 
 
 @triton.jit
-def _row_offset(row, inner, stride_outer, stride_inner):
-    row = row.to(tl.int64)
-    return (row // inner) * stride_outer + (row % inner) * stride_inner
-
-
-@triton.jit
-def _accumulate(x, m, d, w, inv_temperature, scale):
-    """Fold one block of logits (fp32, -inf in masked lanes) into the running state of online_softmax.py: one
-    m for the block, d and w per lane; the sums are rebased only when the block raises m."""
-    m_new = tl.maximum(m, tl.max(x, axis=0) * inv_temperature)
-    if m_new > m:
-        d, w = rebase(m, d, w, m_new)
-        m = m_new
-    e, et = terms(x * scale - m * LOG2E)
-    return m, d + e, w + et
+def _accumulate(x, m2, d, w, scale):
+    """Fold one block of logits (fp32, -inf in masked lanes) into the running state of online_softmax.py, kept
+    here with m in base 2 (m2 = m log2(e): t = x * scale - m2 is one FMA) and d, w per lane; the sums are
+    rebased only when the block raises m."""
+    m2_new = tl.maximum(m2, tl.max(x, axis=0) * scale)
+    if m2_new > m2:
+        d, w = shift(d, w, m2 - m2_new)
+        m2 = m2_new
+    e, et = terms(x * scale - m2)
+    return m2, d + e, w + et
 
 
 @triton.jit
@@ -72,18 +65,18 @@ def _chunk_state(row_ptr, start, stop, inv_temperature, BLOCK_V: tl.constexpr):
     """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block."""
     scale = inv_temperature * LOG2E
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], M_START, tl.float32)
+    m2 = tl.full([], M_START, tl.float32)
     d = tl.zeros([BLOCK_V], dtype=tl.float32)
     w = tl.zeros([BLOCK_V], dtype=tl.float32)
     full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
     for block in range(start, full_stop, BLOCK_V):
         x = tl.load(row_ptr + block + cols).to(tl.float32)
-        m, d, w = _accumulate(x, m, d, w, inv_temperature, scale)
+        m2, d, w = _accumulate(x, m2, d, w, scale)
     if full_stop < stop:
         offs = full_stop + cols
         x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
-        m, d, w = _accumulate(x, m, d, w, inv_temperature, scale)
-    return m, tl.sum(d, axis=0), tl.sum(w, axis=0)
+        m2, d, w = _accumulate(x, m2, d, w, scale)
+    return m2 * LN2, tl.sum(d, axis=0), tl.sum(w, axis=0)
 
 
 @triton.jit
@@ -112,7 +105,7 @@ def logprobs_entropy_fwd_kernel(
         tl.store(entropy_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
     else:
-        row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
         m, d, w = _chunk_state(row_ptr, 0, vocab, inv_temperature, BLOCK_V)
         _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
 
@@ -132,7 +125,7 @@ def logprobs_entropy_partial_kernel(
     d = tl.full([], 0.0, tl.float32)
     w = tl.full([], 0.0, tl.float32)
     if target != ignore_index:
-        row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
         start = split * chunk
         m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), inv_temperature, BLOCK_V)
     out = state_ptr + (row.to(tl.int64) * n_chunks + split) * 3
@@ -165,13 +158,8 @@ def logprobs_entropy_merge_kernel(
         d_c, w_c = rebase(m_c, d_c, tl.load(states + 2, mask=live, other=0.0), m)
         d = tl.sum(d_c, axis=0)  # NaN states stay NaN through d_c
         w = tl.sum(w_c, axis=0)
-        row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
         _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
-
-
-@triton.jit
-def _grad_block(x, scale, lse2, a, b):
-    return grad_terms(x * scale - lse2, a, b)
 
 
 @triton.jit
@@ -188,8 +176,8 @@ def logprobs_entropy_bwd_kernel(
     stop = tl.minimum(start + chunk, vocab)
     full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
     target = tl.load(targets_ptr + row).to(tl.int64)
-    row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
-    grad_row_ptr = grad_ptr + _row_offset(row, inner, grad_stride_outer, grad_stride_inner)
+    row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+    grad_row_ptr = grad_ptr + row_offset(row, inner, grad_stride_outer, grad_stride_inner)
     out_ty = grad_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_V)
     if target == ignore_index:  # zero gradient, without reading the row
@@ -216,15 +204,15 @@ def logprobs_entropy_bwd_kernel(
             tl.debug_barrier()
         for block in range(start, full_stop, BLOCK_V):
             x = tl.load(row_ptr + block + cols).to(tl.float32)
-            tl.store(grad_row_ptr + block + cols, _grad_block(x, scale, lse2, a, b).to(out_ty))
+            tl.store(grad_row_ptr + block + cols, grad_terms(x * scale - lse2, a, b).to(out_ty))
         if full_stop < stop:
             offs = full_stop + cols
             x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
-            tl.store(grad_row_ptr + offs, _grad_block(x, scale, lse2, a, b).to(out_ty), mask=offs < stop)
+            tl.store(grad_row_ptr + offs, grad_terms(x * scale - lse2, a, b).to(out_ty), mask=offs < stop)
         if HAS_GRAD_LOGP:
             if mine:
                 tl.debug_barrier()  # the loop's store of this element (another thread's) lands first
-                patched = _grad_block(target_x, scale, lse2, a, b) + g_logp * inv_temperature
+                patched = grad_terms(target_x * scale - lse2, a, b) + g_logp * inv_temperature
                 tl.store(grad_row_ptr + target, patched.to(out_ty))
 
 

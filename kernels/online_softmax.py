@@ -1,18 +1,13 @@
-"""The online softmax row state of erpo's Triton kernels: one convention, imported by both (the fused op of
-logprobs_entropy.py and the fused LM head of linear_logprobs_entropy.py). New row math goes here once.
+"""The online softmax row state of erpo's Triton kernels, imported by the fused op (logprobs_entropy.py) and the
+fused LM head (linear_logprobs_entropy.py): new row math goes here once (and their rows' addressing, row_offset).
 
-Convention (the one of csrc/softmax_row_math.h, so the CUDA and Triton kernels share one): a part of a row of
-scaled logits x = logits / T is summarised by (m, d, w): m the largest x seen (M_START while none: finite, so
-that x - m is -inf, never NaN, for the -inf logits of a masked vocabulary), and the sums in base 2,
-d = sum 2^t, w = sum 2^t t, with t = (x - m) log2(e). The caller forms t as suits it: the fused op as one FMA,
-logits * (log2(e) / T) - m log2(e); the head as (z - m) log2(e), exactly 0 at the max. Sums relative to m lose
-no precision on bf16 logits in the thousands, and the states of disjoint parts merge exactly in any order.
-A caller keeps m as it likes (one per row, or one per block) and d, w per lane or per row: `terms` gives the
-elementwise summands, `rebase` moves sums onto a new m, `merge` joins two states, `finish` reads off lse and H.
-NaN policy, with no per-element test: a NaN or +inf logit makes its t NaN (x - m, or +inf - +inf once it
-raised m), hence d, and so lse and H NaN (in that row only); NaN survives rebase and merge. -inf entries give
-2^t = 0, and t is clamped at T_FLOOR wherever it multiplies that 0. A row of only -inf has d = 0 and ends
-non-finite through log(0).
+The convention is csrc/softmax_row_math.h's: a part of a row of scaled logits x = logits / T is (m, d, w), m the
+largest x seen (M_START, finite, while none), d = sum 2^t and w = sum 2^t t with t = (x - m) log2(e), formed as
+suits the caller (the op: one FMA, logits log2(e) / T - m log2(e); the head: (z - m) log2(e), exactly 0 at the
+max). Relative to m, bf16 logits in the thousands lose no precision, and the states of disjoint parts merge
+exactly in any order. Callers keep m per row or per block, and d, w per lane or per row.
+NaN policy, with no per-element test: a NaN or +inf logit makes t, hence d, lse and H NaN, in its row only; -inf
+entries add 0 (t is clamped at T_FLOOR where it multiplies 2^t = 0); a row of only -inf has d = 0 (lse = -inf).
 """
 import os
 
@@ -46,12 +41,18 @@ def terms(t):
 
 
 @triton.jit
-def rebase(m, d, w, m_new):
-    """(d, w) re-expressed relative to m_new >= m: 2^delta d and 2^delta (w + d delta), delta = (m - m_new)
-    log2(e). An empty state (m = M_START, d = w = 0) stays 0; delta is clamped like t."""
-    delta = tl.maximum((m - m_new) * LOG2E, T_FLOOR)
+def shift(d, w, delta):
+    """(d, w) re-expressed relative to a max larger by -delta log2(e), delta <= 0 in base 2: 2^delta d and
+    2^delta (w + d delta). An empty state (d = w = 0) stays 0; delta is clamped like t."""
+    delta = tl.maximum(delta, T_FLOOR)
     scale = tl.exp2(delta)
     return scale * d, scale * (w + d * delta)
+
+
+@triton.jit
+def rebase(m, d, w, m_new):
+    """(d, w) of the state at m re-expressed relative to m_new >= m."""
+    return shift(d, w, (m - m_new) * LOG2E)
 
 
 @triton.jit
@@ -76,3 +77,11 @@ def grad_terms(t, a, b):
     x = logits / T off the target, for a = -g_ent ln(2) and b = -(g_logp + g_ent H) (as x - E_p[x] = t ln(2) + H);
     the callers fold 1 / T into a and b or apply it after. A masked entry (t = -inf) gets exactly 0."""
     return exp2(t) * (a * tl.maximum(t, T_FLOOR) + b)
+
+
+@triton.jit
+def row_offset(row, inner, stride_outer, stride_inner):
+    """Offset of row r (scalar or tensor) of a [outer, inner, V] layout with strides (stride_outer, stride_inner,
+    1), in int64: N * V overflows int32 at 8 x 4k x 150k."""
+    row = row.to(tl.int64)
+    return (row // inner) * stride_outer + (row % inner) * stride_inner

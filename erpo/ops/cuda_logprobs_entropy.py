@@ -25,8 +25,8 @@ def extension():
 def is_available() -> bool:
     """True where the extension is built and a CUDA device is present."""
     try:
-        from erpo import _C  # noqa: F401
-    except ImportError:
+        extension()
+    except RuntimeError:
         return False
     return torch.cuda.is_available()
 
@@ -63,6 +63,5 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     )
 
 
-# The per-token loss binding moved to cuda_token_loss.py; these names stay until erpo/losses/token_loss.py imports
-# it from there.
+# The per-token loss binding moved to cuda_token_loss.py (names kept until erpo/losses/token_loss.py imports it).
 from erpo.ops.cuda_token_loss import token_kernel_args, token_terms  # noqa: E402,F401

@@ -1,22 +1,20 @@
-"""The online softmax row state of erpo's torch code: one convention for the torch backends of the fused op
-and of the fused LM head and for the merge of vocabulary shards across ranks (vocab_parallel.py). New row math
-(e.g. a truncated support) goes here once; its Triton twin is kernels/online_softmax.py and its CUDA twin
-csrc/softmax_row_math.h (both count in base 2; tests/csrc/test_row_stats_vs_header.py holds the header to this).
+"""The online softmax row state of erpo's torch code, used by the torch backends of the fused op and the fused
+head and by the cross-rank merge of vocab_parallel.py: new row math (e.g. a truncated support) goes here once.
+Its twins count in base 2: kernels/online_softmax.py and csrc/softmax_row_math.h (tests/csrc/
+test_row_stats_vs_header.py holds the header to this module).
 
-The scaled logits x = logits / T of a row, or of a part of one, are summarised by (m, d, w): m the shift (the
-part's max; 0 for a part of only -inf), d = sum e^(x - m), w = sum e^(x - m) (x - m). States of disjoint parts
-merge exactly (merge); lse = m + log d and H = log d - w / d (finish).
-NaN policy, with no flag and no per-element test: a NaN or +inf logit makes x - m NaN (+inf - +inf), hence d,
-lse, H and logp NaN, in its row only; NaN survives every merge. -inf entries (a masked vocabulary) add 0. A row
-of only -inf has d = 0 and ends non-finite through log(0) (lse = -inf, H NaN).
+The scaled logits x = logits / T of a row, or of a part of one, are (m, d, w): m the shift (the part's max; 0
+for a part of only -inf), d = sum e^(x - m), w = sum e^(x - m) (x - m). States of disjoint parts merge exactly;
+lse = m + log d, H = log d - w / d. NaN policy, with no flag: a NaN or +inf logit makes x - m NaN (+inf - +inf),
+hence d, lse, H and logp NaN, in its row only. -inf entries add 0; a row of only -inf has lse = -inf, H NaN.
 """
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-# x - m is clamped here once e^(x - m) is taken: e is exactly 0 below it (float64 too), and 0 * floor = 0
-# where 0 * -inf would be NaN. One in-place pass, as the kernels' clamp of t.
+# x - m is clamped here once e^(x - m) is taken: e is 0 below it (float64 too), and 0 * FLOOR = 0 where 0 * -inf
+# would be NaN (one in-place pass, as the kernels' clamp of t).
 FLOOR = -2048.0
 
 
@@ -59,7 +57,39 @@ def merge(parts: RowState, dim: int = 0) -> RowState:
     return RowState(m.squeeze(dim), (scale * parts.d).sum(dim), (scale * (parts.w + parts.d * delta)).sum(dim))
 
 
+def holds_target(tgt: Tensor, ignored: Tensor, vocab: int) -> Tensor:
+    """Rows whose target is one of their V entries. An id outside [0, V) that is not ignore_index (possible with
+    check_targets=False, and on a vocabulary shard for targets another shard holds) gives NaN logp and no one-hot
+    term in the gradient, as in the kernels."""
+    return ~ignored & (tgt >= 0) & (tgt < vocab)
+
+
 def finish(state: RowState, target_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse) of whole rows; target_x is the target's scaled logit (not shifted)."""
     log_d = torch.log(state.d)
     return target_x - state.m - log_d, log_d - state.w / state.d, state.m + log_d
+
+
+def grad_into(z: Tensor, e: Tensor, scale, offset: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
+              tgt: Tensor, hit: Tensor) -> Tensor:
+    """dz = g_logp (onehot - p) - g_ent p (x - E_p[x]) of rows, written into z or e (returned), two passes.
+
+    p = e * scale and x - E_p[x] = z + offset, with z the rows' x shifted and clamped at FLOOR (of_rows, or
+    log p clamped), so a masked entry gets exactly 0, never 0 * -inf; per-row values (scale: 1 / d, or 1 when e
+    is p; offset; the g's) keep a trailing dim of 1. dz = e (a z + b) + onehot g_logp, a = -g_ent scale,
+    b = -(g_ent offset + g_logp) scale. The one-hot term goes only to rows that hold their target (`hit`).
+    """
+    b = 0.0 if g_logp is None else -g_logp * scale
+    if g_ent is not None:
+        dz = torch.addcmul(b - g_ent * offset * scale, z, -g_ent * scale, out=z).mul_(e)
+    else:
+        dz = e.mul_(b)
+    if g_logp is not None:
+        if torch.compiler.is_compiling():
+            # The one-hot term as an elementwise select, which inductor fuses into the chunk's one loop (a
+            # scatter would cost the compiled body a separate buffer and two more passes); an id outside [0, V)
+            # matches no column.
+            cols = torch.arange(z.shape[-1], device=z.device)
+            return dz + torch.where(cols == tgt.unsqueeze(-1), g_logp, 0.0)
+        dz.scatter_add_(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1), torch.where(hit.unsqueeze(-1), g_logp, 0.0))
+    return dz

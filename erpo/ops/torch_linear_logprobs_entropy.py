@@ -69,27 +69,6 @@ def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tenso
     return z
 
 
-def _dlogits_into(z: Tensor, e: Tensor, tgt: Tensor, hit: Tensor, scale: Tensor, g_logp: Optional[Tensor],
-                  g_ent: Optional[Tensor], z_minus_mean_offset: Tensor) -> Tensor:
-    """dz = g_logp (onehot - p) - g_ent p (z - E_p[z]), written into the chunk buffers; returns it.
-
-    p = e * scale (scale: 1/Σe, or 1 when e is already p) and z - E_p[z] = z + z_minus_mean_offset, all per
-    row; the g's are [r] and already carry 1/T. So dz = e (z a + b) + onehot g_logp with a = -g_ent scale,
-    b = -(g_ent offset + g_logp) scale: two passes over the chunk. Uses z - E_p[z], never log p + H, so an
-    underflowed p gives 0 and never 0 * -inf.
-    """
-    b = torch.zeros_like(scale) if g_logp is None else -g_logp * scale
-    if g_ent is not None:
-        a = (-g_ent * scale).unsqueeze(1)
-        b = (b - g_ent * z_minus_mean_offset * scale).unsqueeze(1)
-        dz = torch.addcmul(b, z, a, out=z).mul_(e)
-    else:
-        dz = e.mul_(b.unsqueeze(1))
-    if g_logp is not None:
-        dz.scatter_add_(1, tgt.unsqueeze(1), torch.where(hit, g_logp, 0.0).unsqueeze(1))
-    return dz
-
-
 class _Grads:
     """The float32 gradient buffers and the accumulation of one chunk's dlogits into them."""
 
@@ -130,9 +109,7 @@ def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Ten
         idx = rows[start:start + step]
         tgt = targets[idx].long()
         ignored = tgt == ignore_index
-        # An id outside [0, V) that is not ignore_index (check_targets=False, or a vocabulary shard's row whose
-        # target another shard holds) gives NaN logp and no one-hot term in the gradient, as in the kernels.
-        hit = ~ignored & (tgt >= 0) & (tgt < vocab)
+        hit = row_stats.holds_target(tgt, ignored, vocab)
         h = source(idx)
         if not _compacts(targets):
             h = h.masked_fill(ignored.unsqueeze(1), 0)  # garbage in skipped rows must not reach grad_weight
@@ -173,16 +150,18 @@ def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], 
         logp[idx], entropy[idx], lse[idx] = row_logp, row_entropy, row_lse.masked_fill(ignored, 0.0)
         if grads is not None:
             g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
-            grads.add(idx, h, _dlogits_into(z, e, tgt, hit, 1.0 / state.d, g_logp, g_ent, -state.w / state.d))
+            dz = row_stats.grad_into(z, e, 1.0 / state.d[:, None], -(state.w / state.d)[:, None], g_logp, g_ent,
+                                     tgt, hit)
+            grads.add(idx, h, dz)
     if grads is None:
         return logp, entropy, lse, None, None, None
     return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
 
 
 def _scaled(g_logp, g_ent, ignored, inv_temperature):
-    """The per-row gradients times 1/T (the chain rule through z / T), zero on skipped rows."""
+    """The per-row gradients times 1/T (the chain rule through z / T), zero on skipped rows, shaped [r, 1]."""
     def scale(g):
-        return None if g is None else (g.to(torch.float32) * inv_temperature).masked_fill(ignored, 0.0)
+        return None if g is None else (g.to(torch.float32) * inv_temperature).masked_fill(ignored, 0.0)[:, None]
 
     return scale(g_logp), scale(g_ent)
 
@@ -198,11 +177,12 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
     (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
     for idx, h, tgt, ignored, hit in chunks:
         z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
-        z.sub_(lse[idx].unsqueeze(1))  # log p, finite where z is
+        z.sub_(lse[idx].unsqueeze(1))  # log p
         p = torch.exp(z, out=e_buffer[: z.shape[0]])
         g_logp = None if grad_logp is None else grad_logp[idx]
         g_ent = None if grad_entropy is None else grad_entropy[idx]
         g_logp, g_ent = _scaled(g_logp, g_ent, ignored, inv_temperature)
-        # z - E_p[z] = log p + H: an exact shift of the finite log p.
-        grads.add(idx, h, _dlogits_into(z, p, tgt, hit, torch.ones_like(lse[idx]), g_logp, g_ent, entropy[idx]))
+        # z - E_p[z] = log p + H: an exact shift of log p.
+        grads.add(idx, h, row_stats.grad_into(z.clamp_(min=row_stats.FLOOR), p, 1.0, entropy[idx].unsqueeze(1),
+                                              g_logp, g_ent, tgt, hit))
     return grads.hidden, grads.weight_grad, grads.bias

@@ -44,18 +44,11 @@ def _chunks(layout: RowLayout, tensor: torch.Tensor):
             yield slice(o * inner, p * inner), rows3d[o:p]
 
 
-def _on_row(tgt: torch.Tensor, ignored: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Rows whose target is one of this row's V entries. An id outside [0, V) that is not ignore_index (possible
-    with check_targets=False, and on a vocabulary shard for targets another shard holds) gives NaN logp and
-    no one-hot term in the gradient, as in the Triton kernels."""
-    return ~ignored & (tgt >= 0) & (tgt < vocab)
-
-
 def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float, ignore_index: int):
     """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1] (row_stats.py)."""
     cdt = _compute_dtype(chunk.dtype)
     ignored = tgt == ignore_index
-    hit = _on_row(tgt, ignored, chunk.shape[-1])
+    hit = row_stats.holds_target(tgt, ignored, chunk.shape[-1])
     x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
     target_x = x.gather(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1)).squeeze(-1)
     row_logp, row_entropy, row_lse = row_stats.finish(row_stats.of_rows(x), target_x)
@@ -67,29 +60,13 @@ def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float
 def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, inv_temperature: float, ignore_index: int):
     """Write the gradient of one chunk's rows into `out` (which may be `chunk` itself: the in-place gradient).
     Per-row values come shaped chunk.shape[:-1] + (1,)."""
-    cdt = _compute_dtype(chunk.dtype)
-    ignored = (tgt == ignore_index).unsqueeze(-1)
-    x = chunk.to(cdt, copy=True).mul_(inv_temperature)
-    p = torch.sub(x, row_lse).exp_()
-    if g_ent is not None:
-        # dH/dx_j = p_j (E_p[x] - x_j) with E_p[x] = lse - H: no log p, so p = 0 gives 0, never 0 * -inf.
-        x.sub_(row_lse - row_entropy).masked_fill_(torch.isneginf(x), 0.0)
-        grad = x.mul_(p).mul_(-g_ent)
-    else:
-        grad = x.zero_()
-    if g_logp is not None:
-        grad.sub_(p.mul_(g_logp))
-        if torch.compiler.is_compiling():
-            # The same one-hot term as an elementwise select, which inductor fuses into the chunk's one loop
-            # (a scatter would cost the compiled body a separate buffer and two more passes).
-            cols = torch.arange(chunk.shape[-1], device=chunk.device)
-            grad = grad + torch.where(cols == tgt.unsqueeze(-1), g_logp, 0.0)
-        else:  # no one-hot term for an id outside this row (out of range, or held by another vocabulary shard)
-            hit = _on_row(tgt, ignored.squeeze(-1), chunk.shape[-1]).unsqueeze(-1)
-            grad.scatter_add_(-1, torch.where(hit.squeeze(-1), tgt, 0).long().unsqueeze(-1),
-                              torch.where(hit, g_logp, 0.0))
-    grad.mul_(inv_temperature).masked_fill_(ignored, 0.0)
-    out.copy_(grad)
+    ignored = tgt == ignore_index
+    log_p = chunk.to(_compute_dtype(chunk.dtype), copy=True).mul_(inv_temperature).sub_(row_lse)
+    p = torch.exp(log_p)
+    # x - E_p[x] = log p + H (E_p[x] = lse - H): an exact shift of log p, clamped as row_stats.grad_into wants.
+    grad = row_stats.grad_into(log_p.clamp_(min=row_stats.FLOOR), p, 1.0, row_entropy, g_logp, g_ent, tgt,
+                               row_stats.holds_target(tgt, ignored, chunk.shape[-1]))
+    out.copy_(grad.mul_(inv_temperature).masked_fill_(ignored.unsqueeze(-1), 0.0))
 
 
 def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
