@@ -1,6 +1,7 @@
 """Memory per GPU of the loss step (LM head + policy loss, forward and backward), from the shapes alone.
 
-    python -m bench.scaling            # the docs/scaling.md tables (7B/32B/72B-class, 8k-64k tokens, TP 1-8)
+    python -m bench.scaling            # the docs/scaling.md tables (head + gradient at TP 1-8 / FSDP 2-64; the
+                                       # loss step at 8k-64k tokens x TP 1-8), H and V from transformers' configs
     python -m bench.scaling --check    # the model against a CPU measurement at a small shape
 
 The loss step starts from the last hidden states [N, H] (N tokens of the micro-batch) and the head weight
@@ -36,16 +37,35 @@ import sys
 
 MIB = 1 << 20
 GIB = 1 << 30
-# (H, V) from each model's config.json on the Hugging Face Hub (hidden_size, vocab_size).
-MODELS = {
-    "Qwen2.5-7B": (3584, 152064),
-    "Llama-3.1-8B": (4096, 128256),
-    "Qwen2.5-32B": (5120, 152064),
-    "Qwen2.5-72B": (8192, 152064),
-    "Llama-3.1-70B": (8192, 128256),
+# (H, V) of each model family: the defaults of transformers' own config classes (`hidden_size`, `vocab_size` of
+# `Class()`), read from the installed transformers at import, never typed in. The checkpoint is the one the class
+# docstring says its defaults resemble ("similar configuration to that of ..."): context only, since a class's
+# defaults are not always that checkpoint's (Qwen2_5_VLTextConfig's are an 80-layer, 8192-wide 72B-class text
+# model while its docstring names a 7B).
+CONFIG_CLASSES = {
+    "Qwen3Config": "Qwen/Qwen3-8B",
+    "MllamaTextConfig": "meta-llama/Llama-3.2-11B-Vision",
+    "GemmaConfig": "google/gemma-7b",
+    "Llama4TextConfig": "meta-llama/Llama-4-Scout-17B-16E",
+    "DeepseekV3Config": "bzantium/tiny-deepseek-v3",
+    "Cohere2Config": "CohereForAI/c4ai-command-r-v01",
 }
+
+
+def config_shapes() -> dict:
+    """{config class name: (hidden_size, vocab_size)} of each class's defaults in the installed transformers."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return {name: (getattr(transformers, name)().hidden_size, getattr(transformers, name)().vocab_size)
+            for name in CONFIG_CLASSES}
+
+
+MODELS = config_shapes()
 TOKENS = (8192, 16384, 32768, 65536)
 TP = (1, 2, 4, 8)
+FSDP = (2, 8, 64)
 F32 = 4
 # The backends' own constants (read from the code, so the model follows them).
 TORCH_CHUNK_ELEMENTS = 1 << 20  # erpo/ops/torch_logprobs_entropy.CHUNK_ELEMENTS
@@ -88,6 +108,38 @@ def loss_step_bytes(n: int, h: int, v: int, tp: int = 1, fused: bool = True, dty
 
 def total(parts: dict) -> int:
     return sum(parts.values())
+
+
+def head_bytes(h: int, v: int, tp: int = 1, fsdp: int = 1, dtype_bytes: int = 2) -> dict:
+    """Bytes per rank of the LM head [V, H] and its gradient with the fused head (erpo.linear_policy_loss).
+
+    TP (vocabulary-parallel, `process_group=`): each rank holds V_t = ceil(V / TP) rows and the loss step's
+    gradient of them, float32 + the cast (`V_t H (f + b)`). FSDP2 (`erpo train --fsdp`, the head gathered once
+    per micro-batch as TRL does): at rest each rank holds 1/F of the head and of its gradient; in the loss step
+    it holds its shard, the gathered full head `V H b` and the full-size gradient `V H (f + b)` before the
+    reduce-scatter leaves its 1/F: the peak does not shrink with F, only the resting copies do."""
+    b = dtype_bytes
+    cast = b < F32
+    if fsdp > 1:
+        shard = math.ceil(v / fsdp) * h * b
+        return {"rest": 2 * shard, "peak": shard + v * h * b + v * h * (F32 + (b if cast else 0)) + shard}
+    vt = math.ceil(v / tp)
+    both = vt * h * b + vt * h * (F32 + (b if cast else 0))
+    return {"rest": 2 * vt * h * b, "peak": both}
+
+
+def head_table() -> str:
+    """GiB per rank of the head and its gradient, bf16 model: TP 1-8 against FSDP2 2-64 (see head_bytes)."""
+    lines = ["| config class (its docstring's checkpoint) | H | V | " + " | ".join(f"TP {t}" for t in TP) + " | "
+             + " | ".join(f"FSDP {f} peak" for f in FSDP) + " | " + " | ".join(f"FSDP {f} at rest" for f in FSDP)
+             + " |", "|---|---:|---:|" + "---:|" * (len(TP) + 2 * len(FSDP))]
+    for name, (h, v) in MODELS.items():
+        tp = [head_bytes(h, v, tp=t)["peak"] / GIB for t in TP]
+        peak = [head_bytes(h, v, fsdp=f)["peak"] / GIB for f in FSDP]
+        rest = [head_bytes(h, v, fsdp=f)["rest"] / GIB for f in FSDP]
+        lines.append(f"| {name} ({CONFIG_CLASSES[name]}) | {h} | {v} | "
+                     + " | ".join(f"{x:.2f}" for x in tp + peak + rest) + " |")
+    return "\n".join(lines)
 
 
 def tables() -> str:
@@ -182,6 +234,10 @@ def main() -> None:
             print(f"{name}: model {predicted / MIB:.1f} MiB, measured {measured / MIB:.1f} MiB, "
                   f"{'within' if ok else 'OUTSIDE'} tolerance")
         return
+    import transformers
+
+    print(f"H, V: defaults of transformers {transformers.__version__}'s config classes\n")
+    print(head_table())
     print(tables())
 
 
