@@ -64,7 +64,9 @@ def check_fsdp(cfg, d: Dist) -> None:
     if not d.enabled:
         why.append("it needs torchrun with 2 or more processes (one process has nothing to shard over)")
     if cfg.rollout != "hf":
-        why.append(f"rollout {cfg.rollout!r} would need the full weights gathered each step: use --rollout hf")
+        why.append(f"rollout {cfg.rollout!r} is not supported: its engine loads model.state_dict() after each step, "
+                   "which under FSDP holds only this rank's shards (gathering the full weights into every rank's "
+                   "engine is not written): use --rollout hf, which generates on the sharded model")
     if why:
         raise ValueError("--fsdp: " + "; ".join(why))
 

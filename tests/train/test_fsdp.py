@@ -173,19 +173,17 @@ def test_fsdp_checkpoint_loads_without_fsdp_and_another_world_size_is_refused(fs
     assert all(float(s["step"]) == 8 for s in optimizer.state.values())  # 4 steps x 2 mini-batches
     result = subprocess.run([sys.executable, "-m", "erpo", "train", "--resume", fsdp_run], capture_output=True,
                             text=True, timeout=200, env=ENV, cwd=ROOT)
-    assert result.returncode == 1
+    assert result.returncode == 2  # erpo's exit status for a refused configuration
     last = result.stderr.strip().splitlines()[-1]
     assert "was written by 2 processes and this run has 1" in last and "torchrun --nproc-per-node 2" in last
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(world=1), "it needs torchrun with 2 or more processes"),
-    (dict(eval_every=10), "add --eval-every 0"),
-    (dict(rollout="vllm"), "use --rollout hf"),
-    (dict(resume="runs/x"), "resuming an FSDP run"),
+    (dict(rollout="vllm"), "rollout 'vllm' is not supported: its engine loads model.state_dict() after each step"),
 ])
 def test_unsupported_combinations_are_refused_before_anything_runs(change, message):
-    cfg = dict(fsdp=True, fused_head=False, eval_every=0, rollout="hf", resume="")
+    cfg = dict(fsdp=True, fused_head=True, eval_every=10, rollout="hf", resume="runs/x")  # all supported
     world = change.pop("world", 2)
     cfg.update(change)
     d = distributed.Dist(0, world, torch.device("cpu"))
@@ -193,3 +191,18 @@ def test_unsupported_combinations_are_refused_before_anything_runs(change, messa
         distributed.check_fsdp(types.SimpleNamespace(**cfg), d)
     assert message in str(err.value) and "\n" not in str(err.value)
     distributed.check_fsdp(types.SimpleNamespace(**{**cfg, "fsdp": False}), d)  # without --fsdp: nothing refused
+
+
+def test_fused_head_eval_and_resume_are_accepted_with_fsdp():
+    cfg = types.SimpleNamespace(fsdp=True, fused_head=True, eval_every=10, rollout="hf", resume="runs/x")
+    distributed.check_fsdp(cfg, distributed.Dist(0, 2, torch.device("cpu")))
+
+
+def test_erpo_train_fsdp_with_vllm_rollouts_is_refused_before_anything_is_written(tmp_path):
+    out = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "erpo", "train", "--fsdp", "--rollout", "vllm", "--out-dir", out],
+                            capture_output=True, text=True, timeout=200, env=ENV, cwd=ROOT)
+    assert result.returncode == 2  # erpo's exit status for a refused configuration
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("erpo train: error: --fsdp: ") and "rollout 'vllm' is not supported" in last
+    assert "Traceback" not in result.stderr and not os.path.exists(out)
