@@ -9,6 +9,7 @@
 
 #include "logprobs_entropy.h"
 #include "policy_loss_token.h"
+#include "token_loss_math.h"  // erpo::Objective
 
 namespace {
 
@@ -140,9 +141,9 @@ void policy_loss_token(const at::Tensor& logp, const at::Tensor& entropy, const 
   TORCH_CHECK(logp.is_cuda(), "erpo._C: logp must be a CUDA tensor, got ", logp.device());
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "erpo._C: kl_estimator must be 1 (k1), 2 (k2) or 3 (k3), got ",
               kl_estimator);
-  TORCH_CHECK(objective >= 0 && objective <= 6,
-              "erpo._C: objective must be 0..6 (TokenParams.objective_code), got ", objective);
-  TORCH_CHECK(seq_coef || (objective != 4 && objective != 6), "erpo._C: objective ", objective,
+  TORCH_CHECK(objective >= erpo::kClip && objective <= erpo::kGmpo,
+              "erpo._C: objective must be an erpo.losses.objectives.Objective, got ", objective);
+  TORCH_CHECK(seq_coef || (objective != erpo::kVespo && objective != erpo::kGmpo), "erpo._C: objective ", objective,
               " (vespo/gmpo) needs seq_coef");
   check_token_array(logp, logp, "logp");
   check_token_array(entropy, logp, "entropy");

@@ -1,7 +1,7 @@
 // Plain C launcher of the per-token policy-loss kernel (policy_loss_token.cu); see token_loss_math.h for the
 // formulas. All per-token arrays hold n contiguous float32 values (the clip flags n bytes, 0 or 1); ref,
 // klcov_w and the TokenExtras arrays (log_ratio ... pg_weight; eps_*_t are the per-token clip ranges) may be
-// NULL (absent). objective: 0 clip, 1 plain, 2 cispo, 3 sapo, 4 vespo, 5 gpg, 6 gmpo (4 and 6 need seq_coef);
+// NULL (absent). objective: an erpo::Objective of token_loss_math.h (kVespo and kGmpo need seq_coef);
 // kl_estimator: 1 k1, 2 k2, 3 k3; clip_lo / clip_hi: 1 - eps_low and 1 + eps_high.
 #pragma once
 

@@ -18,7 +18,7 @@
 namespace erpo {
 
 enum KlEstimator { kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };  // the codes of kernels/policy_loss.py
-// The objective codes of erpo.losses.token_loss.TokenParams.objective_code ("plain" also stands for no_clip).
+// erpo.losses.objectives.Objective, the definition (tests/csrc/test_host_token_loss.py holds the two equal).
 enum Objective { kClip = 0, kPlain = 1, kCispo = 2, kSapo = 3, kVespo = 4, kGpg = 5, kGmpo = 6 };
 
 struct TokenParams {

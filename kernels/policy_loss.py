@@ -19,8 +19,9 @@ import triton.language as tl
 
 BLOCK = 1024
 
-# The OBJECTIVE constexpr: TokenParams.objective_code (0 clip, 1 plain, 2 cispo, 3 sapo, 4 vespo, 5 gpg, 6 gmpo).
-VESPO, GMPO = 4, 6
+# The OBJECTIVE constexpr's values, in the order of erpo.losses.objectives.Objective (the definition; a test in
+# tests/csrc/test_host_token_loss.py holds these, the enum and csrc/token_loss_math.h's equal).
+CLIP, PLAIN, CISPO, SAPO, VESPO, GPG, GMPO = (tl.constexpr(code) for code in range(7))
 EXTRA_NAMES = ("log_ratio", "seq_coef", "eps_low", "eps_high", "kl_weight", "pg_weight")
 
 
@@ -70,7 +71,7 @@ def policy_loss_token_kernel(
         seq_coef = zero
     clip_low = live & (zero != zero)  # all False, shaped as a flag
     clip_high = clip_low
-    if OBJECTIVE == 0:  # clip
+    if OBJECTIVE == CLIP:
         if HAS_DELTA:
             unclipped = -a * tl.minimum(ratio, delta, propagate_nan=nan_all)
             d_unclipped = tl.where(ratio < delta, unclipped, 0.0)
@@ -87,10 +88,10 @@ def policy_loss_token_kernel(
             capped = (a < 0) & (pg > bound)
             pg = tl.where(capped, bound, pg)
             dlogp = tl.where(capped, 0.0, dlogp)
-    elif OBJECTIVE == 1:  # plain (KL-Cov's): the ratio surrogate without the clip
+    elif OBJECTIVE == PLAIN:  # KL-Cov's: the ratio surrogate without the clip
         pg = -a * ratio
         dlogp = pg
-    elif OBJECTIVE == 2:  # cispo: the detached, clipped ratio weighs the log-prob
+    elif OBJECTIVE == CISPO:  # the detached, clipped ratio weighs the log-prob
         if CISPO_UPPER:
             weight = tl.minimum(ratio, cispo_max, propagate_nan=nan_all)
             clip_low = (a < 0) & (ratio < 0.0)
@@ -101,18 +102,18 @@ def policy_loss_token_kernel(
             clip_high = (a > 0) & (ratio > hi)
         dlogp = -weight * a
         pg = dlogp * logp
-    elif OBJECTIVE == 3:  # sapo: a soft gate sigmoid(tau (r - 1)) 4 / tau in place of the clip
+    elif OBJECTIVE == SAPO:  # a soft gate sigmoid(tau (r - 1)) 4 / tau in place of the clip
         tau = tl.where(a > 0, sapo_tau_pos, sapo_tau_neg)
         gate = tl.sigmoid(tau * (ratio - 1.0))
         pg = -a * gate * 4.0 / tau
         dlogp = -a * 4.0 * gate * (1.0 - gate) * ratio
-    elif OBJECTIVE == 4:  # vespo: the response's detached weight phi on the log-prob
+    elif OBJECTIVE == VESPO:  # the response's detached weight phi on the log-prob
         dlogp = -seq_coef * a
         pg = dlogp * logp
-    elif OBJECTIVE == 5:  # gpg: -a logp
+    elif OBJECTIVE == GPG:  # -a logp
         dlogp = -a
         pg = dlogp * logp
-    else:  # gmpo: gradient where sign(a) min(sign(a) lr, sign(a) clip(lr)) picks the unclipped log-ratio
+    else:  # GMPO: gradient where sign(a) min(sign(a) lr, sign(a) clip(lr)) picks the unclipped log-ratio
         clamped = tl.minimum(tl.maximum(log_ratio, -e_low, propagate_nan=nan_all), e_high, propagate_nan=nan_all)
         sign = tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))  # torch.sign: 0 for 0 and NaN
         open_ = sign * log_ratio <= sign * clamped
@@ -169,7 +170,7 @@ def token_terms(logp, entropy, old, adv, ref, klcov_w, params, extras=None):
         if tensor is not None and tensor.numel() != n:  # the kernel reads n values of each: no broadcasting
             raise ValueError(f"per-token input {name} has {tensor.numel()} values, expected one per token ({n})")
     code = params.objective_code
-    if code in (VESPO, GMPO) and given["seq_coef"] is None:
+    if code in (VESPO.value, GMPO.value) and given["seq_coef"] is None:
         raise ValueError(f"objective {params.objective!r} needs TokenExtras.seq_coef (the response's weight)")
     out = [torch.empty(n, dtype=torch.float32, device=logp.device) for _ in range(3)]
     flags = [torch.empty(n, dtype=torch.int8, device=logp.device) for _ in range(2)]

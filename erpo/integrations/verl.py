@@ -32,8 +32,6 @@ from erpo.losses.controllers import make_controller
 
 _ENTROPY: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_entropy", default=None)
 _ROLLOUT: contextvars.ContextVar = contextvars.ContextVar("erpo_verl_rollout_log_probs", default=None)
-# Controls that read the per-token entropy (the others read log-probs and advantages only).
-ENTROPY_CONTROLS = ("high_entropy_mask", "erpo", "repo", "repo_r", "entropy_advantage", "archer", "adapo")
 # verl's ppo_loss lives here; the worker modules import it by name, so each holder is patched.
 PPO_LOSS_MODULES = ("verl.workers.utils.losses", "verl.workers.engine_workers", "verl.trainer.distillation.losses")
 
@@ -159,7 +157,7 @@ def erpo_policy_loss(preset: Optional[str], old_log_prob, log_prob, advantages, 
         loss_config = loss_config.replace(agg=_agg(loss_agg_mode))
     mask = response_mask.to(log_prob.dtype)
     entropy = _ENTROPY.get()
-    needs_entropy = loss_config.entropy_coef != 0 or any(c in ENTROPY_CONTROLS for c in loss_config.controls)
+    needs_entropy = loss_config.needs_entropy  # a stateful entropy_target was refused above
     if needs_entropy and entropy is None:
         raise ValueError(
             f"LossConfig(method={loss_config.method!r}, controls={loss_config.controls}) needs the per-token entropy, "

@@ -16,37 +16,29 @@ own reading of arXiv 2603.28204 (its equations were not available).
 """
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from erpo.hints import did_you_mean
+from erpo.losses import controls as registry
+from erpo.losses.controls import choice as _choice, integer as _integer, number as _number, numbers as _numbers
+from erpo.losses.objectives import OBJECTIVES, spec
 from erpo.ops import backends
 
 METHODS = (
     "grpo", "dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "adapo",
     "bnpo", "cispo", "sapo", "gspo", "gmpo", "vespo", "luspo", "gpg",
 )
-OBJECTIVES = ("clip", "plain", "cispo", "sapo", "gmpo", "vespo", "gpg")
 IS_LEVELS = ("token", "sequence")
-CONTROLS = (
-    "high_entropy_mask", "erpo", "clip_cov", "kl_cov", "repo", "repo_r", "entropy_advantage", "archer", "adapo",
-)
+CONTROLS = registry.names()  # the shipped controls (erpo/losses/controls/, one file each), in the order they run
 CISPO_CLIPS = ("upper", "two_sided")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-# Controls that change the token advantage or drop tokens' policy-gradient terms: they need an objective
-# whose per-token term is linear in a per-token advantage (every objective but GMPO's sequence product).
-TOKEN_SHAPING_CONTROLS = ("high_entropy_mask", "erpo", "clip_cov", "repo", "repo_r", "entropy_advantage", "archer")
-# Objectives with a clip range [1 - eps_low, 1 + eps_high] that ADAPO's eps_high controller can move.
-EPS_OBJECTIVES = ("clip", "gmpo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-GATE_MODES = ("redistribute", "amplify", "none")
-ANNEAL_SCHEDULES = ("none", "linear", "cosine")
 
 # Shared by every method unless its row below says otherwise: the DAPO recipe (asymmetric clip,
-# token-mean, no KL), which the entropy-control papers build on.
+# token-mean, no KL), which the entropy-control papers build on. Each control's knobs: its file's `knobs`.
 BASE_DEFAULTS = dict(
     adv_estimator="grpo",
     eps_low=0.2,
@@ -62,33 +54,6 @@ BASE_DEFAULTS = dict(
     backend="auto",
     check_inputs=True,
     inplace_grad=False,
-    # ERPO (section 3 of the spec; erpo's constants)
-    gamma=5.0,
-    gate="redistribute",
-    gate_lambda=1.0,
-    beta_p=0.1,
-    buckets=8,
-    eta=0.0,
-    # 80/20 high-entropy mask
-    rho=0.2,
-    # Clip-Cov
-    clip_cov_ratio=2e-4,
-    clip_cov_lb=1.0,
-    clip_cov_ub=5.0,
-    seed=0,
-    # KL-Cov
-    kl_cov_ratio=2e-3,
-    kl_cov_beta=1.0,
-    kl_cov_anneal="none",
-    kl_cov_anneal_steps=1000,
-    # REPO / REPO-R
-    repo_beta=0.05,
-    zeta=1e-3,
-    zeta_min=1e-4,
-    zeta_max=0.05,
-    # ADAPO (and REPO-R): target entropy of the double/halve controller; None = entropy at the first step
-    target_entropy=None,
-    eps_high_max=1.0,
     # --- composition (issue 13): objective, importance-ratio level, controls ---
     objective="clip",
     is_level="token",
@@ -111,13 +76,6 @@ BASE_DEFAULTS = dict(
     rollout_is=None,
     rollout_is_min=None,
     rollout_is_max=3.0,
-    # entropy_advantage (Cheng et al. 2025): a' = a + min(alpha sg(H), |a| / kappa)
-    entropy_adv_alpha=0.4,
-    entropy_adv_kappa=2.0,
-    # archer (Wang et al. 2025): the top archer_rho of each response's tokens by entropy get the wider clip
-    # archer_eps and no KL; the others keep eps_low/eps_high and kl_coef
-    archer_rho=0.2,
-    archer_eps=0.5,
 )
 
 METHOD_DEFAULTS = {
@@ -141,26 +99,6 @@ METHOD_DEFAULTS = {
     "luspo": dict(is_level="sequence", eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-sum"),  # length-weighted
     "gpg": dict(objective="gpg"),  # verl's GPG: -a logp, no ratio
 }
-
-
-def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"LossConfig.{name} must be a number, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value):
-        raise ValueError(f"LossConfig.{name} must be finite, got {value}")
-    return float(value)
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}{did_you_mean(value, allowed)}")
-
-
-def _integer(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"LossConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"LossConfig.{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -238,7 +176,8 @@ class LossConfig:
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
-        preset = {**BASE_DEFAULTS, **METHOD_DEFAULTS[self.method]}
+        knobs = {name: value for control in registry.ordered() for name, value in control.knobs.items()}
+        preset = {**BASE_DEFAULTS, **knobs, **METHOD_DEFAULTS[self.method]}
         if isinstance(self.controls, str):
             self.controls = tuple(c.strip() for c in self.controls.split(",") if c.strip())
         elif isinstance(self.controls, list):
@@ -266,18 +205,11 @@ class LossConfig:
         _choice("adv_estimator", self.adv_estimator, ADV_ESTIMATORS)
         _choice("agg", self.agg, AGGREGATIONS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _choice("gate", self.gate, GATE_MODES)
         _choice("backend", self.backend, backends.BACKENDS)
-        _choice("kl_cov_anneal", self.kl_cov_anneal, ANNEAL_SCHEDULES)
         for name in ("dual_clip", "check_inputs", "inplace_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in (
-            "eps_low", "eps_high", "dual_clip_c", "kl_coef", "entropy_coef", "temperature", "gamma", "gate_lambda",
-            "beta_p", "eta", "rho", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "kl_cov_beta",
-            "repo_beta", "zeta", "zeta_min", "zeta_max", "eps_high_max",
-        ):
-            setattr(self, name, _number(name, getattr(self, name)))
+        _numbers(self, "eps_low", "eps_high", "dual_clip_c", "kl_coef", "entropy_coef", "temperature")
         if self.target_entropy is not None:
             self.target_entropy = _number("target_entropy", self.target_entropy)
             if self.target_entropy < 0:
@@ -294,32 +226,6 @@ class LossConfig:
             raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
         if self.temperature <= 0:
             raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature}")
-        if self.gamma <= 0:
-            raise ValueError(f"LossConfig.gamma must be > 0 (gate sharpness), got {self.gamma}")
-        if self.gate_lambda < 0:
-            raise ValueError(f"LossConfig.gate_lambda must be >= 0, got {self.gate_lambda}")
-        _integer("buckets", self.buckets, 1)
-        if not 0.0 <= self.rho <= 1.0:
-            # rho = 0 keeps only the highest-entropy token(s) (the 1.0 quantile), as TRL's top_entropy_quantile=0.0
-            raise ValueError(f"LossConfig.rho (kept entropy quantile) must be in [0, 1], got {self.rho}")
-        if not 0.0 < self.clip_cov_ratio <= 1.0:
-            raise ValueError(f"LossConfig.clip_cov_ratio must be in (0, 1], got {self.clip_cov_ratio}")
-        if not self.clip_cov_lb < self.clip_cov_ub:
-            raise ValueError(
-                f"LossConfig.clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub ({self.clip_cov_ub})"
-            )
-        _integer("seed", self.seed, 0)
-        if not 0.0 < self.kl_cov_ratio <= 1.0:
-            raise ValueError(f"LossConfig.kl_cov_ratio must be in (0, 1], got {self.kl_cov_ratio}")
-        if self.kl_cov_beta < 0:
-            raise ValueError(f"LossConfig.kl_cov_beta must be >= 0, got {self.kl_cov_beta}")
-        _integer("kl_cov_anneal_steps", self.kl_cov_anneal_steps, 1)
-        if not 0.0 < self.zeta_min <= self.zeta_max:
-            raise ValueError(f"LossConfig needs 0 < zeta_min <= zeta_max, got {self.zeta_min}, {self.zeta_max}")
-        if not self.zeta_min <= abs(self.zeta) <= self.zeta_max:
-            raise ValueError(f"LossConfig.|zeta| must be in [zeta_min, zeta_max], got {self.zeta}")
-        if self.eps_high_max < self.eps_low:
-            raise ValueError(f"LossConfig.eps_high_max ({self.eps_high_max}) must be >= eps_low ({self.eps_low})")
         if self.max_len is not None:
             _integer("max_len", self.max_len, 1)
 
@@ -327,40 +233,38 @@ class LossConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("is_level", self.is_level, IS_LEVELS)
         _choice("cispo_clip", self.cispo_clip, CISPO_CLIPS)
+        known = registry.names()
         if not isinstance(self.controls, tuple):
-            raise TypeError(f"LossConfig.controls must be a tuple of names from {CONTROLS} (or a comma-separated "
+            raise TypeError(f"LossConfig.controls must be a tuple of names from {known} (or a comma-separated "
                             f"string), got {self.controls!r}")
         for control in self.controls:
-            _choice("controls", control, CONTROLS)
+            _choice("controls", control, known)
         if len(set(self.controls)) != len(self.controls):
             raise ValueError(f"LossConfig.controls names a control twice: {self.controls}")
         if self.rollout_is is not None:
             _choice("rollout_is", self.rollout_is, ROLLOUT_IS_MODES)
         if not isinstance(self.kl_bias_correction, bool):
             raise TypeError(f"LossConfig.kl_bias_correction must be a bool, got {self.kl_bias_correction!r}")
-        for name in ("cispo_max", "sapo_tau_pos", "sapo_tau_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-                     "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_step",
-                     "entropy_adv_alpha", "entropy_adv_kappa", "archer_rho", "archer_eps"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        for name in ("delta", "entropy_target", "off_policy_mask", "rollout_is_min", "rollout_is_max"):
-            if getattr(self, name) is not None:
-                setattr(self, name, _number(name, getattr(self, name)))
-        for name in ("cispo_max", "sapo_tau_pos", "sapo_tau_neg", "entropy_adv_kappa", "archer_eps"):
+        _numbers(self, "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_step")
+        _numbers(self, *(n for n in ("delta", "entropy_target", "off_policy_mask", "rollout_is_min", "rollout_is_max")
+                         if getattr(self, n) is not None))
+        for name in ("cispo_max", "sapo_tau_pos", "sapo_tau_neg"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_adv_alpha"):
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.archer_rho < 1.0:
-            raise ValueError(f"LossConfig.archer_rho (high-entropy fraction) must be in (0, 1), got {self.archer_rho}")
 
         objective, controls = self.objective, set(self.controls)
-        for a, b in (("repo", "repo_r"), ("clip_cov", "kl_cov")):
-            if {a, b} <= controls:
-                raise ValueError(f"LossConfig.controls: {a!r} and {b!r} are alternative forms of one control "
-                                 f"(pick one), got {self.controls}")
-        if objective == "gmpo":
-            shaping = sorted(controls & set(TOKEN_SHAPING_CONTROLS))
+        for control in registry.ordered():
+            control.check and control.check(self)  # its knobs always, the combination when it is enabled
+            for other in control.excludes if control.name in controls else ():
+                if other in controls:
+                    raise ValueError(f"LossConfig.controls: {control.name!r} and {other!r} are alternative forms of "
+                                     f"one control (pick one), got {self.controls}")
+        if not spec(objective).token_advantage:
+            shaping = [c.name for c in registry.ordered(sorted(controls)) if c.shapes_tokens]
             if shaping:
                 raise ValueError(f"LossConfig.objective='gmpo' takes one advantage and one geometric-mean ratio per "
                                  f"response; the token-level control(s) {shaping} cannot apply to it")
@@ -382,15 +286,6 @@ class LossConfig:
                                  f"the clip range), got {self.delta}")
         if self.dual_clip and objective != "clip":
             raise ValueError(f"LossConfig.dual_clip applies to objective='clip' only, got {objective!r}")
-        if "archer" in controls and objective != "clip":
-            raise ValueError(f"LossConfig.controls 'archer' sets per-token clip ranges: objective must be 'clip', got {objective!r}")
-        if "adapo" in controls:
-            uses_eps = objective in EPS_OBJECTIVES or (objective == "cispo" and self.cispo_clip == "two_sided")
-            if not uses_eps:
-                raise ValueError(f"LossConfig.controls 'adapo' moves eps_high, which objective {objective!r} does not use")
-            if not self.eps_low <= self.eps_high <= self.eps_high_max:
-                raise ValueError(f"ADAPO keeps eps_high in [eps_low, eps_high_max] = [{self.eps_low}, "
-                                 f"{self.eps_high_max}], got {self.eps_high}")
         if self.kl_bias_correction and self.kl_coef == 0:
             raise ValueError("LossConfig.kl_bias_correction weights the KL term, but kl_coef is 0 (no KL term)")
         if self.entropy_target is not None:
@@ -417,19 +312,16 @@ class LossConfig:
     @property
     def needs_ref(self) -> bool:
         """Whether the batch must carry ref_logp."""
-        return self.kl_coef > 0 or ("erpo" in self.controls and self.eta != 0)
+        return self.kl_coef > 0 or any(c.needs_ref and c.needs_ref(self) for c in registry.ordered(self.controls))
 
     @property
     def needs_rollout(self) -> bool:
         """Whether the batch must carry rollout_logp (the inference engine's log-probs)."""
         return self.rollout_is is not None
 
-    # Controls that read the per-token entropy (in the method logic or, for the controllers, the mean entropy).
-    ENTROPY_CONTROLS = ("high_entropy_mask", "erpo", "repo", "repo_r", "entropy_advantage", "archer", "adapo")
-
     def entropy_reason(self) -> str:
         """Why this config reads the entropy ('' when it does not)."""
-        reasons = [f"control {c!r}" for c in self.controls if c in self.ENTROPY_CONTROLS]
+        reasons = [f"control {c!r}" for c in self.controls if registry.REGISTRY[c].reads_entropy]
         if self.entropy_coef != 0:
             reasons.append(f"entropy_coef={self.entropy_coef}")
         if self.entropy_target is not None:
@@ -444,7 +336,15 @@ class LossConfig:
     @property
     def needs_groups(self) -> bool:
         """Whether the batch must carry group_ids (ERPO's gate normalizes within groups)."""
-        return "erpo" in self.controls
+        return any(c.needs_groups for c in registry.ordered(self.controls))
+
+    @functools.cached_property
+    def row_local(self) -> bool:
+        """Whether each token's loss coefficient depends only on its own logp and entropy and on per-sequence
+        constants (the one-pass fused-head schedule is then exact): a row-local objective at token level, no
+        control with a per-token step, no correction that reads the whole response."""
+        return (spec(self.objective).row_local and self.is_level == "token" and self.rollout_is is None
+                and self.off_policy_mask is None and all(c.row_local for c in registry.ordered(self.controls)))
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossConfig))

@@ -10,19 +10,17 @@ the first step (that step sets the target and changes nothing). KL-Cov: beta ann
 Adaptive entropy coefficient (`entropy_target`, TRL's Skywork-OR1 rule): the coefficient steps up by
 entropy_coef_step while the mean entropy is <= the target and down otherwise, within [min, max], and the
 bonus applies only while the last measured entropy is <= the target.
-A config with several stateful controls gets one controller per control (`Controllers`).
+A config with several stateful controls gets one controller per control (`Controllers`); each control declares
+its own (erpo/losses/controls/<name>.py, `controller`).
 A step whose metrics report no valid token (n_valid_tokens == 0: every micro-batch empty) leaves the
 entropy-driven controllers as they were; KL-Cov's annealing counts optimizer steps and steps anyway.
 """
+import importlib
 import math
-from typing import Optional, Union
-
-from torch import Tensor
-
-from erpo.losses.config import LossConfig
+from typing import Optional
 
 
-def _mean_entropy(metrics_or_entropy: Union[dict, float, Tensor]) -> Optional[float]:
+def _mean_entropy(metrics_or_entropy) -> Optional[float]:
     """The step's mean entropy, or None when a metrics dict reports no valid token (an empty batch measures
     nothing: the entropy controllers keep their state, never step on a made-up 0 or NaN)."""
     if isinstance(metrics_or_entropy, dict):
@@ -44,7 +42,7 @@ class EntropyTargetController:
     knob = ""
     bounds_: tuple = (0.0, math.inf)
 
-    def __init__(self, config: LossConfig):
+    def __init__(self, config):
         self.value = float(getattr(config, self.knob))
         self.target: Optional[float] = config.target_entropy
         self.steps = 0
@@ -61,7 +59,7 @@ class EntropyTargetController:
         low, high = self.bounds_
         self.value = math.copysign(min(max(magnitude, low), high), self.value)
 
-    def apply(self, config: LossConfig) -> LossConfig:
+    def apply(self, config):
         return config.replace(**{self.knob: self.value})
 
     def state_dict(self) -> dict:
@@ -73,65 +71,13 @@ class EntropyTargetController:
         self.value, self.target, self.steps = float(state["value"]), state["target"], int(state["steps"])
 
 
-class RepoRZetaController(EntropyTargetController):
-    """REPO-R: |zeta| doubled when entropy is below target, halved otherwise, clipped to [zeta_min, zeta_max]."""
-
-    knob = "zeta"
-
-    def __init__(self, config: LossConfig):
-        super().__init__(config)
-        self.bounds_ = (config.zeta_min, config.zeta_max)
-
-
-class AdapoEpsHighController(EntropyTargetController):
-    """ADAPO: eps_high doubled when entropy is below target, halved otherwise, clipped to [eps_low, eps_high_max]."""
-
-    knob = "eps_high"
-
-    def __init__(self, config: LossConfig):
-        super().__init__(config)
-        self.bounds_ = (config.eps_low, config.eps_high_max)
-
-
-class KLCovBetaAnneal:
-    """KL-Cov: beta_t = beta_0 * s(t / T), s linear (1 - x) or cosine ((1 + cos(pi x)) / 2), 0 after T steps."""
-
-    knob = "kl_cov_beta"
-
-    def __init__(self, config: LossConfig):
-        self.beta0 = config.kl_cov_beta
-        self.schedule = config.kl_cov_anneal
-        self.total = config.kl_cov_anneal_steps
-        self.steps = 0
-
-    @property
-    def value(self) -> float:
-        x = min(self.steps, self.total) / self.total
-        scale = 1.0 - x if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * x))
-        return self.beta0 * scale
-
-    def step(self, metrics_or_entropy=None) -> None:
-        self.steps += 1
-
-    def apply(self, config: LossConfig) -> LossConfig:
-        return config.replace(kl_cov_beta=self.value)
-
-    def state_dict(self) -> dict:
-        return {"knob": "kl_cov_beta", "beta0": self.beta0, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("knob") != "kl_cov_beta":
-            raise ValueError(f"controller state is for {state.get('knob')!r}, this controller drives 'kl_cov_beta'")
-        self.beta0, self.steps = float(state["beta0"]), int(state["steps"])
-
-
 class AdaptiveEntropyCoef:
     """TRL's adaptive entropy coefficient: coef += step if entropy <= target else coef -= step (clipped to
     [entropy_coef_min, entropy_coef_max]); the applied coefficient is coef while the last entropy <= target, else 0."""
 
     knob = "entropy_coef"
 
-    def __init__(self, config: LossConfig):
+    def __init__(self, config):
         self.coef = config.entropy_coef
         self.target = config.entropy_target
         self.low, self.high, self.delta = config.entropy_coef_min, config.entropy_coef_max, config.entropy_coef_step
@@ -154,7 +100,7 @@ class AdaptiveEntropyCoef:
             self.coef = max(self.coef - self.delta, self.low)
         self.last_entropy = entropy
 
-    def apply(self, config: LossConfig) -> LossConfig:
+    def apply(self, config):
         return config.replace(entropy_coef=self.value)
 
     def state_dict(self) -> dict:
@@ -176,7 +122,7 @@ class Controllers:
         for controller in self.controllers:
             controller.step(metrics_or_entropy)
 
-    def apply(self, config: LossConfig) -> LossConfig:
+    def apply(self, config):
         return config.replace(**{c.knob: c.value for c in self.controllers})
 
     def state_dict(self) -> dict:
@@ -191,17 +137,24 @@ class Controllers:
             controller.load_state_dict(sub)
 
 
-def make_controller(config: LossConfig):
+def make_controller(config):
     """The controller of a config's stateful controls, or None (one controller, or `Controllers` for several)."""
-    controllers = []
-    if "repo_r" in config.controls:
-        controllers.append(RepoRZetaController(config))
-    if "adapo" in config.controls:
-        controllers.append(AdapoEpsHighController(config))
-    if "kl_cov" in config.controls and config.kl_cov_anneal != "none":
-        controllers.append(KLCovBetaAnneal(config))
+    controls = importlib.import_module("erpo.losses.controls")  # its files import this module's base classes
+    made = [c.controller(config) for c in controls.ordered(config.controls) if c.controller is not None]
     if config.entropy_target is not None:
-        controllers.append(AdaptiveEntropyCoef(config))
+        made.append(AdaptiveEntropyCoef(config))
+    controllers = [c for c in made if c is not None]
     if not controllers:
         return None
     return controllers[0] if len(controllers) == 1 else Controllers(controllers)
+
+
+def __getattr__(name: str):
+    """The controls' own controllers (RepoRZetaController, AdapoEpsHighController, KLCovBetaAnneal), by name."""
+    controls = importlib.import_module("erpo.losses.controls")
+    for control in controls.ordered():
+        home = control.controller and importlib.import_module(control.controller.__module__)
+        found = getattr(home, name, None) if home else None
+        if isinstance(found, type):
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,10 @@ Two schedules, both ending in the same [N]-sized middle (`loss_from_token_stats`
   as Liger does (3 matmuls). The per-token formulas are the loss's own (token_terms, token_weights); the
   loss value and metrics still come from loss_from_token_stats on the same statistics.
 "auto" picks one_pass where `one_pass_exact(config)` holds, gradients are needed and the head backend has a
-fused forward-backward (the torch backend); two_pass otherwise.
+fused forward-backward (the torch backend); two_pass otherwise. The one-pass head gets the coefficients as a
+plain function of a chunk's (row ids, logp, entropy) (erpo/ops imports nothing from erpo/losses).
 """
 import dataclasses
-import json
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
+from erpo.losses import controls as registry
 from erpo.losses.batch import IGNORE_INDEX, prepare_tokens
 from erpo.losses.config import LossConfig
 from erpo.losses.policy_loss import LossResult, loss_from_token_stats, token_params
@@ -33,19 +34,13 @@ from erpo.ops.row_layout import row_layout
 from erpo.ops.vocab_parallel import global_vocab
 
 SCHEDULES = ("auto", "one_pass", "two_pass")
-# Presets whose token advantage is the sequence advantage itself and whose objective needs no per-response
-# statistic (no batch statistic, no sequence ratio, no use of other tokens' logp/H).
-ROW_LOCAL_METHODS = ("grpo", "dapo", "dr_grpo", "adapo", "bnpo", "cispo", "sapo", "gpg")
-# The LossConfig fields the one-pass formulas were written against. A field added later (a new objective,
-# control, correction, ...) must keep its preset default for the one-pass schedule to be chosen.
-ONE_PASS_FIELDS = (
-    "method", "adv_estimator", "eps_low", "eps_high", "agg", "max_len", "dual_clip", "dual_clip_c", "kl_coef",
-    "kl_estimator", "entropy_coef", "temperature", "backend", "check_inputs", "inplace_grad", "gamma", "gate",
-    "gate_lambda", "beta_p", "buckets", "eta", "rho", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "seed",
-    "kl_cov_ratio", "kl_cov_beta", "kl_cov_anneal", "kl_cov_anneal_steps", "repo_beta", "zeta", "zeta_min",
-    "zeta_max", "target_entropy", "eps_high_max",
-    # per-token objective knobs: token_terms computes them from the token's own values
-    "cispo_clip", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "delta", "kl_bias_correction",
+# The LossConfig fields the one-pass formulas were written against: the per-token kernel's knobs (TokenParams),
+# every control's knobs (a control the config does not enable reads none of its own) and the aggregation's. Any
+# other field (the composition itself, or one added later) must keep its preset's value for one_pass.
+ONE_PASS_FIELDS = frozenset(
+    {f.name for f in dataclasses.fields(TokenParams)} - {"objective"}
+    | {"method", "adv_estimator", "agg", "max_len", "temperature", "backend", "check_inputs", "inplace_grad"}
+    | {knob for control in registry.ordered() for knob in control.knobs}
 )
 ONE_PASS_BATCH_KEYS = ("targets", "mask", "old_logp", "ref_logp", "advantages", "rewards", "group_ids", "seq_ids",
                        "num_items_in_batch", "num_seqs_in_batch")
@@ -53,9 +48,9 @@ ONE_PASS_BATCH_KEYS = ("targets", "mask", "old_logp", "ref_logp", "advantages", 
 
 def one_pass_exact(config: LossConfig, batch=None) -> bool:
     """Whether the one-pass schedule gives exactly the two-pass loss: every token's coefficient depends only
-    on its own logp/entropy and per-sequence constants (GRPO, DAPO, Dr. GRPO, ADAPO, with or without the
-    entropy bonus and the KL term)."""
-    if config.method not in ROW_LOCAL_METHODS or not getattr(config, "row_local", True):
+    on its own logp/entropy and per-sequence constants (`LossConfig.row_local`: GRPO, DAPO, Dr. GRPO, ADAPO,
+    CISPO, SAPO, GPG, with or without the entropy bonus and the KL term)."""
+    if not config.row_local:
         return False
     preset = type(config)(method=config.method)
     for field in dataclasses.fields(config):
@@ -117,8 +112,8 @@ def linear_policy_loss(
     token_backend = backends.resolve(config.backend, hidden.is_cuda)
     exact = one_pass_exact(config, batch)
     if schedule == "one_pass" and not exact:
-        raise ValueError(f"schedule='one_pass' is exact only for row-local losses ({', '.join(ROW_LOCAL_METHODS)} "
-                         f"without batch-wide controls); method {config.method!r} with this config needs 'two_pass'")
+        raise ValueError(f"schedule='one_pass' is exact only for row-local losses (LossConfig.row_local: a row-local "
+                         f"objective, no batch-wide control); method {config.method!r} with this config needs 'two_pass'")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     fused = hasattr(head.load(resolved_head), "forward_backward")
     if schedule == "one_pass" and process_group is not None:
@@ -154,12 +149,11 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
     # The entropy bonus's own weights: a token mean whatever the aggregation (loss_from_token_stats)
     bonus_weights = token_weights("token-mean", valid, flat.seq, flat.n_seqs, 1, torch.float32, flat.num_items)
     ref = flat.ref if config.kl_coef > 0 else None
-    params = json.dumps(dataclasses.asdict(token_params(config)))
     # Detached: the gradient reaches hidden/weight/bias through _PrecomputedGradient, not through the op.
     logp, entropy, grad_hidden, grad_weight, grad_bias = _one_pass_op(
         hidden.detach(), weight.detach().contiguous(), None if bias is None else bias.detach(), flat.targets, flat.old,
         adv.contiguous(), ref, weights.contiguous(), bonus_weights.contiguous(), 1.0 / config.temperature, IGNORE_INDEX,
-        params, token_backend, resolved_head,
+        token_backend, resolved_head, *dataclasses.astuple(token_params(config)),
     )
     result = loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
     attached = _PrecomputedGradient.apply(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
@@ -170,16 +164,21 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
 def _one_pass_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old: Tensor, adv: Tensor,
     ref: Optional[Tensor], weights: Tensor, bonus_weights: Tensor, inv_temperature: float, ignore_index: int,
-    params: str, token_backend: str, head_backend: str,
+    token_backend: str, head_backend: str,
+    # the TokenParams fields, in order (typed scalars: a custom op takes no dataclass)
+    eps_low: float, eps_high: float, dual_clip: bool, dual_clip_c: float, kl_coef: float, kl_estimator: str,
+    entropy_coef: float, objective: str, delta: Optional[float], kl_bias_correction: bool, cispo_clip: str,
+    cispo_max: float, sapo_tau_pos: float, sapo_tau_neg: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    token = TokenParams(**json.loads(params))
-    policy_token = dataclasses.replace(token, entropy_coef=0.0)  # the bonus is aggregated on its own (bonus_weights)
+    given = locals()
+    # the entropy bonus is aggregated on its own (bonus_weights): the policy term's coefficients run without it
+    policy = TokenParams(**{f.name: given[f.name] for f in dataclasses.fields(TokenParams)} | {"entropy_coef": 0.0})
 
     def coefficients(idx, logp, entropy):
         _, dlogp, _, _, _ = token_terms(
-            logp, entropy, old[idx], adv[idx], None if ref is None else ref[idx], None, policy_token, token_backend
+            logp, entropy, old[idx], adv[idx], None if ref is None else ref[idx], None, policy, token_backend
         )
-        dentropy = -token.entropy_coef * bonus_weights[idx] if token.entropy_coef != 0 else None
+        dentropy = -entropy_coef * bonus_weights[idx] if entropy_coef != 0 else None
         return dlogp * weights[idx], dentropy
 
     flat_targets = targets.reshape(-1).contiguous()
@@ -187,12 +186,11 @@ def _one_pass_op(
         row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index, coefficients
     )
     grad_bias = grad_weight.new_empty(0) if grad_bias is None else grad_bias
-    return logp, entropy, grad_hidden.view(hidden.shape), grad_weight, grad_bias
+    return logp.view(targets.shape), entropy.view(targets.shape), grad_hidden.view(hidden.shape), grad_weight, grad_bias
 
 
 @_one_pass_op.register_fake
-def _(hidden, weight, bias, targets, old, adv, ref, weights, bonus_weights, inv_temperature, ignore_index, params,
-      token_backend, head_backend):
+def _(hidden, weight, bias, targets, *args):
     f32 = torch.float32
     return (hidden.new_empty(targets.shape, dtype=f32), hidden.new_empty(targets.shape, dtype=f32),
             hidden.new_empty(hidden.shape, dtype=f32), weight.new_empty(weight.shape, dtype=f32),

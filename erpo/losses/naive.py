@@ -5,11 +5,13 @@ responses and buckets in Python. Tests check erpo.policy_loss against it; benchm
 "naive GRPO". Padded layout ([B, L, V] logits) only.
 """
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from erpo.losses import controls as registry
 from erpo.losses.config import LossConfig
 from erpo.losses.policy_loss import LossResult
 
@@ -49,61 +51,27 @@ def _sequence_advantages(batch: dict, config: LossConfig, dtype) -> tuple[Tensor
     return advantages, degenerate
 
 
-def _population_normalize(values: list) -> list:
-    """(x - mean) / (std + 1e-6) with the population std; one value gives 0."""
-    t = torch.stack(values)
-    return list((t - t.mean()) / (t.std(unbiased=False) + STD_EPS))
+@dataclass
+class Dense:
+    """The dense [B, L] state each control's naive form reads and changes (erpo/losses/controls/, `naive`)."""
 
-
-def _erpo_token_advantages(config, batch, mask, entropy, adv_seq, old, ref):
-    B, L = mask.shape
-    ids = batch["group_ids"].tolist()
-    H = entropy.detach()
-    gate = torch.zeros_like(H)
-    alpha = torch.ones_like(H)
-    shaped = torch.zeros_like(H)
-    for group in sorted(set(ids)):
-        members = [i for i, g in enumerate(ids) if g == group]
-        cells = [(i, t) for i in members for t in range(L) if mask[i, t]]
-        if not cells:
-            continue
-        z = _population_normalize([H[i, t] for i, t in cells])
-        for (i, t), zi in zip(cells, z):
-            gate[i, t] = torch.sigmoid(config.gamma * zi)
-        buckets = {}
-        for i in members:
-            positions = [t for t in range(L) if mask[i, t]]
-            n = len(positions)
-            total_gate = sum(gate[i, t] for t in positions) if positions else 0
-            for pos, t in enumerate(positions):
-                if config.gate == "redistribute":
-                    alpha[i, t] = n * gate[i, t] / total_gate
-                elif config.gate == "amplify":
-                    alpha[i, t] = 1 + config.gate_lambda * gate[i, t]
-                buckets.setdefault(min(config.buckets - 1, (config.buckets * pos) // n), []).append((i, t))
-        for i, t in cells:
-            shaped[i, t] = alpha[i, t] * adv_seq[i]
-        if config.eta != 0:
-            for cells_in_bucket in buckets.values():
-                s = [config.beta_p * (old[i, t] - ref[i, t]) for i, t in cells_in_bucket]
-                for (i, t), s_norm in zip(cells_in_bucket, _population_normalize(s)):
-                    shaped[i, t] = shaped[i, t] + config.eta * gate[i, t] * torch.sign(adv_seq[i]) * s_norm
-    return shaped, gate
-
-
-def _covariance(a, logp, mask):
-    valid_a, valid_lp = a[mask], logp.detach()[mask]
-    return (a - valid_a.mean()) * (logp.detach() - valid_lp.mean())
-
-
-def _archer_high(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
-    """Per response: tokens with H >= the response's (1 - rho) entropy quantile."""
-    high = torch.zeros_like(mask)
-    for i in range(mask.shape[0]):
-        if mask[i].any():
-            threshold = torch.quantile(entropy[i][mask[i]], 1 - rho)
-            high[i] = mask[i] & (entropy[i] >= threshold)
-    return high
+    batch: dict
+    mask: Tensor  # bool
+    logp: Tensor  # differentiable
+    lp: Tensor  # logp, detached
+    H: Tensor  # entropy, detached
+    old: Tensor
+    ref: Optional[Tensor]
+    adv_seq: Tensor  # [B]
+    a: Tensor  # the token advantage
+    generator: Optional[torch.Generator]
+    keep: Tensor = None  # 0/1 multiplier of the whole token term
+    klcov: Tensor = None  # KL-Cov's beta per token
+    masked: Tensor = None  # tokens masked or selected
+    eps_low: Tensor = None  # per-token clip range
+    eps_high: Tensor = None
+    kl_weight: Tensor = None  # per-token multiplier of kl_coef
+    metrics: dict = field(default_factory=dict)
 
 
 def _rollout_weight(config, old, rollout, mask):
@@ -123,8 +91,7 @@ def naive_policy_loss(
 ) -> LossResult:
     """Dense [B, L] reference of every objective x control x correction, gradients by autograd.
 
-    Controls run in erpo's documented order (erpo gate, entropy advantage, REPO / REPO-R, 80/20, Archer,
-    Clip-Cov, KL-Cov); the sequence ratio is verl's GSPO-token form sg(s_i) pi / sg(pi); GMPO is verl's
+    Controls run in their declared order, each by its dense form (erpo/losses/controls/); the sequence ratio is verl's GSPO-token form sg(s_i) pi / sg(pi); GMPO is verl's
     geo_mean with autograd through the clamped log-ratios.
     """
     targets, mask = batch["targets"], batch["mask"].bool()
@@ -140,62 +107,17 @@ def naive_policy_loss(
     adv_seq, degenerate = _sequence_advantages(batch, config, dtype)
     a = torch.where(mask, adv_seq[:, None].expand(B, L), zero)
     n_valid = int(mask.sum())
-    keep = torch.ones_like(a)
-    klcov = torch.zeros_like(a)
-    masked = torch.zeros_like(mask)
-    eps_low = torch.full_like(a, config.eps_low)
-    eps_high = torch.full_like(a, config.eps_high)
-    kl_weight = torch.ones_like(a)
-    extra = {}
     lp = logp.detach()
     H = entropy.detach()
     ratio_d = torch.exp(lp - old)
-    controls = set(config.controls)
-
-    if "erpo" in controls:
-        a, gate = _erpo_token_advantages(config, batch, mask, entropy, adv_seq, old, ref)
-        cdp = mask & (gate > 0.5)
-        extra["cdp_rate"] = cdp.sum() / n_valid
-    if "entropy_advantage" in controls:
-        a = torch.where(mask, a + torch.minimum(config.entropy_adv_alpha * H, a.abs() / config.entropy_adv_kappa), zero)
-    if "repo" in controls:
-        a = torch.where(mask, a - config.repo_beta * (lp + H), zero)
-    if "repo_r" in controls:
-        pos = (a * (1 - config.zeta * lp)).clamp_min(0)
-        neg = (a * (1 + config.zeta * lp)).clamp_max(0)
-        a = torch.where(a > 0, pos, torch.where(a < 0, neg, zero))
-    if "high_entropy_mask" in controls:
-        threshold = torch.quantile(H[mask], 1 - config.rho)
-        kept = mask & (H >= threshold)
-        a = torch.where(kept, a, zero)
-        masked = masked | (mask & ~kept)
-    if "archer" in controls:
-        high = _archer_high(H, mask, config.archer_rho)
-        eps_low = torch.where(high, config.archer_eps, eps_low)
-        eps_high = torch.where(high, config.archer_eps, eps_high)
-        kl_weight = (~high).to(dtype)
-    if "clip_cov" in controls:
-        cov = _covariance(a, logp, mask)
-        clipped = -a * torch.clamp(ratio_d, 1 - eps_low, 1 + eps_high) > -a * ratio_d
-        flat_cov, flat_mask, flat_clipped = cov.view(-1).tolist(), mask.view(-1).tolist(), clipped.view(-1).tolist()
-        candidates = [
-            j for j in range(B * L)
-            if flat_mask[j] and config.clip_cov_lb < flat_cov[j] < config.clip_cov_ub and not flat_clipped[j]
-        ]
-        k = min(len(candidates), max(1, math.floor(config.clip_cov_ratio * n_valid)))
-        if generator is None:
-            generator = torch.Generator(device=logits.device).manual_seed(config.seed)
-        keys = torch.rand(B * L, generator=generator, device=logits.device, dtype=torch.float32)
-        for j in sorted(candidates, key=lambda j: (float(keys[j]), j))[:k]:
-            keep.view(-1)[j] = 0
-            masked.view(-1)[j] = True
-    if "kl_cov" in controls:
-        cov = _covariance(a, logp, mask).view(-1)
-        valid = [j for j in range(B * L) if mask.view(-1)[j]]
-        k = max(1, math.floor(config.kl_cov_ratio * n_valid))
-        for j in sorted(valid, key=lambda j: (-float(cov[j]), j))[:k]:
-            klcov.view(-1)[j] = config.kl_cov_beta
-            masked.view(-1)[j] = True
+    dense = Dense(batch, mask, logp, lp, H, old, ref, adv_seq, a, generator, keep=torch.ones_like(a),
+              klcov=torch.zeros_like(a), masked=torch.zeros_like(mask), eps_low=torch.full_like(a, config.eps_low),
+              eps_high=torch.full_like(a, config.eps_high), kl_weight=torch.ones_like(a))
+    for control in registry.ordered(config.controls):
+        if control.naive is not None:
+            control.naive(config, dense)
+    a, keep, klcov, masked = dense.a, dense.keep, dense.klcov, dense.masked
+    eps_low, eps_high, kl_weight = dense.eps_low, dense.eps_high, dense.kl_weight
 
     lengths = mask.sum(1)
     log_ratio = torch.where(mask, logp - old, zero)
@@ -299,6 +221,6 @@ def naive_policy_loss(
         "n_empty_batches": torch.tensor(int(n_valid == 0)),
         **extra_bonus,
         "degenerate_groups": torch.tensor(degenerate),
-        **extra,
+        **dense.metrics,
     }
     return LossResult(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})

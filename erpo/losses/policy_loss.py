@@ -17,7 +17,7 @@ from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
 from erpo.losses.batch import prepare, prepare_tokens
 from erpo.losses.config import LossConfig
-from erpo.losses.controls import Tokens, apply_controls
+from erpo.losses.shaping import Tokens, apply_controls
 from erpo.losses.importance import token_extras
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, token_loss
@@ -36,7 +36,7 @@ def token_params(config: LossConfig) -> TokenParams:
     return TokenParams(
         eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
         dual_clip_c=config.dual_clip_c, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
-        entropy_coef=config.entropy_coef, no_clip=config.objective == "plain", objective=config.objective,
+        entropy_coef=config.entropy_coef, objective=config.objective,
         delta=config.delta, kl_bias_correction=config.kl_bias_correction, cispo_clip=config.cispo_clip,
         cispo_max=config.cispo_max, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
     )

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from erpo.losses.objectives import Objective
+
 
 @dataclass(frozen=True)
 class TokenParams:
@@ -24,8 +26,7 @@ class TokenParams:
     kl_coef: float
     kl_estimator: str
     entropy_coef: float
-    no_clip: bool  # objective "plain" (KL-Cov's): the ratio surrogate without the PPO clip
-    objective: str = "clip"
+    objective: str = "clip"  # a LossConfig.objective name (erpo/losses/objectives.py)
     delta: Optional[float] = None  # cap of the unclipped ratio (INTELLECT-2)
     kl_bias_correction: bool = False  # KL term times the importance ratio (DeepSeek-V3.2)
     cispo_clip: str = "upper"
@@ -40,9 +41,8 @@ class TokenParams:
 
     @property
     def objective_code(self) -> int:
-        """The objective as the kernels (Triton, CUDA) take it; no_clip makes any objective plain (as the twin)."""
-        objective = "plain" if self.no_clip else self.objective
-        return {"clip": 0, "plain": 1, "cispo": 2, "sapo": 3, "vespo": 4, "gpg": 5, "gmpo": 6}[objective]
+        """The objective as the kernels (Triton, CUDA) take it: its Objective value."""
+        return int(Objective[self.objective.upper()])
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _surrogate(logp, log_ratio, ratio, adv, params: TokenParams, extras: TokenEx
     eps_low = params.eps_low if extras.eps_low is None else extras.eps_low
     eps_high = params.eps_high if extras.eps_high is None else extras.eps_high
     objective = params.objective
-    if objective == "plain" or params.no_clip:
+    if objective == "plain":
         pg = -adv * ratio
         return pg, pg, no_flag, no_flag
     if objective == "clip":

@@ -12,31 +12,22 @@ that sampled: every ratio exp(logp - old_logp) is 1 (token or sequence level), a
 Still acting on-policy: Clip-Cov (zeroes picked tokens), the 80/20 mask, ERPO, REPO/REPO-R, the KL to the
 reference, entropy bonuses, gpg (no ratio at all).
 """
-
-OBJECTIVES = {
-    "clip": "the PPO clip (eps_low {eps_low}, eps_high {eps_high})",
-    "gmpo": "GMPO's log-space clip",
-    "cispo": "CISPO's truncation of the ratio weight",
-    "sapo": "SAPO's soft gate",
-    "vespo": "VESPO's weighting of each response's ratio",
-}
+from erpo.losses import controls
+from erpo.losses.objectives import spec
 
 
 def inert_on_policy(loss_cfg) -> list[str]:
-    controls = tuple(getattr(loss_cfg, "controls", ()) or ())
-    objective = getattr(loss_cfg, "objective", "plain" if loss_cfg.method == "kl_cov" else "clip")
+    """What the objective and controls of a LossConfig cannot do on-policy (their declarations' inert_on_policy)."""
     names = []
-    if objective in OBJECTIVES:
-        level = " (sequence-level ratio)" if getattr(loss_cfg, "is_level", "token") == "sequence" else ""
-        names.append(OBJECTIVES[objective].format(eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high) + level)
-        if objective == "clip" and loss_cfg.eps_high != loss_cfg.eps_low:
+    objective = spec(loss_cfg.objective).inert_on_policy
+    if objective:
+        level = " (sequence-level ratio)" if loss_cfg.is_level == "sequence" else ""
+        names.append(objective.format(eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high) + level)
+        if loss_cfg.objective == "clip" and loss_cfg.eps_high != loss_cfg.eps_low:
             names.append("clip-higher")
     if loss_cfg.dual_clip:
         names.append("dual clip")
-    if loss_cfg.method == "adapo" or "adapo" in controls:
-        names.append("ADAPO (its eps_high controller)")
-    if loss_cfg.method == "kl_cov" or "kl_cov" in controls:
-        names.append("KL-Cov (its |logp - old| penalty)")
+    names += [c.inert_on_policy for c in controls.ordered(loss_cfg.controls) if c.inert_on_policy]
     return names
 
 

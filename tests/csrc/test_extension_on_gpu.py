@@ -85,7 +85,7 @@ def test_policy_loss_token_kernel_matches_twin(dual_clip, kl_estimator):
     entropy = torch.rand(n, device="cuda") * 3
     ref = logp + torch.randn(n, device="cuda") * 0.3
     klcov = (torch.rand(n, device="cuda") < 0.2).float()
-    params = TokenParams(0.2, 0.28, dual_clip, 3.0, 0.04, kl_estimator, 0.01, False)
+    params = TokenParams(0.2, 0.28, dual_clip, 3.0, 0.04, kl_estimator, 0.01)
     out = [torch.empty(n, device="cuda") for _ in range(3)]
     out += [torch.empty(n, device="cuda", dtype=torch.bool) for _ in range(2)]
     _C.policy_loss_token(logp, entropy, old, adv, ref, klcov, None, None, None, None, None, None, *out,

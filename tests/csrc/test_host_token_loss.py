@@ -37,7 +37,8 @@ CONFIGS = list(itertools.product((False, True), (False, True), ("k1", "k2", "k3"
 @pytest.mark.parametrize("no_clip,dual_clip,kl_estimator,with_ref,with_klcov", CONFIGS)
 def test_token_terms_match_float64_twin(shim, no_clip, dual_clip, kl_estimator, with_ref, with_klcov):
     params = TokenParams(eps_low=0.2, eps_high=0.28, dual_clip=dual_clip, dual_clip_c=3.0, kl_coef=0.04,
-                         kl_estimator=kl_estimator, entropy_coef=0.01, no_clip=no_clip)
+                         kl_estimator=kl_estimator, entropy_coef=0.01,
+                         objective="plain" if no_clip else "clip")
     inputs = _inputs(with_ref, with_klcov)
     got = hs.token_terms(shim, *inputs, params)
     want = token_terms_torch(*[None if t is None else t.double() for t in inputs], params)
@@ -73,7 +74,7 @@ def test_token_terms_match_float64_twin(shim, no_clip, dual_clip, kl_estimator, 
 
 def test_nan_ratio_stays_nan(shim):
     """A NaN log-prob must reach the loss, never be replaced by a clip bound (fmaxf/fminf would do that)."""
-    params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, False)
+    params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0)
     logp = torch.tensor([float("nan"), -1.0])
     old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
     got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
@@ -110,6 +111,24 @@ def test_nan_ratio_stays_nan_every_objective(shim):
     old, adv = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, -1.0])
     for option in (dict(objective="clip", delta=1.5), dict(objective="cispo"),
                    dict(objective="cispo", cispo_clip="two_sided"), dict(objective="sapo")):
-        params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, False, **option)
+        params = TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, **option)
         got = hs.token_terms(shim, logp, torch.ones(2), old, adv, None, None, params)
         assert torch.isnan(got[0][0]) and torch.isfinite(got[0][1]), option
+
+
+def test_objective_codes_have_one_definition():
+    """erpo.losses.objectives.Objective is the definition of the objective codes: the Triton kernel's constants,
+    csrc/token_loss_math.h's enum and TokenParams.objective_code equal it."""
+    import re
+    from pathlib import Path
+
+    from erpo.kernels import policy_loss as kernel
+    from erpo.losses.objectives import OBJECTIVES, Objective
+
+    header = (Path(__file__).resolve().parents[2] / "csrc" / "token_loss_math.h").read_text()
+    enum = re.search(r"enum Objective \{([^}]*)\}", header).group(1)
+    definition = {o.name: o.value for o in Objective}
+    assert {name[1:].upper(): int(code) for name, code in re.findall(r"(k\w+) = (\d+)", enum)} == definition
+    assert {name: getattr(kernel, name).value for name in definition} == definition
+    assert {name: TokenParams(0.2, 0.2, False, 3.0, 0.0, "k3", 0.0, objective=name).objective_code
+            for name in OBJECTIVES} == {o.name.lower(): o.value for o in Objective}

@@ -21,7 +21,7 @@ ADVS = [1.0, -1.0, -1.0, 1.0, 1.0, 0.5, -0.5]
 
 def params(clip):
     return TokenParams(eps_low=0.2, eps_high=0.28, dual_clip=False, dual_clip_c=3.0, kl_coef=0.0, kl_estimator="k3",
-                       entropy_coef=0.0, no_clip=False, objective="cispo", cispo_clip=clip, cispo_max=1.5)
+                       entropy_coef=0.0, objective="cispo", cispo_clip=clip, cispo_max=1.5)
 
 
 def inputs():
