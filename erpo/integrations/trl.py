@@ -20,7 +20,8 @@ from trl.trainer.utils import nanmax, nanmin
 
 import erpo
 from erpo.losses.config import LossConfig
-from erpo.losses.controllers import AdaptiveEntropyCoef, make_controller
+from erpo.losses.controllers import AdaptiveEntropyCoef
+from erpo.losses.module import PolicyLoss
 
 CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, next to TRL's own files
 
@@ -158,7 +159,11 @@ class GRPOTrainer(_TRLGRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("the model's config sets output_router_logits with router_aux_loss_coef != 0 (MoE "
                              "load-balancing loss): erpo's GRPOTrainer does not add it; set router_aux_loss_coef=0")
-        self.loss_config = loss_config_from_trl(self.args, loss_config, use_vllm=self.use_vllm)
+        # The loss and its state (the stateful controls' controllers, Clip-Cov's generator seeded with TRL's seed):
+        # erpo's PolicyLoss. The controllers step once per optimizer step on the mean entropy of the accumulation
+        # window over all processes (TRL's rule for its controller).
+        config = loss_config_from_trl(self.args, loss_config, use_vllm=self.use_vllm)
+        self.erpo_loss = PolicyLoss(config.replace(seed=self.args.seed))
         self._erpo_global_tokens = self.loss_config.agg == "token-mean" and self.loss_type in GLOBAL_TOKEN_LOSS_TYPES
         # TRL's _entropy_bonus_enabled: a static coefficient or the adaptive one (which logs policy_loss, entropy_coef)
         self._erpo_entropy_bonus = self.loss_config.entropy_coef != 0 or self.loss_config.entropy_target is not None
@@ -166,11 +171,15 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._erpo_fused_head = _fusable_head(unwrapped)
         if self._erpo_fused_head:
             _add_hidden_states_forward(unwrapped)
-        self._erpo_generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed)
-        # Stateful controls (REPO-R, ADAPO, KL-Cov annealing, adaptive entropy coefficient) step once per optimizer
-        # step on the mean entropy of the accumulation window over all processes (TRL's rule for its controller)
-        self.erpo_controller = make_controller(self.loss_config)
         self._erpo_window = None  # [sum of entropy, valid tokens] of the current accumulation window
+
+    @property
+    def loss_config(self) -> LossConfig:
+        return self.erpo_loss.config
+
+    @property
+    def erpo_controller(self):
+        return self.erpo_loss.controller
 
     def _generate_and_score_completions(self, inputs):
         """TRL's batch plus `erpo_group_ids` [B]: the prompt group of each completion (TRL's sampler repeats each
@@ -249,10 +258,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
         elif self.loss_config.agg != "token-mean":
             # TRL's per-response means divide by every completion of the micro-batch, empty ones included
             batch["num_seqs_in_batch"] = torch.tensor(float(mask.size(0)), device=mask.device)
-        config = self.loss_config if self.erpo_controller is None else self.erpo_controller.apply(self.loss_config)
+        config = self.erpo_loss.current_config()
         # A micro-batch without a valid token (all completions truncated and masked, or all tool output) gives a
         # differentiable 0 and no update, as TRL's own loss does; erpo counts it in erpo/n_empty_batches.
-        result = erpo.token_policy_loss(logp, entropy, batch, config, generator=self._erpo_generator)
+        result = erpo.token_policy_loss(logp, entropy, batch, config, generator=self.erpo_loss.generator_for(logp.device))
         loss = result.loss if self._erpo_global_tokens else result.loss / accumulation
         self._log_erpo_metrics(mode, result.metrics)
         with torch.no_grad():
@@ -338,9 +347,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._erpo_window = None
         # A window without a valid token on any process measured no entropy: erpo's controllers keep their state
         # (TRL's would step on an entropy of 0); KL-Cov's annealing still counts the optimizer step.
-        self.erpo_controller.step({"n_valid_tokens": totals[1].item(),
-                                   "entropy": (totals[0] / totals[1].clamp(min=1.0)).item()})
-        applied = self.erpo_controller.apply(self.loss_config)
+        self.erpo_loss.step_controller({"n_valid_tokens": totals[1].item(),
+                                        "entropy": (totals[0] / totals[1].clamp(min=1.0)).item()})
+        applied = self.erpo_loss.current_config()
         for knob in ("entropy_coef", "zeta", "eps_high", "kl_cov_beta"):
             if getattr(applied, knob) != getattr(self.loss_config, knob):
                 self._metrics["train"][f"erpo/{knob}"].append(float(getattr(applied, knob)))

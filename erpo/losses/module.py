@@ -1,4 +1,5 @@
-"""`PolicyLoss`: an nn.Module holding a LossConfig, its controller and the Clip-Cov generator.
+"""`PolicyLoss`: an nn.Module holding a LossConfig, its controller and the Clip-Cov generator: the one holder of
+a loss's state (erpo's trainer and the TRL drop-in use it).
 
 Its state (controller value, generator state) rides in the module's state_dict (extra state), so a
 checkpoint of the trainer's modules restores it.
@@ -27,7 +28,8 @@ class PolicyLoss(nn.Module):
     def current_config(self) -> LossConfig:
         return self.controller.apply(self.config) if self.controller is not None else self.config
 
-    def _generator_for(self, device: torch.device) -> torch.Generator:
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """Clip-Cov's generator on `device` (seeded with config.seed, or restored from a checkpoint's state)."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.config.seed)
             if self._generator_state is not None:
@@ -36,27 +38,26 @@ class PolicyLoss(nn.Module):
         return self._generator
 
     def forward(self, logits: torch.Tensor, batch, process_group=None, shift: bool = False) -> LossResult:
-        generator = self._generator_for(logits.device) if "clip_cov" in self.config.controls else None
-        return policy_loss(logits, batch, self.current_config(), generator=generator, process_group=process_group,
-                           shift=shift)
+        return policy_loss(logits, batch, self.current_config(), generator=self.generator_for(logits.device),
+                           process_group=process_group, shift=shift)
 
     def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
                **options) -> LossResult:
         """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend,
         process_group)."""
-        generator = self._generator_for(hidden.device) if "clip_cov" in self.config.controls else None
-        return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias, generator=generator,
-                                  **options)
+        return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias,
+                                  generator=self.generator_for(hidden.device), **options)
 
-    def step_controller(self, result: LossResult) -> None:
-        """Once per optimizer step, after the loss of the batch (reads the mean entropy: one host sync)."""
+    def step_controller(self, result) -> None:
+        """Once per optimizer step, after the loss of the batch: `result` a LossResult or its metrics (reads the mean
+        entropy and n_valid_tokens: one host sync)."""
         if self.controller is not None:
-            self.controller.step(result.metrics)
+            self.controller.step(result.metrics if isinstance(result, LossResult) else result)
 
     def get_extra_state(self):
         return {
             "controller": None if self.controller is None else self.controller.state_dict(),
-            "generator": None if self._generator is None else self._generator.get_state(),
+            "generator": self._generator_state if self._generator is None else self._generator.get_state(),
         }
 
     def set_extra_state(self, state) -> None:
