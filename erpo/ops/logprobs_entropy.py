@@ -241,6 +241,8 @@ def logprobs_and_entropy(
     shift: bool = False,
     process_group=None,
     vocab_size: Optional[int] = None,
+    support=None,
+    support_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax(logits / temperature), without [N, V] temporaries.
 
@@ -268,12 +270,20 @@ def logprobs_and_entropy(
             ids, the same on every rank; the outputs are those of the whole vocabulary, on every rank
             (one all_gather per forward, none in the backward; see erpo/ops/vocab_parallel.py).
         vocab_size: the whole vocabulary, checked against the sum of the slices (or against V without a group).
+        support: an `erpo.Support(top_k, top_p, min_p)`: score against the truncated distribution the sampler
+            drew from (recomputed from these logits, vLLM's order and rule; docs/support.md), renormalised.
+        support_ids: `[..., K]` integer ids of each row's kept set, padded with -1 (the set the engine recorded;
+            `erpo.support_ids_from_csr` converts vLLM's CSR form); every scored target must be in its row's set.
+            With either, logp and entropy are those over S and gradients reach the logits of S only.
 
     Returns:
         (logp, entropy), float32 (float64 for float64 logits), shape `[...]`, differentiable w.r.t. logits.
         A row with NaN or +inf logits, or only -inf, gives non-finite outputs for that row only; `-inf`
         entries in an otherwise finite row are a masked vocabulary (p = 0, zero gradient).
     """
+    if support_ids is not None or (support is not None and not _full_support(support, logits.shape[-1])):
+        return _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
+                           process_group, support, support_ids)
     resolved = _validate(logits, targets, temperature, backend, inplace_grad, shift)
     inv_temperature = 1.0 / float(temperature)
     if process_group is not None:
@@ -296,3 +306,34 @@ def logprobs_and_entropy(
     # Inference (old-policy / reference log-probs): nothing is saved for a backward.
     logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets, shift)
     return logp, entropy
+
+
+def _full_support(support, vocab: int) -> bool:
+    from erpo.ops.support import Support
+
+    if not isinstance(support, Support):
+        raise TypeError(f"support must be an erpo.Support(top_k=, top_p=, min_p=), got {type(support).__name__}")
+    return support.is_full(vocab)
+
+
+def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
+                process_group, support, support_ids):
+    """logprobs_and_entropy over the sampler's truncated support (erpo/ops/support_logprobs_entropy.py)."""
+    from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
+
+    if support is not None and support_ids is not None:
+        raise ValueError("give support= (recompute the truncation) or support_ids= (replay the engine's kept sets), "
+                         "not both")
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"backend={backend!r} has no kernel over a truncated support yet; use backend='torch' (or "
+                         "'auto', which picks it when a support is given)")
+    if inplace_grad:
+        raise ValueError("inplace_grad=True is not supported with a support yet")
+    if process_group is not None:
+        raise ValueError("a support with process_group= (a sharded vocabulary) is not supported yet")
+    _validate(logits, targets, temperature, "torch", False, shift)
+    if check_targets:
+        _check_target_range(_flat_targets(targets), logits.shape[-1], ignore_index)
+    result = support_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
+                                          ignore_index, support, support_ids, check_targets)
+    return result.logp, result.entropy

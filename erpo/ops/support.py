@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from erpo.ops import row_stats
+
 RADIX_BITS = (11, 11, 10)  # most significant first; 32 bits in all
 
 
@@ -131,3 +133,42 @@ def threshold(x: Tensor, support: Support, row_max: Optional[Tensor] = None,
         goal = reduce(mass.sum(-1, keepdim=True)).squeeze(-1) * support.top_p
         tau = torch.maximum(tau, _select(keys, mass, goal, reduce))
     return torch.where(torch.isnan(m) | torch.isneginf(m), m, tau)
+
+
+# ---- the row math over S, for the torch backends of the fused op and the fused head --------------------------
+
+def kept(z: Tensor, tgt: Tensor, hit: Tensor, tau: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
+    """[r, V] bool: S of each row, from tau [r] (recompute: z >= tau; a NaN entry stays, so it reaches the row's
+    outputs) or ids [r, K] (replay, -1 = padding); the row's target (where `hit`) is always in."""
+    if ids is not None:
+        keep = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        keep.scatter_(1, ids.clamp_min(0).long(), ids >= 0)
+    else:
+        keep = ~(z.float() < tau.float().unsqueeze(-1))  # tau is a float32 value of the row (threshold)
+    return keep.scatter_(1, tgt.long().unsqueeze(-1), hit.unsqueeze(-1) | keep.gather(1, tgt.long().unsqueeze(-1)))
+
+
+def forward_rows(z: Tensor, target_z: Tensor, keep: Tensor, e_full: Optional[Tensor] = None):
+    """((logp, H, lse) over the whole row, (logp, H, lse) over S) of scaled logits z [r, V] (z is overwritten),
+    both states from the same read of the rows."""
+    over_s = z.masked_fill(~keep, -math.inf)
+    full = row_stats.finish(row_stats.of_rows(z, e_full), target_z)
+    return full, row_stats.finish(row_stats.of_rows(over_s), target_z)
+
+
+def backward_rows(z: Tensor, keep: Tensor, tgt: Tensor, hit: Tensor, full: tuple, over_s: tuple, grads_full: tuple,
+                  grads_s: tuple) -> Tensor:
+    """dz of scaled logits z [r, V] (overwritten) for the gradients (g_logp, g_H) of both states, per-row values
+    [r, 1]: full = (lse, H), over_s = (lse_S, H_S); a None pair adds nothing. Over S, p_j = e^(z_j - lse_S) on
+    S and 0 elsewhere, so entries outside S get only the full distribution's term."""
+    dz = None
+    if any(g is not None for g in grads_s):
+        log_q = (z - over_s[0]).masked_fill_(~keep, -math.inf)
+        q = torch.exp(log_q)
+        dz = row_stats.grad_into(log_q.clamp_(min=row_stats.FLOOR), q, 1.0, over_s[1], *grads_s, tgt, hit)
+    if any(g is not None for g in grads_full):
+        log_p = z.sub_(full[0])
+        p = torch.exp(log_p)
+        part = row_stats.grad_into(log_p.clamp_(min=row_stats.FLOOR), p, 1.0, full[1], *grads_full, tgt, hit)
+        dz = part if dz is None else dz.add_(part)
+    return torch.zeros_like(z) if dz is None else dz

@@ -11,6 +11,8 @@ pass-bound on CPU. On large CPU inputs the two per-chunk bodies run through `tor
 (erpo/ops/torch_chunk_bodies.py), which fuses each into one or two loops over the chunk; same formulas,
 same memory plan, eager fallback.
 """
+import math
+
 import torch
 
 from erpo.ops import row_stats
@@ -112,3 +114,54 @@ def backward(
         rows_fn(chunk, chunk if out.data_ptr() == chunk.data_ptr() else out, targets[rows].view(shape),
                 per_row(lse), per_row(entropy), per_row(grad_logp), per_row(grad_entropy), inv_temperature,
                 ignore_index)
+
+
+def _support_chunks(layout: RowLayout, targets, ids, ignore_index):
+    """(rows, chunk [r, V], tgt [r], ignored, hit, ids [r, K] or None) over the layout, 2-D chunks."""
+    for rows, chunk in _chunks(layout, layout.tensor):
+        chunk = chunk.reshape(-1, chunk.shape[-1])
+        tgt = targets[rows].long()
+        ignored = tgt == ignore_index
+        hit = row_stats.holds_target(tgt, ignored, chunk.shape[-1])
+        yield rows, chunk, torch.where(hit, tgt, 0), ignored, hit, None if ids is None else ids[rows]
+
+
+def forward_support(layout: RowLayout, targets, inv_temperature: float, ignore_index: int, support, ids):
+    """Flat [N] (logp, H, lse) over S, the same over the whole row, and tau (recompute; NaN in replay), from one
+    read of each chunk: S = threshold(support) or the ids (erpo/ops/support.py)."""
+    from erpo.ops import support as support_lib
+
+    cdt = _compute_dtype(layout.tensor.dtype)
+    out = [torch.zeros(layout.n_rows, dtype=cdt, device=layout.tensor.device) for _ in range(7)]
+    for rows, chunk, tgt, ignored, hit, row_ids in _support_chunks(layout, targets, ids, ignore_index):
+        z = chunk.to(cdt, copy=True).mul_(inv_temperature)
+        tau = support_lib.threshold(z, support) if row_ids is None else torch.full_like(z[:, 0], math.nan)
+        keep = support_lib.kept(z, tgt, hit, tau if row_ids is None else None, row_ids)
+        target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        (logp_f, h_f, lse_f), (logp_s, h_s, lse_s) = support_lib.forward_rows(z, target_z, keep)
+        nan = torch.full_like(logp_f, math.nan)
+        values = [torch.where(hit, logp_s, nan), h_s, lse_s, torch.where(hit, logp_f, nan), h_f, lse_f, tau]
+        for column, value in zip(out, values[:-1]):
+            column[rows] = value.masked_fill(ignored, 0.0)
+        out[-1][rows] = values[-1]
+    return tuple(out)
+
+
+def backward_support(layout: RowLayout, targets, saved, grads, inv_temperature: float, ignore_index: int, ids,
+                     grad_layout: RowLayout) -> None:
+    """dlogits for the gradients (g_logp_S, g_H_S, g_logp, g_H) of forward_support's outputs, written into
+    grad_layout.tensor; `saved` = (lse_S, H_S, lse, H, tau)."""
+    from erpo.ops import support as support_lib
+
+    cdt = _compute_dtype(layout.tensor.dtype)
+    outs = (out.reshape(-1, out.shape[-1]) for _, out in _chunks(grad_layout, grad_layout.tensor))
+    for (rows, chunk, tgt, ignored, hit, row_ids), out in zip(_support_chunks(layout, targets, ids, ignore_index), outs):
+        def per_row(values):
+            return None if values is None else values[rows].to(cdt).masked_fill(ignored, 0.0).unsqueeze(-1)
+
+        z = chunk.to(cdt, copy=True).mul_(inv_temperature)
+        lse_s, h_s, lse_f, h_f, tau = (per_row(v) for v in saved)
+        keep = support_lib.kept(z, tgt, hit, None if row_ids is not None else tau.squeeze(-1), row_ids)
+        g = [per_row(v) for v in grads]
+        dz = support_lib.backward_rows(z, keep, tgt, hit, (lse_f, h_f), (lse_s, h_s), (g[2], g[3]), (g[0], g[1]))
+        out.copy_(dz.mul_(inv_temperature).masked_fill_(ignored.unsqueeze(-1), 0.0))

@@ -1,0 +1,134 @@
+"""The fused op over the sampler's truncated support S (erpo/ops/support.py): logp and entropy of the
+renormalised softmax(logits / T) over S, and in the same passes the same over the whole vocabulary, for losses
+that take the ratio over S and the KL or the entropy terms over the full distribution.
+
+Same shape as the full op: one forward read of each row (threshold, both row states), [N]-sized values saved
+(lse and H of both, tau), one backward pass writing dlogits = the full distribution's term + the term over S
+(zero outside S). The two passes are torch.library custom ops (torch.compile(fullgraph=True) sees opaque ops);
+a support travels through them as three numbers (top_k 0 = none, top_p 1 = none, min_p 0 = none) or the ids.
+Backends: torch (CPU and CUDA tensors). The Triton and CUDA kernels do not take a support yet: "auto" picks
+torch when a support is given, and an explicit "triton" or "cuda" is refused.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from erpo.ops import torch_logprobs_entropy as torch_backend
+from erpo.ops.row_layout import contiguous_layout_like, row_layout
+from erpo.ops.support import Support
+
+
+class SupportResult(NamedTuple):
+    logp: Tensor  # over S
+    entropy: Tensor  # over S
+    full_logp: Tensor  # over the whole vocabulary
+    full_entropy: Tensor
+    threshold: Tensor  # tau of the recompute mode (S = {x >= tau} plus the target); NaN in replay mode
+
+
+def _support(top_k: int, top_p: float, min_p: float) -> Support:
+    return Support(top_k or None, top_p if top_p < 1 else None, min_p or None)
+
+
+def _flat(targets: Tensor, ids: Optional[Tensor]):
+    return targets.reshape(-1).contiguous(), None if ids is None else ids.reshape(-1, ids.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("erpo::support_logprobs_entropy_fwd", mutates_args=())
+def _fwd_op(logits: Tensor, targets: Tensor, ids: Optional[Tensor], top_k: int, top_p: float, min_p: float,
+            inv_temperature: float, ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    outs = torch_backend.forward_support(row_layout(logits), flat_targets, inv_temperature, ignore_index,
+                                         _support(top_k, top_p, min_p), flat_ids)
+    return [out.view(targets.shape) for out in outs]
+
+
+@_fwd_op.register_fake
+def _(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return [logits.new_empty(targets.shape, dtype=dtype) for _ in range(7)]
+
+
+@torch.library.custom_op("erpo::support_logprobs_entropy_bwd", mutates_args=())
+def _bwd_op(logits: Tensor, targets: Tensor, ids: Optional[Tensor], saved: list[Tensor],
+            grads: list[Optional[Tensor]], inv_temperature: float, ignore_index: int) -> Tensor:
+    flat_targets, flat_ids = _flat(targets, ids)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    layout = row_layout(logits)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    torch_backend.backward_support(layout, flat_targets, [flat(t) for t in saved], [flat(g) for g in grads],
+                                   inv_temperature, ignore_index, flat_ids, contiguous_layout_like(layout, grad))
+    return grad
+
+
+@_bwd_op.register_fake
+def _(logits, targets, ids, saved, grads, inv_temperature, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+class SupportFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
+        logp_s, h_s, lse_s, logp, h, lse, tau = _fwd_op(logits, targets, ids, top_k, top_p, min_p, inv_temperature,
+                                                        ignore_index)
+        ctx.save_for_backward(logits, targets, ids, lse_s, h_s, lse, h, tau)
+        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(tau)
+        return logp_s, h_s, logp, h, tau
+
+    @staticmethod
+    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, _):
+        logits, targets, ids, *saved = ctx.saved_tensors
+        grads = [g_logp_s, g_h_s, g_logp, g_h]
+        if all(g is None for g in grads):
+            return (None,) * 8
+        grad = _bwd_op(logits, targets, ids, saved, grads, ctx.inv_temperature, ctx.ignore_index)
+        return (grad,) + (None,) * 7
+
+
+def check_replay_targets(targets: Tensor, ids: Tensor, ignore_index: int) -> None:
+    """Every scored target is one of its row's kept ids (one host sync, skipped with check_targets=False)."""
+    flat_targets, flat_ids = _flat(targets, ids)
+    scored = flat_targets != ignore_index
+    inside = (flat_ids == flat_targets.unsqueeze(-1)).any(-1)
+    empty = (flat_ids < 0).all(-1) if flat_ids.shape[-1] else torch.ones_like(scored)
+    if bool((scored & empty).any()):
+        row = int((scored & empty).nonzero()[0, 0])
+        raise ValueError(f"support_ids: row {row} has no kept id (K = 0) but its target is scored")
+    bad = scored & ~inside
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"support_ids: the target {int(flat_targets[row])} of row {row} is not in its kept set "
+                         f"{flat_ids[row][flat_ids[row] >= 0].tolist()[:8]} (the engine sampled it from that set)")
+
+
+def check_support_ids(ids, targets: Tensor, vocab: int) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"support_ids must be an integer tensor [..., K] of kept ids padded with -1, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if ids.dim() != targets.dim() + 1 or ids.shape[:-1] != targets.shape:
+        raise ValueError(f"support_ids shape {tuple(ids.shape)} must be the targets' {tuple(targets.shape)} plus K")
+    if ids.device != targets.device:
+        raise ValueError(f"support_ids are on {ids.device} but targets on {targets.device}")
+    if ids.numel() and bool(((ids < -1) | (ids >= vocab)).any()):
+        raise ValueError(f"support_ids hold an id outside [0, {vocab}) that is not the padding -1")
+
+
+def support_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int,
+                                 support: Optional[Support], ids: Optional[Tensor], check: bool) -> SupportResult:
+    """Both results over S and over the whole vocabulary (see the module docstring); inputs already validated
+    by logprobs_and_entropy except the support itself."""
+    if ids is not None:
+        check_support_ids(ids, targets, logits.shape[-1])
+        if check:
+            check_replay_targets(targets, ids, ignore_index)
+        knobs = (0, 1.0, 0.0)
+    else:
+        knobs = (support.top_k or 0, float(support.top_p or 1.0), float(support.min_p or 0.0))
+    args = (logits, targets, ids, *knobs, inv_temperature, ignore_index)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return SupportResult(*SupportFunction.apply(*args))
+    logp_s, h_s, _, logp, h, _, tau = _fwd_op(*args)
+    return SupportResult(logp_s, h_s, logp, h, tau)

@@ -1,0 +1,157 @@
+"""logprobs_and_entropy over the sampler's truncated support: values and gradients against a dense float64
+reference (renormalised softmax over S, autograd), replay equal to recompute on the same sets, the full support
+bit for bit the full op, and every bad input one clear error."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import erpo
+from erpo.ops.support import Support, support_ids_from_csr, threshold
+from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
+
+V = 301  # not a multiple of any block
+
+
+def dense(logits, targets, keep, temperature, g_logp, g_ent, ignore_index=-100):
+    """logp and H of the renormalised softmax over `keep`, float64, and the gradient of sum(g_logp logp + g_ent H)."""
+    x = logits.detach().double().requires_grad_()
+    z = (x / temperature).masked_fill(~keep, -math.inf)
+    log_q = torch.log_softmax(z, -1)
+    valid = targets != ignore_index
+    logp = log_q.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(log_q.exp() * log_q.masked_fill(~keep, 0.0)).sum(-1) * valid
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    return logp.detach(), entropy.detach(), x.grad
+
+
+def threshold_keep(logits, targets, support, temperature):
+    z = (logits.detach().float() / temperature).reshape(-1, logits.shape[-1])
+    keep = z >= threshold(z, support).unsqueeze(-1)
+    keep = keep.view(logits.shape)
+    return keep | F.one_hot(targets.clamp_min(0), logits.shape[-1]).bool()
+
+
+def inputs(shape, dtype, seed, scale=3.0, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, V, generator=gen) * scale + offset).to(dtype)
+    targets = torch.randint(0, V, shape, generator=gen)
+    return logits, targets, torch.randn(shape, generator=gen, dtype=torch.float64), \
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+SUPPORTS = [Support(top_k=1), Support(top_k=9), Support(top_p=0.7), Support(min_p=0.05),
+            Support(top_k=40, top_p=0.9, min_p=0.01)]
+
+
+@pytest.mark.parametrize("support", SUPPORTS, ids=str)
+@pytest.mark.parametrize("shape,dtype,temperature", [((3, 7), torch.float32, 0.7), ((1,), torch.float32, 1.0),
+                                                      ((5,), torch.bfloat16, 1.3)])
+def test_recompute_matches_the_dense_reference(support, shape, dtype, temperature):
+    offset = 30.0 if dtype == torch.bfloat16 else 0.0  # bf16 logits of large magnitude
+    logits, targets, g_logp, g_ent = inputs(shape, dtype, seed=len(shape) * 10 + (support.top_k or 3), offset=offset)
+    if targets.numel() > 2:
+        targets.view(-1)[1] = -100  # an ignored row
+        logits.view(-1, V)[0, ::7] = -math.inf  # a masked vocabulary
+        targets.view(-1)[0] = 3
+    x = logits.clone().requires_grad_()
+    logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=temperature, support=support)
+    (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
+    logp, entropy = logp.detach(), entropy.detach()
+    keep = threshold_keep(logits, targets, support, temperature)
+    ref_logp, ref_ent, ref_grad = dense(logits, targets, keep, temperature, g_logp, g_ent)
+    scale = lambda t: t.abs().max().clamp_min(1e-30)  # noqa: E731
+    assert float((logp.double() - ref_logp).abs().max() / scale(ref_logp)) < 1e-5
+    assert float((entropy.double() - ref_ent).abs().max() / scale(ref_ent)) < 1e-5
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # the gradient is stored in the logits' dtype
+    assert float((x.grad.double() - ref_grad).abs().max() / scale(ref_grad)) < tol
+    assert bool((x.grad[~keep] == 0).all())  # nothing reaches the logits outside S
+
+
+def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients():
+    logits, targets, g_logp, g_ent = inputs((4, 6), torch.float32, seed=5)
+    support = Support(top_k=12, top_p=0.8)
+    keep = threshold_keep(logits, targets, support, 1.0)
+    rows = keep.view(-1, V)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long), rows.sum(-1).cumsum(0)])
+    ids = support_ids_from_csr(indptr, rows.nonzero()[:, 1]).view(4, 6, -1)
+    results = []
+    for kwargs in ({"support": support}, {"support_ids": ids}):
+        x = logits.clone().requires_grad_()
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, **kwargs)
+        (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
+        results.append((logp, entropy, x.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    singletons = targets.unsqueeze(-1)  # every set {target}: logp 0, entropy 0, no gradient
+    x = logits.clone().requires_grad_()
+    logp, entropy = erpo.logprobs_and_entropy(x, targets, support_ids=singletons)
+    (logp + entropy).sum().backward()
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(entropy, torch.zeros_like(entropy))
+    assert not bool(x.grad.any())
+
+
+@pytest.mark.parametrize("support", [Support(), Support(top_p=1.0), Support(top_k=V), Support(min_p=0.0)], ids=str)
+def test_a_support_that_keeps_everything_is_the_full_op_bit_for_bit(support):
+    logits, targets, g_logp, g_ent = inputs((3, 4), torch.float32, seed=9)
+    results = []
+    for kwargs in ({}, {"support": support}):
+        x = logits.clone().requires_grad_()
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, **kwargs)
+        (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
+        results.append((logp, entropy, x.grad))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_both_at_once_the_full_results_are_the_full_op():
+    logits, targets, g_logp, g_ent = inputs((2, 5), torch.float32, seed=11)
+    x = logits.clone().requires_grad_()
+    result = support_logprobs_and_entropy(x, targets, 1.0, -100, Support(top_p=0.6), None, True)
+    (result.logp * g_logp.float() + result.full_entropy * g_ent.float()).sum().backward()
+    full_logp, full_entropy = erpo.logprobs_and_entropy(logits, targets)
+    assert torch.allclose(result.full_logp, full_logp, atol=1e-6) and torch.allclose(result.full_entropy, full_entropy, atol=1e-6)
+    keep = threshold_keep(logits, targets, Support(top_p=0.6), 1.0)
+    _, _, grad_s = dense(logits, targets, keep, 1.0, g_logp, torch.zeros_like(g_ent))
+    _, _, grad_f = dense(logits, targets, torch.ones_like(keep), 1.0, torch.zeros_like(g_logp), g_ent)
+    assert torch.allclose(x.grad.double(), grad_s + grad_f, atol=1e-6)  # one backward pass, both terms
+
+
+def test_nan_stays_in_its_row():
+    logits, targets, _, _ = inputs((3,), torch.float32, seed=2)
+    logits[1, 5] = math.nan
+    logp, entropy = erpo.logprobs_and_entropy(logits, targets, support=Support(top_k=4))
+    assert bool(torch.isnan(logp[1])) and bool(torch.isfinite(logp[[0, 2]]).all())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"support_ids": torch.full((3, 2), 7.0)}, "support_ids must be an integer tensor"),
+    ({"support_ids": torch.zeros(3, dtype=torch.long)}, "support_ids shape"),
+    ({"support_ids": torch.tensor([[0, V], [1, -1], [2, -1]])}, "outside \\[0, 301\\)"),
+    ({"support_ids": torch.tensor([[-1, -1], [1, -1], [2, -1]])}, "row 0 has no kept id"),
+    ({"support_ids": torch.tensor([[5, -1], [1, -1], [2, -1]])}, "target 0 of row 0 is not in its kept set"),
+    ({"support": Support(top_k=3), "support_ids": torch.tensor([[0], [1], [2]])}, "not both"),
+    ({"support": Support(top_k=3), "backend": "triton"}, "backend='triton' has no kernel over a truncated"),
+    ({"support": Support(top_k=3), "inplace_grad": True}, "inplace_grad=True is not supported with a support"),
+    ({"support": {"top_k": 3}}, "support must be an erpo.Support"),
+])
+def test_bad_supports_are_one_clear_error(kwargs, message):
+    logits = torch.randn(3, V)
+    with pytest.raises((ValueError, TypeError), match=message):
+        erpo.logprobs_and_entropy(logits, torch.tensor([0, 1, 2]), **kwargs)
+
+
+def test_torch_compile_fullgraph():
+    logits, targets, _, _ = inputs((2, 3), torch.float32, seed=4)
+
+    def loss(x):
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_p=0.9), check_targets=False)
+        return (logp + 0.1 * entropy).sum()
+
+    x = logits.clone().requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    y = logits.clone().requires_grad_()
+    loss(y).backward()
+    assert torch.allclose(x.grad, y.grad)
