@@ -148,13 +148,3 @@ def make_controller(config):
         return None
     return controllers[0] if len(controllers) == 1 else Controllers(controllers)
 
-
-def __getattr__(name: str):
-    """The controls' own controllers (RepoRZetaController, AdapoEpsHighController, KLCovBetaAnneal), by name."""
-    controls = importlib.import_module("erpo.losses.controls")
-    for control in controls.ordered():
-        home = control.controller and importlib.import_module(control.controller.__module__)
-        found = getattr(home, name, None) if home else None
-        if isinstance(found, type):
-            return found
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

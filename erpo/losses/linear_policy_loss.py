@@ -21,12 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
 from erpo.losses import controls as registry
 from erpo.losses.batch import IGNORE_INDEX, prepare_tokens
 from erpo.losses.config import LossConfig
-from erpo.losses.policy_loss import LossResult, loss_from_token_stats, token_params
+from erpo.losses.policy_loss import LossResult, loss_from_token_stats, seq_advantages, token_params
 from erpo.losses.token_loss import TokenParams, token_terms
 from erpo.ops import backends
 from erpo.ops import linear_logprobs_entropy as head
@@ -132,16 +131,9 @@ def linear_policy_loss(
     return loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
 
 
-def _sequence_advantages(config: LossConfig, flat) -> Tensor:
-    """The per-sequence advantages, as loss_from_token_stats derives them."""
-    if flat.advantages is not None:
-        return flat.advantages.to(torch.float32)
-    return advantages_lib.compute(config.adv_estimator, flat.rewards.to(torch.float32), flat.group_ids).advantages
-
-
 def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator) -> LossResult:
     valid = flat.valid
-    seq_adv = _sequence_advantages(config, flat)
+    seq_adv = seq_advantages(config, flat, {}, torch.float32)
     adv = torch.where(valid, seq_adv[flat.seq], torch.zeros((), dtype=torch.float32, device=valid.device))
     max_len = config.max_len if config.max_len is not None else flat.padded_len
     weights = token_weights(config.agg, valid, flat.seq, flat.n_seqs, max_len or 1, torch.float32, flat.num_items,

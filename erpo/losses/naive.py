@@ -5,7 +5,7 @@ responses and buckets in Python. Tests check erpo.policy_loss against it; benchm
 "naive GRPO". Padded layout ([B, L, V] logits) only.
 """
 import math
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -51,29 +51,6 @@ def _sequence_advantages(batch: dict, config: LossConfig, dtype) -> tuple[Tensor
     return advantages, degenerate
 
 
-@dataclass
-class Dense:
-    """The dense [B, L] state each control's naive form reads and changes (erpo/losses/controls/, `naive`)."""
-
-    batch: dict
-    mask: Tensor  # bool
-    logp: Tensor  # differentiable
-    lp: Tensor  # logp, detached
-    H: Tensor  # entropy, detached
-    old: Tensor
-    ref: Optional[Tensor]
-    adv_seq: Tensor  # [B]
-    a: Tensor  # the token advantage
-    generator: Optional[torch.Generator]
-    keep: Tensor = None  # 0/1 multiplier of the whole token term
-    klcov: Tensor = None  # KL-Cov's beta per token
-    masked: Tensor = None  # tokens masked or selected
-    eps_low: Tensor = None  # per-token clip range
-    eps_high: Tensor = None
-    kl_weight: Tensor = None  # per-token multiplier of kl_coef
-    metrics: dict = field(default_factory=dict)
-
-
 def _rollout_weight(config, old, rollout, mask):
     log_w = torch.nan_to_num(torch.where(mask, old - rollout, torch.zeros_like(old)), nan=0.0)
     if config.rollout_is.startswith("sequence"):
@@ -110,9 +87,11 @@ def naive_policy_loss(
     lp = logp.detach()
     H = entropy.detach()
     ratio_d = torch.exp(lp - old)
-    dense = Dense(batch, mask, logp, lp, H, old, ref, adv_seq, a, generator, keep=torch.ones_like(a),
-              klcov=torch.zeros_like(a), masked=torch.zeros_like(mask), eps_low=torch.full_like(a, config.eps_low),
-              eps_high=torch.full_like(a, config.eps_high), kl_weight=torch.ones_like(a))
+    # The dense state each control's naive form reads and changes (erpo/losses/controls/<name>.py, `naive`).
+    dense = SimpleNamespace(batch=batch, mask=mask, logp=logp, lp=lp, H=H, old=old, ref=ref, adv_seq=adv_seq, a=a,
+                            generator=generator, keep=torch.ones_like(a), klcov=torch.zeros_like(a),
+                            masked=torch.zeros_like(mask), eps_low=torch.full_like(a, config.eps_low),
+                            eps_high=torch.full_like(a, config.eps_high), kl_weight=torch.ones_like(a), metrics={})
     for control in registry.ordered(config.controls):
         if control.naive is not None:
             control.naive(config, dense)

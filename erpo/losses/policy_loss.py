@@ -20,7 +20,7 @@ from erpo.losses.config import LossConfig
 from erpo.losses.shaping import Tokens, apply_controls
 from erpo.losses.importance import token_extras
 from erpo.losses.segments import dense_ids
-from erpo.losses.token_loss import TokenParams, token_loss
+from erpo.losses.token_loss import TokenParams, kl_terms, token_loss
 from erpo.ops import backends
 from erpo.ops.logprobs_entropy import logprobs_and_entropy
 from erpo.ops.vocab_parallel import global_vocab
@@ -33,16 +33,11 @@ class LossResult:
 
 
 def token_params(config: LossConfig) -> TokenParams:
-    return TokenParams(
-        eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
-        dual_clip_c=config.dual_clip_c, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
-        entropy_coef=config.entropy_coef, objective=config.objective,
-        delta=config.delta, kl_bias_correction=config.kl_bias_correction, cispo_clip=config.cispo_clip,
-        cispo_max=config.cispo_max, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
-    )
+    """The per-token kernel's knobs: each TokenParams field is the LossConfig field of the same name."""
+    return TokenParams(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TokenParams)})
 
 
-def _seq_advantages(config: LossConfig, flat, metrics: dict, dtype: torch.dtype) -> Tensor:
+def seq_advantages(config: LossConfig, flat, metrics: dict, dtype: torch.dtype) -> Tensor:
     if flat.advantages is not None:
         return flat.advantages.to(dtype)
     result = advantages_lib.compute(config.adv_estimator, flat.rewards.to(dtype), flat.group_ids)
@@ -143,7 +138,7 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
     logp, entropy = logp.reshape(-1), entropy.reshape(-1)
     dtype = logp.dtype
     metrics: dict = {}
-    seq_adv = _seq_advantages(config, flat, metrics, dtype)
+    seq_adv = seq_advantages(config, flat, metrics, dtype)
     tokens = Tokens(
         seq=flat.seq, valid=flat.valid, n_seqs=flat.n_seqs, logp=logp.detach(), entropy=entropy.detach(),
         old=flat.old, ref=flat.ref, seq_adv=seq_adv,
@@ -204,13 +199,7 @@ def loss_from_token_stats(logp: Tensor, entropy: Tensor, flat, config: LossConfi
             "nonfinite_tokens": (valid & ~torch.isfinite(per_token.detach())).sum(),
         })
         if ref_for_kl is not None:
-            diff = tokens.logp - flat.ref
-            if config.kl_estimator == "k1":
-                kl = diff
-            elif config.kl_estimator == "k2":
-                kl = 0.5 * diff * diff
-            else:
-                kl = torch.exp(-diff) + diff - 1
+            kl, _ = kl_terms(tokens.logp - flat.ref, config.kl_estimator)
             metrics["kl_ref"] = _valid_mean(kl, valid, denominator)
         metrics.update(shaping.metrics)
         metrics.update(importance_metrics)

@@ -1,8 +1,4 @@
-"""The controls over [N] tokens, run: `apply_controls` composes the config's controls (erpo/losses/controls/, one
-file each) in their declared order, whatever order the config lists them in: advantage shapings first (ERPO's
-gate, entropy advantage, REPO / REPO-R), then selections that read the shaped advantage (80/20 mask, Archer's
-dual-token split, Clip-Cov, KL-Cov). A control with nothing per token (ADAPO: its controller moves eps_high
-between steps) has no `apply`.
+"""`apply_controls`: the config's controls (erpo/losses/controls/) over the [N] tokens, in their declared order.
 
 Inputs are detached (the spec's sg()): the advantage never carries gradient; only the per-token loss
 (token_loss.py) differentiates through logp and, for the entropy bonus, H. Shapes depend only on the batch

@@ -117,6 +117,16 @@ def _surrogate(logp, log_ratio, ratio, adv, params: TokenParams, extras: TokenEx
     raise ValueError(f"unknown objective {objective!r}")
 
 
+def kl_terms(diff, estimator: str):
+    """(kl, d kl / d logp) of the estimator at diff = logp - ref: k1 diff, k2 diff^2 / 2, k3 e^-diff + diff - 1."""
+    if estimator == "k1":
+        return diff, torch.ones_like(diff)
+    if estimator == "k2":
+        return 0.5 * diff * diff, diff
+    back = torch.exp(-diff)
+    return back + diff - 1.0, 1.0 - back
+
+
 def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: Optional[Tensor], params: TokenParams,
                       extras: Optional[TokenExtras] = None):
     """Torch twin of kernels/policy_loss.py and the reference of every objective: elementwise, in the inputs'
@@ -130,14 +140,7 @@ def token_terms_torch(logp, entropy, old, adv, ref: Optional[Tensor], klcov_w: O
         pg, dlogp = pg * extras.pg_weight, dlogp * extras.pg_weight
     loss = pg - params.entropy_coef * entropy
     if ref is not None:
-        diff = logp - ref
-        if params.kl_estimator == "k1":
-            kl, dkl = diff, torch.ones_like(diff)
-        elif params.kl_estimator == "k2":
-            kl, dkl = 0.5 * diff * diff, diff
-        else:
-            back = torch.exp(-diff)
-            kl, dkl = back + diff - 1.0, 1.0 - back
+        kl, dkl = kl_terms(logp - ref, params.kl_estimator)
         coef = params.kl_coef if extras.kl_weight is None else params.kl_coef * extras.kl_weight
         if params.kl_bias_correction:  # d/dlogp [r kl] = r kl + r dkl (the ratio is not detached)
             kl, dkl = ratio * kl, ratio * (kl + dkl)

@@ -3,7 +3,9 @@ import math
 import pytest
 
 import erpo
-from erpo.losses.controllers import AdapoEpsHighController, KLCovBetaAnneal, RepoRZetaController
+from erpo.losses.controls.adapo import AdapoEpsHighController
+from erpo.losses.controls.kl_cov import KLCovBetaAnneal
+from erpo.losses.controls.repo_r import RepoRZetaController
 
 
 def test_stateless_methods_have_no_controller():

@@ -1,18 +1,21 @@
 """Each method with its knobs against the dense float64 reference (erpo/losses/naive.py: loops over groups,
 responses and buckets, full log_softmax, each control's dense form), plus the spec's properties."""
 import math
+import types
 
 import pytest
 import torch
 
 import erpo
-from erpo.losses import controls as methods
-from erpo.losses.controls import Tokens
+from erpo.losses.controls import clip_cov, erpo as erpo_control, high_entropy_mask, kl_cov
+from erpo.losses.shaping import Tokens
 from erpo.losses.naive import naive_policy_loss
 
 # Float64 logits on the torch backend: erpo and the reference then differ by rounding only
 # (~1e-15 relative); 1e-9 leaves room for the sums over a few dozen tokens.
 RTOL = 1e-9
+methods = types.SimpleNamespace(erpo_advantage=erpo_control.erpo_advantage, clip_cov=clip_cov.clip_cov,
+                                kl_cov=kl_cov.kl_cov, high_entropy_mask=high_entropy_mask.high_entropy_mask)
 
 
 def expected_loss(config, logits, batch):

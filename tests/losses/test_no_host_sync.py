@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erpo
-from erpo.losses import controls as controls_lib
+from erpo.losses.controls import high_entropy_mask as controls_lib
 from erpo.losses.config import CONTROLS, METHODS, OBJECTIVES
 from tests.losses.sync_probe import HostSync, HostSyncProbe
 

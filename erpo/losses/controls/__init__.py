@@ -1,14 +1,9 @@
-"""The control registry: one file per entropy-aware control in this folder, each declaring a `CONTROL`.
+"""The control registry: one file per control in this folder, each declaring a `CONTROL` (a `Control`).
 
 A control reshapes the token advantage, drops tokens' terms, or selects tokens for a penalty or a per-token clip
-range, over the [N] tokens of a batch (the middle step of every loss); any number compose on any objective. Its
-file declares everything the rest of erpo reads of it: its knobs (LossConfig fields and their defaults) and
-their checks, its place in the order, whether it reads the entropy, whether it is row-local, its controller (if
-it has state stepped between optimizer steps), its `apply` over [N] tokens (erpo/losses/shaping.py runs them)
-and its dense float64 form for erpo/losses/naive.py. Every list of controls elsewhere is derived from here.
-
-Declarations are plain data and the files import no torch at import time (`lazy`), so that LossConfig
-(erpo/losses/config.py) validates against the registry without loading torch (the command line's help).
+range (the [N]-sized middle of every loss); any number compose on any objective. Every list of controls elsewhere
+is derived from the declarations. They import no torch at import time (`lazy`): LossConfig validates against them
+without loading torch.
 """
 import importlib
 import math
@@ -82,10 +77,6 @@ def register(control: Control) -> Control:
     return control
 
 
-def unregister(name: str) -> None:
-    REGISTRY.pop(name, None)
-
-
 def ordered(names=None) -> list:
     """The controls of `names` (default: every registered one) in the order they run."""
     chosen = REGISTRY.values() if names is None else (REGISTRY[n] for n in names)
@@ -102,17 +93,5 @@ def on_advantage(function):
 
 
 for _module in pkgutil.iter_modules(__path__):
-    _loaded = importlib.import_module(f"{__name__}.{_module.name}")
-    register(_loaded.CONTROL)
-    globals()[_module.name] = getattr(_loaded, _module.name, _loaded)  # controls.clip_cov: the function, as before
+    register(importlib.import_module(f"{__name__}.{_module.name}").CONTROL)
 
-
-def __getattr__(name: str):
-    """The torch-side names of the former erpo/losses/controls.py (Tokens, apply_controls, each control's function)."""
-    if name == "ORDER":
-        return names()
-    for module in ("erpo.losses.shaping", *(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__))):
-        value = getattr(importlib.import_module(module), name, None)
-        if value is not None:
-            return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
