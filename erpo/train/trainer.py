@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import erpo
-from erpo.losses import LossConfig, advantages as advantages_lib, make_controller, policy_loss
+from erpo.losses import LossConfig, PolicyLoss, advantages as advantages_lib, policy_loss
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
 from erpo.train import dynamic_sampling, normalizer, offpolicy, reward_shaping
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
@@ -200,8 +200,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.controller = make_controller(self.loss_cfg)
-        self.loss_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
+        # The loss's state (its controller, Clip-Cov's generator seeded per rank), checkpointed with the trainer's
+        self.loss = PolicyLoss(self.loss_cfg.replace(seed=cfg.seed * 7919 + self.dist.rank))
         self.engine = self._engine()
         self.step = 0
         self.nonfinite_streak = 0
@@ -275,6 +275,10 @@ class Trainer:
             return rows, rows  # the task has only 100 problems: eval greedy accuracy on all of them
         return rows, []
 
+    @property
+    def controller(self):
+        return self.loss.controller
+
     def _engine(self):
         if self.cfg.rollout == "hf":
             return rollout_lib.HFRollout(self.policy, self.tokenizer)
@@ -302,17 +306,17 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
+        self.loss.set_extra_state({"controller": state["controller"],
+                                   "generator": state["loss_generator"][self.dist.rank]})
         self.sampler.load_state_dict(state["sampler"])
-        self.loss_generator.set_state(state["loss_generator"][self.dist.rank])
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         self.step = state["step"]
         self.nonfinite_streak = state["nonfinite_streak"]
 
     def _save(self) -> None:
         rng = distributed.gather(checkpoint.rng_state(), self.dist)
-        generators = distributed.gather(self.loss_generator.get_state(), self.dist)
+        loss_state = self.loss.get_extra_state()
+        generators = distributed.gather(loss_state["generator"], self.dist)
         # Under FSDP (collectives): the full weights gathered for model/ (what `erpo eval` and a new run load), and
         # the model and optimizer shards written by every rank into the checkpoint's temp dir (DCP).
         model_state = distributed.full_model_state(self.policy, self.dist, self.cfg.fsdp)
@@ -331,7 +335,7 @@ class Trainer:
                 "step": self.step, "world": self.dist.world,
                 "optimizer": None if self.cfg.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "controller": None if self.controller is None else self.controller.state_dict(),
+                "controller": loss_state["controller"],
                 "rng": rng, "loss_generator": generators, "nonfinite_streak": self.nonfinite_streak,
             }
             try:
@@ -419,10 +423,11 @@ class Trainer:
                     hidden = response_hidden(self.model, batch, rows, self.autocast)
                     weight, bias = output_head(self.policy, hidden.dtype)
                     result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
-                                                     generator=self.loss_generator)
+                                                     generator=self.loss.generator_for(hidden.device))
                 else:
                     logits = response_logits(self.model, batch, rows, self.autocast)
-                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss_generator, shift=True)
+                    result = policy_loss(logits, micro, loss_cfg, generator=self.loss.generator_for(logits.device),
+                                         shift=True)
                 scale = norm.loss_scale
                 (result.loss * scale).backward()
             step_loss += float(result.loss.detach()) * scale  # averaged over ranks: the step's global loss
@@ -461,7 +466,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        loss_cfg = self.controller.apply(self.loss_cfg) if self.controller is not None else self.loss_cfg
+        loss_cfg = self.loss.current_config()
         start = time.perf_counter()
         prepared = self.prepare(loss_cfg)
         out, batch, rewards, adv = prepared["out"], prepared["batch"], prepared["rewards"], prepared["adv"]
@@ -488,8 +493,8 @@ class Trainer:
         extremes = {k: sums.pop(k) for k in list(sums) if k.endswith(("_min", "_max"))}
         shared = distributed.mean({**sums, **sampling, **shift["means"]}, self.dist)
         shared.update(distributed.extremes({**extremes, **shift["extremes"]}, self.dist))
-        if self.controller is not None and not nonfinite_steps:
-            self.controller.step(shared)  # reads the batch's mean entropy (averaged over ranks)
+        if not nonfinite_steps:
+            self.loss.step_controller(shared)  # reads the batch's mean entropy (averaged over ranks)
         self.engine.sync_weights(self.policy)
         elapsed = time.perf_counter() - start
         lengths = [len(r) for r in out.response_ids]
