@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from erpo.ops import vocab_parallel
-from erpo.ops.logprobs_entropy import FLOAT_DTYPES, _check_target_range, _flat_targets
+from erpo.ops.logprobs_entropy import FLOAT_DTYPES, _check_target_range, _flat_targets, check_support_args, full_support
 from erpo.ops.row_layout import row_layout
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
@@ -223,6 +223,8 @@ def linear_logprobs_and_entropy(
     check_targets: bool = True,
     process_group=None,
     vocab_size: Optional[int] = None,
+    support=None,
+    support_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax((hidden @ weight.T + bias) / temperature).
 
@@ -240,11 +242,16 @@ def linear_logprobs_and_entropy(
             grad_weight/grad_bias stay per slice, grad_hidden is all-reduced over the group (so do not also
             all-reduce it upstream). One all_gather in the forward, one all_reduce in the backward.
         vocab_size: the whole vocabulary, checked against the sum of the slices (or against V without a group).
+        support, support_ids: score against the sampler's truncated support S, recomputed (`erpo.Support`) or
+            replayed (`[..., K]` kept ids, -1 padded), as `logprobs_and_entropy` does (torch backend).
 
     Returns:
         (logp, entropy), float32 shaped like targets, differentiable w.r.t. hidden, weight and bias.
         Never holds [N, V]; under no_grad (old/ref log-probs) only the forward runs and nothing is saved.
     """
+    if support_ids is not None or (support is not None and not full_support(support, weight.shape[0])):
+        return _on_support(hidden, weight, targets, bias, temperature, ignore_index, backend, check_targets,
+                           process_group, support, support_ids)
     resolved = validate(hidden, weight, targets, bias, temperature, backend)
     weight = weight.contiguous()
     inv_temperature = 1.0 / float(temperature)
@@ -268,3 +275,19 @@ def linear_logprobs_and_entropy(
         )
     logp, entropy, _ = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets)
     return logp, entropy
+
+
+def _on_support(hidden, weight, targets, bias, temperature, ignore_index, backend, check_targets, process_group,
+                support, support_ids):
+    from erpo.ops.support_logprobs_entropy import replay_linear_logprobs_and_entropy, support_linear_logprobs_and_entropy
+
+    check_support_args(support, support_ids, backend if backend != "auto" else "torch", False, process_group)
+    validate(hidden, weight, targets, bias, temperature, "torch")
+    if check_targets:
+        _check_target_range(_flat_targets(targets), weight.shape[0], ignore_index)
+    if support_ids is not None:  # only the kept rows of the head are ever multiplied
+        return replay_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, targets, 1.0 / float(temperature),
+                                                  ignore_index, support_ids, check_targets)
+    result = support_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, targets, 1.0 / float(temperature),
+                                                 ignore_index, support, support_ids, check_targets)
+    return result.logp, result.entropy

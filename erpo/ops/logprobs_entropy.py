@@ -281,7 +281,7 @@ def logprobs_and_entropy(
         A row with NaN or +inf logits, or only -inf, gives non-finite outputs for that row only; `-inf`
         entries in an otherwise finite row are a masked vocabulary (p = 0, zero gradient).
     """
-    if support_ids is not None or (support is not None and not _full_support(support, logits.shape[-1])):
+    if support_ids is not None or (support is not None and not full_support(support, logits.shape[-1])):
         return _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
                            process_group, support, support_ids)
     resolved = _validate(logits, targets, temperature, backend, inplace_grad, shift)
@@ -308,7 +308,7 @@ def logprobs_and_entropy(
     return logp, entropy
 
 
-def _full_support(support, vocab: int) -> bool:
+def full_support(support, vocab: int) -> bool:
     from erpo.ops.support import Support
 
     if not isinstance(support, Support):
@@ -321,6 +321,17 @@ def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backen
     """logprobs_and_entropy over the sampler's truncated support (erpo/ops/support_logprobs_entropy.py)."""
     from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
 
+    check_support_args(support, support_ids, backend, inplace_grad, process_group)
+    _validate(logits, targets, temperature, "torch", False, shift)
+    if check_targets:
+        _check_target_range(_flat_targets(targets), logits.shape[-1], ignore_index)
+    result = support_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
+                                          ignore_index, support, support_ids, check_targets)
+    return result.logp, result.entropy
+
+
+def check_support_args(support, support_ids, backend: str, inplace_grad: bool, process_group) -> None:
+    """What a support cannot be combined with yet, each refused in one line."""
     if support is not None and support_ids is not None:
         raise ValueError("give support= (recompute the truncation) or support_ids= (replay the engine's kept sets), "
                          "not both")
@@ -331,9 +342,3 @@ def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backen
         raise ValueError("inplace_grad=True is not supported with a support yet")
     if process_group is not None:
         raise ValueError("a support with process_group= (a sharded vocabulary) is not supported yet")
-    _validate(logits, targets, temperature, "torch", False, shift)
-    if check_targets:
-        _check_target_range(_flat_targets(targets), logits.shape[-1], ignore_index)
-    result = support_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
-                                          ignore_index, support, support_ids, check_targets)
-    return result.logp, result.entropy

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from erpo.ops import torch_linear_logprobs_entropy as torch_head
 from erpo.ops import torch_logprobs_entropy as torch_backend
 from erpo.ops.row_layout import contiguous_layout_like, row_layout
 from erpo.ops.support import Support
@@ -116,19 +117,164 @@ def check_support_ids(ids, targets: Tensor, vocab: int) -> None:
         raise ValueError(f"support_ids hold an id outside [0, {vocab}) that is not the padding -1")
 
 
+def _knobs(support: Optional[Support], ids: Optional[Tensor], targets: Tensor, vocab: int, ignore_index: int,
+           check: bool) -> tuple:
+    """The support as the custom ops take it (top_k 0 = none, top_p 1 = none, min_p 0 = none); replay ids checked."""
+    if ids is None:
+        return support.top_k or 0, float(support.top_p or 1.0), float(support.min_p or 0.0)
+    check_support_ids(ids, targets, vocab)
+    if check:
+        check_replay_targets(targets, ids, ignore_index)
+    return 0, 1.0, 0.0
+
+
 def support_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int,
                                  support: Optional[Support], ids: Optional[Tensor], check: bool) -> SupportResult:
     """Both results over S and over the whole vocabulary (see the module docstring); inputs already validated
     by logprobs_and_entropy except the support itself."""
-    if ids is not None:
-        check_support_ids(ids, targets, logits.shape[-1])
-        if check:
-            check_replay_targets(targets, ids, ignore_index)
-        knobs = (0, 1.0, 0.0)
-    else:
-        knobs = (support.top_k or 0, float(support.top_p or 1.0), float(support.min_p or 0.0))
+    knobs = _knobs(support, ids, targets, logits.shape[-1], ignore_index, check)
     args = (logits, targets, ids, *knobs, inv_temperature, ignore_index)
     if torch.is_grad_enabled() and logits.requires_grad:
         return SupportResult(*SupportFunction.apply(*args))
     logp_s, h_s, _, logp, h, _, tau = _fwd_op(*args)
     return SupportResult(logp_s, h_s, logp, h, tau)
+
+
+# ---- the fused head over S: the same from the hidden states and the LM head --------------------------------
+
+@torch.library.custom_op("erpo::support_linear_logprobs_entropy_fwd", mutates_args=())
+def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ids: Optional[Tensor],
+                   top_k: int, top_p: float, min_p: float, inv_temperature: float, ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    outs = torch_head.forward_support(row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index,
+                                      _support(top_k, top_p, min_p), flat_ids)
+    return [out.view(targets.shape) for out in outs]
+
+
+@_linear_fwd_op.register_fake
+def _(hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
+    return [hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(7)]
+
+
+@torch.library.custom_op("erpo::support_linear_logprobs_entropy_bwd", mutates_args=())
+def _linear_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ids: Optional[Tensor],
+                   saved: list[Tensor], grads: list[Optional[Tensor]], inv_temperature: float,
+                   ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    grad_hidden, grad_weight, grad_bias = torch_head.backward_support(
+        row_layout(hidden), weight, bias, flat_targets, [flat(t) for t in saved], [flat(g) for g in grads],
+        inv_temperature, ignore_index, flat_ids)
+    grad_bias = grad_weight.new_zeros(0) if grad_bias is None else grad_bias
+    return [grad_hidden.view(hidden.shape), grad_weight, grad_bias]
+
+
+@_linear_bwd_op.register_fake
+def _(hidden, weight, bias, targets, ids, saved, grads, inv_temperature, ignore_index):
+    grad_bias = weight.new_empty(0 if bias is None else weight.shape[0], dtype=torch.float32)
+    return [hidden.new_empty(hidden.shape, dtype=torch.float32), weight.new_empty(weight.shape, dtype=torch.float32),
+            grad_bias]
+
+
+class SupportLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
+        logp_s, h_s, lse_s, logp, h, lse, tau = _linear_fwd_op(hidden, weight, bias, targets, ids, top_k, top_p, min_p,
+                                                               inv_temperature, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, ids, lse_s, h_s, lse, h, tau)
+        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(tau)
+        return logp_s, h_s, logp, h, tau
+
+    @staticmethod
+    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, _):
+        hidden, weight, bias, targets, ids, *saved = ctx.saved_tensors
+        grads = [g_logp_s, g_h_s, g_logp, g_h]
+        if all(g is None for g in grads):
+            return (None,) * 10
+        grad_hidden, grad_weight, grad_bias = _linear_bwd_op(hidden, weight, bias, targets, ids, saved, grads,
+                                                             ctx.inv_temperature, ctx.ignore_index)
+        needs = ctx.needs_input_grad
+        return (grad_hidden.to(hidden.dtype) if needs[0] else None, grad_weight.to(weight.dtype) if needs[1] else None,
+                grad_bias.to(bias.dtype) if bias is not None and needs[2] else None) + (None,) * 7
+
+
+def support_linear_logprobs_and_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                        inv_temperature: float, ignore_index: int, support: Optional[Support],
+                                        ids: Optional[Tensor], check: bool) -> SupportResult:
+    """The fused head's results over S and over the whole vocabulary; inputs validated by the caller."""
+    knobs = _knobs(support, ids, targets, weight.shape[0], ignore_index, check)
+    args = (hidden, weight, bias, targets, ids, *knobs, inv_temperature, ignore_index)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return SupportResult(*SupportLinearFunction.apply(*args))
+    logp_s, h_s, _, logp, h, _, tau = _linear_fwd_op(*args)
+    return SupportResult(logp_s, h_s, logp, h, tau)
+
+
+# ---- replay from the head, S only: K dot products per token instead of V -------------------------------------
+
+@torch.library.custom_op("erpo::replay_linear_logprobs_entropy_fwd", mutates_args=())
+def _replay_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ids: Tensor,
+                   inv_temperature: float, ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    outs = torch_head.replay_forward(row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index,
+                                     flat_ids)
+    return [out.view(targets.shape) for out in outs]
+
+
+@_replay_fwd_op.register_fake
+def _(hidden, weight, bias, targets, ids, inv_temperature, ignore_index):
+    return [hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(3)]
+
+
+@torch.library.custom_op("erpo::replay_linear_logprobs_entropy_bwd", mutates_args=())
+def _replay_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ids: Tensor, lse: Tensor,
+                   entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                   inv_temperature: float, ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    grad_hidden, grad_weight, grad_bias = torch_head.replay_backward(
+        row_layout(hidden), weight, bias, flat_targets, flat_ids, flat(lse), flat(entropy), flat(grad_logp),
+        flat(grad_entropy), inv_temperature, ignore_index)
+    return [grad_hidden.view(hidden.shape), grad_weight, grad_weight.new_zeros(0) if grad_bias is None else grad_bias]
+
+
+@_replay_bwd_op.register_fake
+def _(hidden, weight, bias, targets, ids, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+    grad_bias = weight.new_empty(0 if bias is None else weight.shape[0], dtype=torch.float32)
+    return [hidden.new_empty(hidden.shape, dtype=torch.float32), weight.new_empty(weight.shape, dtype=torch.float32),
+            grad_bias]
+
+
+class ReplayLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ids, inv_temperature, ignore_index):
+        logp, entropy, lse = _replay_fwd_op(hidden, weight, bias, targets, ids, inv_temperature, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, ids, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, ids, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        grad_hidden, grad_weight, grad_bias = _replay_bwd_op(hidden, weight, bias, targets, ids, lse, entropy,
+                                                             grad_logp, grad_entropy, ctx.inv_temperature,
+                                                             ctx.ignore_index)
+        needs = ctx.needs_input_grad
+        return (grad_hidden.to(hidden.dtype) if needs[0] else None, grad_weight.to(weight.dtype) if needs[1] else None,
+                grad_bias.to(bias.dtype) if bias is not None and needs[2] else None) + (None,) * 4
+
+
+def replay_linear_logprobs_and_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                       inv_temperature: float, ignore_index: int, ids: Tensor, check: bool):
+    """(logp, entropy) over the replayed kept sets, from the K kept rows of the head per token (O(N K H))."""
+    _knobs(None, ids, targets, weight.shape[0], ignore_index, check)
+    args = (hidden, weight, bias, targets, ids, inv_temperature, ignore_index)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return ReplayLinearFunction.apply(*args)
+    logp, entropy, _ = _replay_fwd_op(*args)
+    return logp, entropy

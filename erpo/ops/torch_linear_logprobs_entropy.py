@@ -14,6 +14,8 @@ zeroed instead of compacted, because finding them would sync with the host.
 """
 from typing import Callable, Optional
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -185,4 +187,119 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
         # z - E_p[z] = log p + H: an exact shift of log p.
         grads.add(idx, h, row_stats.grad_into(z.clamp_(min=row_stats.FLOOR), p, 1.0, entropy[idx].unsqueeze(1),
                                               g_logp, g_ent, tgt, hit))
+    return grads.hidden, grads.weight_grad, grads.bias
+
+
+# ---- over the sampler's truncated support S (erpo/ops/support.py) --------------------------------------------
+
+def forward_support(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                    inv_temperature: float, ignore_index: int, support, ids: Optional[Tensor]):
+    """Flat [N] float32 (logp, H, lse) over S, the same over the whole vocabulary, and tau (NaN in replay), from
+    one computation of each chunk's logits."""
+    from erpo.ops import support as support_lib
+
+    out = [torch.zeros(hidden.n_rows, dtype=torch.float32, device=weight.device) for _ in range(7)]
+    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    for idx, h, tgt, ignored, hit in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        tau = support_lib.threshold(z, support) if ids is None else torch.full_like(z[:, 0], math.nan)
+        keep = support_lib.kept(z, tgt, hit, tau if ids is None else None, None if ids is None else ids[idx])
+        target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        (logp_f, h_f, lse_f), (logp_s, h_s, lse_s) = support_lib.forward_rows(z, target_z, keep, e_buffer[: z.shape[0]])
+        values = (logp_s.masked_fill(~hit, math.nan), h_s, lse_s, logp_f.masked_fill(~hit, math.nan), h_f, lse_f)
+        for column, value in zip(out, values):
+            column[idx] = value.masked_fill(ignored, 0.0)
+        out[-1][idx] = tau
+    return tuple(out)
+
+
+def backward_support(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, saved, grads,
+                     inv_temperature: float, ignore_index: int, ids: Optional[Tensor]):
+    """(grad_hidden, grad_weight, grad_bias) float32 for the gradients (g_logp_S, g_H_S, g_logp, g_H) of
+    forward_support's outputs; `saved` = (lse_S, H_S, lse, H, tau)."""
+    from erpo.ops import support as support_lib
+
+    result = _Grads(hidden.n_rows, weight, bias)
+    if all(g is None for g in grads):
+        return result.hidden, result.weight_grad, result.bias
+    (z_buffer, _), chunks = _chunks(hidden, weight, targets, ignore_index)
+    for idx, h, tgt, ignored, hit in chunks:
+        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        lse_s, h_s, lse_f, h_f, tau = (value[idx].unsqueeze(1) for value in saved)
+        keep = support_lib.kept(z, tgt, hit, tau.squeeze(1) if ids is None else None, None if ids is None else ids[idx])
+        g = [None if value is None else _scaled(value[idx], None, ignored, inv_temperature)[0] for value in grads]
+        dz = support_lib.backward_rows(z, keep, tgt, hit, (lse_f, h_f), (lse_s, h_s), (g[2], g[3]), (g[0], g[1]))
+        result.add(idx, h, dz)
+    return result.hidden, result.weight_grad, result.bias
+
+
+def _replay_chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ids: Tensor, ignore_index: int):
+    """Per chunk of rows: (flat row ids, hidden rows [r, H], the kept ids with the target appended [r, K + 1] (-1 =
+    padding; the appended copy is padding where the target is already kept), the target's column [r], ignored,
+    hit). Rows per chunk keep the gathered head rows [r, K + 1, H] within the budget."""
+    rows = _rows_to_compute(targets, ignore_index)
+    width = ids.shape[1] + 1
+    budget = BUDGET_BYTES.get(weight.device.type, BUDGET_BYTES["cuda"])
+    step = ROWS or max(1, budget // (4 * width * weight.shape[1]))
+    source = _row_source(hidden)
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        tgt = targets[idx].long()
+        ignored = tgt == ignore_index
+        hit = row_stats.holds_target(tgt, ignored, weight.shape[0])
+        kept = ids[idx].long().sort(1).values
+        repeated = torch.cat([torch.zeros_like(kept[:, :1], dtype=torch.bool), kept[:, 1:] == kept[:, :-1]], 1)
+        kept = kept.masked_fill(repeated, -1)  # an id listed twice is one member of the set
+        safe_tgt = torch.where(hit, tgt, -1)
+        inside = (kept == safe_tgt.unsqueeze(1)) & hit.unsqueeze(1)
+        kept = torch.cat([kept, torch.where(inside.any(1), -1, safe_tgt).unsqueeze(1)], 1)
+        column = torch.where(inside.any(1), inside.int().argmax(1), kept.shape[1] - 1)
+        h = source(idx)
+        if not _compacts(targets):
+            h = h.masked_fill(ignored.unsqueeze(1), 0)
+        yield idx, h, kept, column, ignored, hit
+
+
+def _kept_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], kept: Tensor, inv_temperature: float):
+    """The K + 1 logits of each row's kept ids only (K dot products, not V), float32, -inf at padding; and the
+    gathered head rows [r, K + 1, H] for the backward."""
+    rows_w = weight[kept.clamp_min(0)]
+    z = torch.bmm(rows_w, h.to(weight.dtype).unsqueeze(-1)).squeeze(-1).float()
+    if bias is not None:
+        z = z + bias[kept.clamp_min(0)].float()
+    return z.mul_(inv_temperature).masked_fill_(kept < 0, -math.inf), rows_w
+
+
+def replay_forward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
+                   ignore_index: int, ids: Tensor):
+    """Flat [N] float32 (logp, H, lse) over each row's replayed kept set, from its K logits only."""
+    out = [torch.zeros(hidden.n_rows, dtype=torch.float32, device=weight.device) for _ in range(3)]
+    for idx, h, kept, column, ignored, hit in _replay_chunks(hidden, weight, targets, ids, ignore_index):
+        z, _ = _kept_logits(h, weight, bias, kept, inv_temperature)
+        target_z = z.gather(1, column.unsqueeze(1)).squeeze(1)
+        logp, entropy, lse = row_stats.finish(row_stats.of_rows(z), target_z)
+        for values, value in zip(out, (logp.masked_fill(~hit, math.nan), entropy, lse)):
+            values[idx] = value.masked_fill(ignored, 0.0)
+    return tuple(out)
+
+
+def replay_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ids: Tensor,
+                    lse: Tensor, entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                    inv_temperature: float, ignore_index: int):
+    """(grad_hidden, grad_weight, grad_bias) float32 of replay_forward: the gradient reaches the kept rows of the
+    head only."""
+    grads = _Grads(hidden.n_rows, weight, bias)
+    for idx, h, kept, column, ignored, hit in _replay_chunks(hidden, weight, targets, ids, ignore_index):
+        z, rows_w = _kept_logits(h, weight, bias, kept, inv_temperature)
+        log_q = z.sub_(lse[idx].unsqueeze(1))
+        q = torch.exp(log_q)
+        g_logp, g_ent = _scaled(None if grad_logp is None else grad_logp[idx],
+                                None if grad_entropy is None else grad_entropy[idx], ignored, inv_temperature)
+        dz = row_stats.grad_into(log_q.clamp_(min=row_stats.FLOOR), q, 1.0, entropy[idx].unsqueeze(1), g_logp, g_ent,
+                                 column, hit).masked_fill_(kept < 0, 0.0)
+        grads.hidden.index_copy_(0, idx, torch.bmm(dz.unsqueeze(1).to(rows_w.dtype), rows_w).squeeze(1).float())
+        flat_ids, flat_dz = kept.reshape(-1).clamp_min(0), dz.reshape(-1)
+        grads.weight_grad.index_add_(0, flat_ids, flat_dz.unsqueeze(1) * h.float().repeat_interleave(kept.shape[1], 0))
+        if grads.bias is not None:
+            grads.bias.index_add_(0, flat_ids, flat_dz)
     return grads.hidden, grads.weight_grad, grads.bias

@@ -155,3 +155,60 @@ def test_torch_compile_fullgraph():
     y = logits.clone().requires_grad_()
     loss(y).backward()
     assert torch.allclose(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "replay"])
+def test_the_fused_head_over_s_is_the_logits_op_over_s(mode, monkeypatch):
+    from erpo.ops import torch_linear_logprobs_entropy as head
+
+    monkeypatch.setattr(head, "ROWS", 4)  # several chunks
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(3, 5, 16, generator=gen)
+    weight, bias = torch.randn(V, 16, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    targets = torch.randint(0, V, (3, 5), generator=gen)
+    targets[1, 2] = -100
+    g_logp, g_ent = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    support = Support(top_k=20, top_p=0.85)
+    kwargs = {"support": support}
+    if mode == "replay":
+        keep = threshold_keep(hidden @ weight.T + bias, targets, support, 0.8)
+        rows = keep.view(-1, V)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), rows.sum(-1).cumsum(0)])
+        kwargs = {"support_ids": support_ids_from_csr(indptr, rows.nonzero()[:, 1]).view(3, 5, -1)}
+    results = []
+    for fused in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        if fused:
+            logp, entropy = erpo.linear_logprobs_and_entropy(h, w, targets, b, temperature=0.8, **kwargs)
+        else:
+            logp, entropy = erpo.logprobs_and_entropy(h @ w.T + b, targets, temperature=0.8, **kwargs)
+        (logp * g_logp + entropy * g_ent).sum().backward()
+        results.append((logp.detach(), entropy.detach(), h.grad, w.grad, b.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_head_replay_fast_path_equals_the_general_path_over_s():
+    from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(7, 12, generator=gen), torch.randn(V, 12, generator=gen)
+    targets = torch.randint(0, V, (7,), generator=gen)
+    ids = torch.randint(0, V, (7, 5), generator=gen)
+    ids[:, 0] = targets
+    ids[2, 3:] = -1
+    results = []
+    for fast in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fast:
+            logp, entropy = erpo.linear_logprobs_and_entropy(h, w, targets, support_ids=ids)
+        else:
+            result = support_linear_logprobs_and_entropy(h, w, None, targets, 1.0, -100, None, ids, True)
+            logp, entropy = result.logp, result.entropy
+        (logp + 0.5 * entropy).sum().backward()
+        results.append((logp.detach(), entropy.detach(), h.grad, w.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(V, dtype=torch.bool)
+    untouched[ids[ids >= 0]] = False
+    assert not bool(results[0][3][untouched].any())  # only the kept rows of the head get a gradient
