@@ -52,14 +52,18 @@ def main():
     trainer.accumulate(batch, tensors, micro, trainer.loss_cfg, {}, 1.0)
     global_grad = grads(trainer.policy)
 
-    real_scale, real_keys = normalizer.Normalizer.scale, normalizer.Normalizer.batch_keys
-    # Control, the trainer before the global normaliser: each rank its own token-mean, DDP averaging ranks.
-    normalizer.Normalizer.scale = lambda self, mask, rows: float(mask[rows].sum() / mask.sum())
+    real_scale, real_keys = normalizer.Normalizer.loss_scale, normalizer.Normalizer.batch_keys
+    # Control, the trainer before the global normaliser: each rank its own token-mean (each micro-batch's own mean
+    # weighted by its share of the rank's tokens), DDP averaging ranks. One accumulate call per micro-batch: the
+    # gradients add up across calls, and each call's all-reduce averages a linear part of the same sum.
     normalizer.Normalizer.batch_keys = lambda self: {}
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.accumulate(batch, tensors, micro, trainer.loss_cfg, {}, 1.0)
+    for rows in micro:
+        share = float(batch["mask"][rows].sum() / batch["mask"].sum())
+        normalizer.Normalizer.loss_scale = property(lambda self, share=share: share)
+        trainer.accumulate(batch, tensors, [rows], trainer.loss_cfg, {}, 1.0)
     local_grad = grads(trainer.policy)
-    normalizer.Normalizer.scale, normalizer.Normalizer.batch_keys = real_scale, real_keys
+    normalizer.Normalizer.loss_scale, normalizer.Normalizer.batch_keys = real_scale, real_keys
 
     everything = distributed.gather(out, trainer.dist)
     tokens = distributed.gather(int(batch["mask"].sum()), trainer.dist)
