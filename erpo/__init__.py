@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "logprobs_and_entropy": "erpo.ops.logprobs_entropy",
     "linear_logprobs_and_entropy": "erpo.ops.linear_logprobs_entropy",
-    "Support": "erpo.ops.support",
+    "Support": "erpo.ops.support_config",
     "support_ids_from_csr": "erpo.ops.support",
     **{name: "erpo.losses" for name in ("LossConfig", "LossResult", "PolicyLoss", "advantages", "linear_policy_loss",
                                          "make_controller", "policy_loss", "token_policy_loss")},

@@ -25,7 +25,8 @@ IGNORE_INDEX = -100
 LOGP_SLACK = 1e-3
 TOKEN_KEYS = ("targets", "mask", "old_logp", "ref_logp", "rollout_logp")
 NORMALIZER_KEYS = ("num_items_in_batch", "num_seqs_in_batch")
-KNOWN_KEYS = {*TOKEN_KEYS, "advantages", "rewards", "group_ids", "seq_ids", *NORMALIZER_KEYS}
+# support_ids: [..., K] kept ids per token (replay of the sampler's truncation), read by the stats pass itself
+KNOWN_KEYS = {*TOKEN_KEYS, "advantages", "rewards", "group_ids", "seq_ids", "support_ids", *NORMALIZER_KEYS}
 
 
 @dataclass

@@ -24,6 +24,7 @@ from erpo.losses import controls as registry
 from erpo.losses.controls import choice as _choice, integer as _integer, number as _number, numbers as _numbers
 from erpo.losses.objectives import OBJECTIVES, spec
 from erpo.ops import backends
+from erpo.ops.support_config import Support
 
 METHODS = (
     "grpo", "dapo", "dr_grpo", "erpo", "high_entropy_mask", "clip_cov", "kl_cov", "repo", "repo_r", "adapo",
@@ -54,6 +55,8 @@ BASE_DEFAULTS = dict(
     backend="auto",
     check_inputs=True,
     inplace_grad=False,
+    support=None,
+    support_entropy="full",
     # --- composition (issue 13): objective, importance-ratio level, controls ---
     objective="clip",
     is_level="token",
@@ -121,6 +124,10 @@ class LossConfig:
     backend: Optional[str] = None  # auto (triton on CUDA, torch on CPU) | torch | triton
     check_inputs: Optional[bool] = None  # validate the batch values (one host sync per call)
     inplace_grad: Optional[bool] = None  # fused op writes dlogits into the logits' storage (see logprobs_and_entropy)
+    # the sampler's truncation, recomputed (erpo.Support; docs/support.md); replay: batch["support_ids"] instead.
+    # The ratio and the KL use S; the entropy bonus and the controls read support_entropy's: "full" | "support"
+    support: Optional[Support] = None
+    support_entropy: Optional[str] = None
     # --- ERPO (erpo's reading of arXiv 2603.28204) ---
     gamma: Optional[float] = None  # gate sharpness: w = sigmoid(gamma * group z-score of entropy)
     gate: Optional[str] = None  # redistribute | amplify | none
@@ -210,6 +217,10 @@ class LossConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _numbers(self, "eps_low", "eps_high", "dual_clip_c", "kl_coef", "entropy_coef", "temperature")
+        if self.support is not None and not isinstance(self.support, Support):
+            raise TypeError(f"LossConfig.support must be an erpo.Support(top_k=, top_p=, min_p=) or None, got "
+                            f"{self.support!r}")
+        _choice("support_entropy", self.support_entropy, ("full", "support"))
         if self.target_entropy is not None:
             self.target_entropy = _number("target_entropy", self.target_entropy)
             if self.target_entropy < 0:

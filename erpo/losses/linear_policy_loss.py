@@ -25,10 +25,14 @@ from erpo.losses.aggregation import token_weights
 from erpo.losses import controls as registry
 from erpo.losses.batch import IGNORE_INDEX, prepare_tokens
 from erpo.losses.config import LossConfig
-from erpo.losses.policy_loss import LossResult, loss_from_token_stats, seq_advantages, token_params
+from erpo.losses.policy_loss import (
+    LossResult, loss_from_token_stats, loss_on_support, on_support, seq_advantages, token_params,
+)
 from erpo.losses.token_loss import TokenParams, token_terms
 from erpo.ops import backends
 from erpo.ops import linear_logprobs_entropy as head
+from erpo.ops.logprobs_entropy import check_support_args
+from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy
 from erpo.ops.row_layout import row_layout
 from erpo.ops.vocab_parallel import global_vocab
 
@@ -109,6 +113,15 @@ def linear_policy_loss(
                           "hidden")
     head.validate(hidden, weight, flat.targets, bias, config.temperature, resolved_head)
     token_backend = backends.resolve(config.backend, hidden.is_cuda)
+    support_ids = batch.get("support_ids") if isinstance(batch, dict) else getattr(batch, "support_ids", None)
+    if on_support(config, support_ids, vocab):
+        if schedule == "one_pass":
+            raise ValueError("schedule='one_pass' does not take a truncated support yet; use 'auto' or 'two_pass'")
+        check_support_args(config.support, support_ids, "torch", False, process_group)
+        stats = support_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, flat.targets,
+                                                    1.0 / config.temperature, IGNORE_INDEX, config.support,
+                                                    support_ids, config.check_inputs)
+        return loss_on_support(stats, flat, config, token_backend, generator)
     exact = one_pass_exact(config, batch)
     if schedule == "one_pass" and not exact:
         raise ValueError(f"schedule='one_pass' is exact only for row-local losses (LossConfig.row_local: a row-local "

@@ -15,14 +15,15 @@ from torch import Tensor
 
 from erpo.losses import advantages as advantages_lib
 from erpo.losses.aggregation import token_weights
-from erpo.losses.batch import prepare, prepare_tokens
+from erpo.losses.batch import IGNORE_INDEX, prepare, prepare_tokens
 from erpo.losses.config import LossConfig
 from erpo.losses.shaping import Tokens, apply_controls
 from erpo.losses.importance import token_extras
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, kl_terms, token_loss
 from erpo.ops import backends
-from erpo.ops.logprobs_entropy import logprobs_and_entropy
+from erpo.ops.logprobs_entropy import check_support_args, logprobs_and_entropy
+from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
 from erpo.ops.vocab_parallel import global_vocab
 
 
@@ -82,12 +83,43 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
                               logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32,
                               batch, config, "logits")
     backend = backends.resolve(config.backend, logits.is_cuda)
+    support_ids = batch.get("support_ids") if isinstance(batch, dict) else getattr(batch, "support_ids", None)
+    if on_support(config, support_ids, positions.shape[-1]):
+        # The stats pass over S runs on the torch backend whatever config.backend (docs/support.md); the per-token
+        # loss keeps its backend.
+        check_support_args(config.support, support_ids, "torch", config.inplace_grad, process_group)
+        stats = support_logprobs_and_entropy(positions, flat.targets, 1.0 / config.temperature, IGNORE_INDEX,
+                                             config.support, support_ids, config.check_inputs)
+        return loss_on_support(stats, flat, config, backend, generator)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend,
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
         inplace_grad=config.inplace_grad, process_group=process_group, shift=shift,
     )
     return loss_from_token_stats(logp, entropy, flat, config, backend, generator)
+
+
+def on_support(config: LossConfig, support_ids, vocab: int) -> bool:
+    """Whether the stats pass runs over the sampler's truncated support (docs/support.md)."""
+    return support_ids is not None or (config.support is not None and not config.support.is_full(vocab))
+
+
+def loss_on_support(stats, flat, config: LossConfig, backend: str, generator) -> LossResult:
+    """The loss from the support op's results: the ratio and the KL over S, the entropy terms over
+    config.support_entropy's distribution; plus the support's metrics over the valid tokens."""
+    entropy = stats.full_entropy if config.support_entropy == "full" else stats.entropy
+    result = loss_from_token_stats(stats.logp, entropy, flat, config, backend, generator)
+    valid = flat.valid.reshape(-1)
+    count = valid.sum().clamp_min(1)
+    size = stats.size.reshape(-1)
+    result.metrics.update({
+        "support_size_mean": torch.where(valid, size, 0.0).sum() / count,
+        "support_singleton_frac": (valid & (size == 1)).sum() / count,
+        "support_target_added": (valid & (stats.target_added.reshape(-1) > 0)).sum() / count,
+        "support_mass_logratio": torch.where(valid, (stats.logp - stats.full_logp).detach().reshape(-1), 0.0).sum()
+        / count,
+    })
+    return result
 
 
 def _check_config(config) -> None:

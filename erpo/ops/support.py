@@ -22,38 +22,15 @@ Passes over V per row: 3 for top-k, 3 for top-p plus one for its normaliser; `re
 vocabulary-sharded row over the ranks (its default does nothing).
 """
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from erpo.ops import row_stats
+from erpo.ops.support_config import Support  # noqa: F401  (the public home is erpo.Support)
 
 RADIX_BITS = (11, 11, 10)  # most significant first; 32 bits in all
-
-
-@dataclass(frozen=True)
-class Support:
-    """The truncation a rollout engine applied before sampling; None (or top_p 1, min_p 0) = not applied."""
-
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    min_p: Optional[float] = None
-
-    def __post_init__(self):
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ValueError(f"Support.top_k must be an int >= 1 or None (no top-k), got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"Support.top_p must be in (0, 1] or None (no top-p), got {self.top_p!r}")
-        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
-            raise ValueError(f"Support.min_p must be in [0, 1) or None (no min-p), got {self.min_p!r}")
-
-    def is_full(self, vocab: Optional[int] = None) -> bool:
-        """Whether S is the whole vocabulary whatever the logits (then the full-vocabulary path runs, bit for bit)."""
-        no_k = self.top_k is None or (vocab is not None and self.top_k >= vocab)
-        return no_k and (self.top_p is None or self.top_p >= 1) and not self.min_p
 
 
 def support_ids_from_csr(indptr: Tensor, indices: Tensor, pad: int = -1) -> Tensor:
@@ -146,6 +123,12 @@ def kept(z: Tensor, tgt: Tensor, hit: Tensor, tau: Optional[Tensor] = None, ids:
     else:
         keep = ~(z.float() < tau.float().unsqueeze(-1))  # tau is a float32 value of the row (threshold)
     return keep.scatter_(1, tgt.long().unsqueeze(-1), hit.unsqueeze(-1) | keep.gather(1, tgt.long().unsqueeze(-1)))
+
+
+def row_counts(keep: Tensor, target_z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """|S| per row, and 1 where the target is in S only because it was added (below the recomputed threshold; the
+    engine decided the boundary the other way), as floats for the metrics."""
+    return keep.sum(-1).float(), (target_z.float() < tau.float()).float()
 
 
 def forward_rows(z: Tensor, target_z: Tensor, keep: Tensor, e_full: Optional[Tensor] = None):

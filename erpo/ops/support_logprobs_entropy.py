@@ -26,6 +26,8 @@ class SupportResult(NamedTuple):
     full_logp: Tensor  # over the whole vocabulary
     full_entropy: Tensor
     threshold: Tensor  # tau of the recompute mode (S = {x >= tau} plus the target); NaN in replay mode
+    size: Tensor  # |S| per token (float; 0 on ignored rows)
+    target_added: Tensor  # 1 where the target was below the recomputed threshold and added to S, else 0
 
 
 def _support(top_k: int, top_p: float, min_p: float) -> Support:
@@ -48,7 +50,7 @@ def _fwd_op(logits: Tensor, targets: Tensor, ids: Optional[Tensor], top_k: int, 
 @_fwd_op.register_fake
 def _(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return [logits.new_empty(targets.shape, dtype=dtype) for _ in range(7)]
+    return [logits.new_empty(targets.shape, dtype=dtype) for _ in range(9)]
 
 
 @torch.library.custom_op("erpo::support_logprobs_entropy_bwd", mutates_args=())
@@ -71,16 +73,16 @@ def _(logits, targets, ids, saved, grads, inv_temperature, ignore_index):
 class SupportFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-        logp_s, h_s, lse_s, logp, h, lse, tau = _fwd_op(logits, targets, ids, top_k, top_p, min_p, inv_temperature,
-                                                        ignore_index)
+        logp_s, h_s, lse_s, logp, h, lse, tau, size, added = _fwd_op(logits, targets, ids, top_k, top_p, min_p,
+                                                                      inv_temperature, ignore_index)
         ctx.save_for_backward(logits, targets, ids, lse_s, h_s, lse, h, tau)
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(tau)
-        return logp_s, h_s, logp, h, tau
+        ctx.mark_non_differentiable(tau, size, added)
+        return logp_s, h_s, logp, h, tau, size, added
 
     @staticmethod
-    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, _):
+    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, *_):
         logits, targets, ids, *saved = ctx.saved_tensors
         grads = [g_logp_s, g_h_s, g_logp, g_h]
         if all(g is None for g in grads):
@@ -136,8 +138,8 @@ def support_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperatur
     args = (logits, targets, ids, *knobs, inv_temperature, ignore_index)
     if torch.is_grad_enabled() and logits.requires_grad:
         return SupportResult(*SupportFunction.apply(*args))
-    logp_s, h_s, _, logp, h, _, tau = _fwd_op(*args)
-    return SupportResult(logp_s, h_s, logp, h, tau)
+    logp_s, h_s, _, logp, h, _, tau, size, added = _fwd_op(*args)
+    return SupportResult(logp_s, h_s, logp, h, tau, size, added)
 
 
 # ---- the fused head over S: the same from the hidden states and the LM head --------------------------------
@@ -153,7 +155,7 @@ def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
 
 @_linear_fwd_op.register_fake
 def _(hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-    return [hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(7)]
+    return [hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(9)]
 
 
 @torch.library.custom_op("erpo::support_linear_logprobs_entropy_bwd", mutates_args=())
@@ -179,16 +181,16 @@ def _(hidden, weight, bias, targets, ids, saved, grads, inv_temperature, ignore_
 class SupportLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-        logp_s, h_s, lse_s, logp, h, lse, tau = _linear_fwd_op(hidden, weight, bias, targets, ids, top_k, top_p, min_p,
-                                                               inv_temperature, ignore_index)
+        logp_s, h_s, lse_s, logp, h, lse, tau, size, added = _linear_fwd_op(
+            hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, ids, lse_s, h_s, lse, h, tau)
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(tau)
-        return logp_s, h_s, logp, h, tau
+        ctx.mark_non_differentiable(tau, size, added)
+        return logp_s, h_s, logp, h, tau, size, added
 
     @staticmethod
-    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, _):
+    def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, *_):
         hidden, weight, bias, targets, ids, *saved = ctx.saved_tensors
         grads = [g_logp_s, g_h_s, g_logp, g_h]
         if all(g is None for g in grads):
@@ -208,8 +210,8 @@ def support_linear_logprobs_and_entropy(hidden: Tensor, weight: Tensor, bias: Op
     args = (hidden, weight, bias, targets, ids, *knobs, inv_temperature, ignore_index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return SupportResult(*SupportLinearFunction.apply(*args))
-    logp_s, h_s, _, logp, h, _, tau = _linear_fwd_op(*args)
-    return SupportResult(logp_s, h_s, logp, h, tau)
+    logp_s, h_s, _, logp, h, _, tau, size, added = _linear_fwd_op(*args)
+    return SupportResult(logp_s, h_s, logp, h, tau, size, added)
 
 
 # ---- replay from the head, S only: K dot products per token instead of V -------------------------------------

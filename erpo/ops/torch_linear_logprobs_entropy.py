@@ -194,11 +194,11 @@ def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets:
 
 def forward_support(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     inv_temperature: float, ignore_index: int, support, ids: Optional[Tensor]):
-    """Flat [N] float32 (logp, H, lse) over S, the same over the whole vocabulary, and tau (NaN in replay), from
-    one computation of each chunk's logits."""
+    """Flat [N] float32 (logp, H, lse) over S, the same over the whole vocabulary, tau (NaN in replay), |S| and
+    whether the target was added to S, from one computation of each chunk's logits."""
     from erpo.ops import support as support_lib
 
-    out = [torch.zeros(hidden.n_rows, dtype=torch.float32, device=weight.device) for _ in range(7)]
+    out = [torch.zeros(hidden.n_rows, dtype=torch.float32, device=weight.device) for _ in range(9)]
     (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
     for idx, h, tgt, ignored, hit in chunks:
         z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
@@ -206,10 +206,10 @@ def forward_support(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], t
         keep = support_lib.kept(z, tgt, hit, tau if ids is None else None, None if ids is None else ids[idx])
         target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
         (logp_f, h_f, lse_f), (logp_s, h_s, lse_s) = support_lib.forward_rows(z, target_z, keep, e_buffer[: z.shape[0]])
-        values = (logp_s.masked_fill(~hit, math.nan), h_s, lse_s, logp_f.masked_fill(~hit, math.nan), h_f, lse_f)
+        values = (logp_s.masked_fill(~hit, math.nan), h_s, lse_s, logp_f.masked_fill(~hit, math.nan), h_f, lse_f, tau,
+                  *support_lib.row_counts(keep, target_z, tau))
         for column, value in zip(out, values):
             column[idx] = value.masked_fill(ignored, 0.0)
-        out[-1][idx] = tau
     return tuple(out)
 
 

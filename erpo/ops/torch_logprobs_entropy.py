@@ -127,12 +127,13 @@ def _support_chunks(layout: RowLayout, targets, ids, ignore_index):
 
 
 def forward_support(layout: RowLayout, targets, inv_temperature: float, ignore_index: int, support, ids):
-    """Flat [N] (logp, H, lse) over S, the same over the whole row, and tau (recompute; NaN in replay), from one
-    read of each chunk: S = threshold(support) or the ids (erpo/ops/support.py)."""
+    """Flat [N] (logp, H, lse) over S, the same over the whole row, tau (recompute; NaN in replay), |S| and
+    whether the target was added to S, from one read of each chunk: S = threshold(support) or the ids
+    (erpo/ops/support.py)."""
     from erpo.ops import support as support_lib
 
     cdt = _compute_dtype(layout.tensor.dtype)
-    out = [torch.zeros(layout.n_rows, dtype=cdt, device=layout.tensor.device) for _ in range(7)]
+    out = [torch.zeros(layout.n_rows, dtype=cdt, device=layout.tensor.device) for _ in range(9)]
     for rows, chunk, tgt, ignored, hit, row_ids in _support_chunks(layout, targets, ids, ignore_index):
         z = chunk.to(cdt, copy=True).mul_(inv_temperature)
         tau = support_lib.threshold(z, support) if row_ids is None else torch.full_like(z[:, 0], math.nan)
@@ -140,10 +141,10 @@ def forward_support(layout: RowLayout, targets, inv_temperature: float, ignore_i
         target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
         (logp_f, h_f, lse_f), (logp_s, h_s, lse_s) = support_lib.forward_rows(z, target_z, keep)
         nan = torch.full_like(logp_f, math.nan)
-        values = [torch.where(hit, logp_s, nan), h_s, lse_s, torch.where(hit, logp_f, nan), h_f, lse_f, tau]
-        for column, value in zip(out, values[:-1]):
+        values = [torch.where(hit, logp_s, nan), h_s, lse_s, torch.where(hit, logp_f, nan), h_f, lse_f, tau,
+                  *support_lib.row_counts(keep, target_z, tau)]
+        for column, value in zip(out, values):
             column[rows] = value.masked_fill(ignored, 0.0)
-        out[-1][rows] = values[-1]
     return tuple(out)
 
 
