@@ -48,7 +48,10 @@ class TrainConfig:
     group_size: int = _f(16, "completions per prompt (G)")
     max_new_tokens: int = _f(5, "longest response in tokens")
     temperature: float = _f(1.0, "sampling temperature; the loss uses the same one")
-    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off; the loss assumes the full distribution)")
+    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = _f(0, "sample from the top_k most likely tokens only (0 = off)")
+    min_p: float = _f(0.0, "sample only tokens of probability >= min_p x the most likely one's (0 = off)")
+    support_loss: bool = _f(True, "score the loss and the old/ref log-probs against the truncated distribution the rollouts sampled from (top_k/top_p/min_p; docs/support.md); --no-support-loss scores the full vocabulary")
     # Loss and updates
     loss: str = _f("grpo", "policy-loss method, one of erpo.LossConfig's presets: " + ", ".join(METHODS))
     loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
@@ -103,6 +106,11 @@ class TrainConfig:
             raise ValueError(f"config: temperature must be > 0 (the loss divides by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"config: top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or not 0 <= self.min_p < 1:
+            raise ValueError(f"config: top_k must be >= 0 (0 = off) and min_p in [0, 1), got {self.top_k} and {self.min_p}")
+        if self.rollout == "hf" and self.top_p < 1 and self.min_p > 0:
+            raise ValueError("config: top_p with min_p under rollout 'hf': transformers applies min-p after top-p, vLLM "
+                             "(whose order the loss's support follows) before it, so the two sets differ; use one")
         choices = {"rollout": ("hf", "vllm"), "lr_schedule": ("constant", "linear", "cosine"),
                    "on_nonfinite": ("skip", "stop"), "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
@@ -119,6 +127,14 @@ class TrainConfig:
         if self.lr <= 0 or self.grad_clip < 0 or self.reward_timeout < 0 or self.eval_temperature < 0:
             raise ValueError("config: lr must be > 0; grad_clip, reward_timeout, eval_temperature must be >= 0")
 
+    @property
+    def support(self):
+        """The sampler's truncation as an erpo.Support, or None when it keeps the whole vocabulary."""
+        from erpo.ops.support_config import Support
+
+        support = Support(self.top_k or None, self.top_p if self.top_p < 1 else None, self.min_p or None)
+        return None if support.is_full() else support
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -130,7 +146,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RESUME_CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "progress", "plots", "threads",
                      "on_nonfinite", "max_nonfinite", "out_dir", "resume", "overwrite")
 _TYPES = typing.get_type_hints(TrainConfig)
-BEFORE_THE_KEY_EXISTED = {"mini_batches": 1}
+BEFORE_THE_KEY_EXISTED = {"mini_batches": 1, "support_loss": False}  # earlier runs scored the full vocabulary
 
 
 # Names TRL / transformers give the same setting: a config written for them gets our name back in the error.

@@ -1,13 +1,14 @@
 """Rollouts behind one small interface, and the packing of their token ids into training tensors.
 
-    engine.generate(prompt_ids, n, max_new_tokens, temperature, top_p) -> Rollouts (n samples per prompt)
+    engine.generate(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, min_p) -> Rollouts (n per prompt)
     engine.sync_weights(model)   # after each optimizer step
 
 `HFRollout` (default) calls `transformers` `generate` on the policy itself, so syncing is a no-op. `VLLMRollout`
 keeps a vLLM engine beside the policy and loads the updated weights into it after each step.
 
-Sampling must draw from exactly softmax(logits / temperature), the distribution the loss assumes: both
-engines are given an explicit sampling config (no model-default top-k, top-p, or repetition penalty).
+Sampling must draw from exactly the distribution the loss assumes: softmax(logits / temperature), truncated by
+the run's top_k / top_p / min_p (the loss scores the same support, docs/support.md). Both engines are given an
+explicit sampling config (no model-default top-k, top-p, min-p or repetition penalty).
 """
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ class HFRollout:
         self.model = model  # generation runs on the policy itself
 
     @torch.no_grad()
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0) -> Rollouts:
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0, top_k=0, min_p=0.0) -> Rollouts:
         pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompt_ids)
@@ -63,7 +64,8 @@ class HFRollout:
         sample = temperature > 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_k=0 if sample else None, top_p=top_p if sample else None, pad_token_id=pad,
+            top_k=top_k if sample else None, top_p=top_p if sample else None,
+            min_p=min_p if sample and min_p > 0 else None, pad_token_id=pad,
             eos_token_id=sorted(self.eos_ids), bos_token_id=self.tokenizer.bos_token_id,
         )
         was_training = self.model.training
@@ -123,9 +125,10 @@ class VLLMRollout:
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached KV came from the old weights
 
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0) -> Rollouts:
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0, top_k=0, min_p=0.0) -> Rollouts:
         params = self.vllm.SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, top_k=-1 if temperature > 0 else 1, max_tokens=max_new_tokens
+            n=n, temperature=temperature, top_p=top_p, top_k=(top_k or -1) if temperature > 0 else 1, min_p=min_p,
+            max_tokens=max_new_tokens,
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

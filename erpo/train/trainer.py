@@ -36,9 +36,15 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     try:
         # Dr. GRPO's L_max is a constant, the longest response allowed (not the longest one of a micro-batch).
         return LossConfig(method=cfg.loss, temperature=cfg.temperature,
+                          support=loss_support(cfg),
                           **{"max_len": cfg.max_new_tokens, **cfg.loss_args})
     except TypeError as err:
         raise ValueError(f"loss_args: {err}") from None
+
+
+def loss_support(cfg: TrainConfig):
+    """The support the loss and the old/ref log-probs are scored on: the sampler's, unless --no-support-loss."""
+    return cfg.support if cfg.support_loss else None
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -108,8 +114,9 @@ def check_plain_head(model) -> None:
 
 @torch.no_grad()
 def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool,
-                   fused_head: bool = False) -> torch.Tensor:
-    """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks."""
+                   fused_head: bool = False, support=None) -> torch.Tensor:
+    """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks; over the
+    sampler's truncated support when one is given (each model's own, recomputed from its logits)."""
     out = []
     for start in range(0, batch["targets"].shape[0], chunk):
         rows = slice(start, start + chunk)
@@ -117,10 +124,11 @@ def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast:
             hidden = response_hidden(model, batch, rows, autocast)
             weight, bias = output_head(model, hidden.dtype)
             logp, _ = erpo.linear_logprobs_and_entropy(hidden, weight, batch["targets"][rows], bias,
-                                                       temperature=temperature)
+                                                       temperature=temperature, support=support)
         else:
             logits = response_logits(model, batch, rows, autocast)
-            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature, shift=True)
+            logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature, shift=True,
+                                                support=support)
         out.append(logp)
     return torch.cat(out)
 
@@ -130,7 +138,7 @@ def policy_shift(policy, batch: dict, old_logp: torch.Tensor, chunk: int, cfg, a
     """How far the step's updates moved the policy from the one that sampled, on the batch's tokens: the
     importance ratio of the updated policy (the most off-policy any mini-batch of the step can be).
     One extra no-grad forward per step."""
-    new = fixed_logprobs(policy, batch, chunk, cfg.temperature, autocast, cfg.fused_head)
+    new = fixed_logprobs(policy, batch, chunk, cfg.temperature, autocast, cfg.fused_head, loss_support(cfg))
     valid = batch["mask"].bool()
     log_ratio = (new - old_logp)[valid].double()
     ratio = log_ratio.exp()
@@ -358,7 +366,8 @@ class Trainer:
         picked = self.sampler.next_batch(cfg.prompts_per_step * d.world)[d.rank :: d.world]
         rows = [self.rows[i] for i in picked]
         prompts = [data.encode_prompt(self.tokenizer, r["prompt"], cfg.chat_template) for r in rows]
-        out = self.engine.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        out = self.engine.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                   cfg.top_k, cfg.min_p)
         texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         sample_rows = [r for r in rows for _ in range(cfg.group_size)]
         scores, problems = rewards_lib.score(self.reward_fn, texts, sample_rows, cfg.reward_timeout)
@@ -457,10 +466,10 @@ class Trainer:
         # Fixed at sampling time: every mini-batch and epoch measures its ratio against the sampling policy.
         tensors = {"advantages": adv.advantages, "group_ids": group_ids,
                    "old_logp": fixed_logprobs(self.policy, batch, chunk, cfg.temperature, self.autocast,
-                                              cfg.fused_head)}
+                                              cfg.fused_head, loss_support(cfg))}
         if loss_cfg.needs_ref:
             tensors["ref_logp"] = fixed_logprobs(self.ref, batch, chunk, cfg.temperature, self.autocast,
-                                                 cfg.fused_head)
+                                                 cfg.fused_head, loss_support(cfg))
         return {"out": out, "batch": batch, "rewards": rewards, "adv": adv, "steps": steps, "chunk": chunk,
                 "tensors": tensors, "collected": collected, "problems": problems}
 
