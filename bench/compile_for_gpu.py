@@ -35,45 +35,54 @@ def row_signature(dtype):
     return {"logits_ptr": f"*{dtype}", "stride_outer": "i64", "stride_inner": "i64", "inner": "i64"}
 
 
-def forward_case(dtype):
+# The logit transform's runtime scalars (erpo/ops/row_stats.py logit_transform) and its constexpr.
+TRANSFORM = {"x_scale": "fp32", "cap_in": "fp32"}
+
+
+def forward_case(dtype, softcap=False):
     signature = {
         **row_signature(dtype), "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-        "lse_ptr": "*fp32", "vocab": "i32", "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+        "lse_ptr": "*fp32", "vocab": "i32", **TRANSFORM, "ignore_index": "i32", "BLOCK_V": "constexpr",
+        "HAS_SOFTCAP": "constexpr",
     }
     divisible = ("logits_ptr", "stride_outer", "stride_inner", "targets_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
                  "vocab")
-    return logprobs_entropy_fwd_kernel, signature, {"BLOCK_V": BLOCK_V}, divisible, NUM_WARPS
+    constexprs = {"BLOCK_V": BLOCK_V, "HAS_SOFTCAP": softcap}
+    return logprobs_entropy_fwd_kernel, signature, constexprs, divisible, NUM_WARPS
 
 
 def partial_case(dtype):
     signature = {
         **row_signature(dtype), "targets_ptr": "*i64", "state_ptr": "*fp32", "vocab": "i32", "chunk": "i32",
-        "n_chunks": "i32", "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+        "n_chunks": "i32", **TRANSFORM, "ignore_index": "i32", "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr",
     }
     divisible = ("logits_ptr", "stride_outer", "stride_inner", "targets_ptr", "state_ptr", "vocab", "chunk")
-    return logprobs_entropy_partial_kernel, signature, {"BLOCK_V": BLOCK_V}, divisible, NUM_WARPS
+    return (logprobs_entropy_partial_kernel, signature, {"BLOCK_V": BLOCK_V, "HAS_SOFTCAP": False}, divisible,
+            NUM_WARPS)
 
 
 def merge_case(dtype):
     signature = {
         **row_signature(dtype), "targets_ptr": "*i64", "state_ptr": "*fp32", "logp_ptr": "*fp32",
-        "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "vocab": "i32", "n_chunks": "i32", "inv_temperature": "fp32",
-        "ignore_index": "i32", "BLOCK_CHUNKS": "constexpr",
+        "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "vocab": "i32", "n_chunks": "i32", **TRANSFORM,
+        "ignore_index": "i32", "BLOCK_CHUNKS": "constexpr", "HAS_SOFTCAP": "constexpr",
     }
     divisible = ("logits_ptr", "stride_outer", "stride_inner", "targets_ptr", "state_ptr", "vocab")
-    return logprobs_entropy_merge_kernel, signature, {"BLOCK_CHUNKS": 64}, divisible, 1
+    return logprobs_entropy_merge_kernel, signature, {"BLOCK_CHUNKS": 64, "HAS_SOFTCAP": False}, divisible, 1
 
 
-def backward_case(dtype, has_logp, has_entropy):
+def backward_case(dtype, has_logp, has_entropy, softcap=False):
     signature = {
         **row_signature(dtype), "grad_ptr": f"*{dtype}", "grad_stride_outer": "i64", "grad_stride_inner": "i64",
         "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32",
-        "grad_entropy_ptr": "*fp32", "vocab": "i32", "chunk": "i32", "inv_temperature": "fp32", "ignore_index": "i32",
-        "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
+        "grad_entropy_ptr": "*fp32", "vocab": "i32", "chunk": "i32", **TRANSFORM, "grad_scale": "fp32",
+        "ignore_index": "i32", "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
+        "HAS_SOFTCAP": "constexpr",
     }
     divisible = ("logits_ptr", "stride_outer", "stride_inner", "grad_ptr", "grad_stride_outer", "grad_stride_inner",
                  "targets_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "vocab", "chunk")
-    constexprs = {"HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy, "BLOCK_V": BLOCK_V}
+    constexprs = {"HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy, "BLOCK_V": BLOCK_V,
+                  "HAS_SOFTCAP": softcap}
     return logprobs_entropy_bwd_kernel, signature, constexprs, divisible, NUM_WARPS
 
 
@@ -121,6 +130,9 @@ def cases():
     yield "merge-sm90-bf16", 90, merge_case("bf16")
     yield "bwd-sm90-bf16-logp", 90, backward_case("bf16", True, False)
     yield "bwd-sm90-bf16-entropy", 90, backward_case("bf16", False, True)
+    for arch in ARCHS:  # soft-capped heads (Gemma 2/3): their own HAS_SOFTCAP variant
+        yield f"fwd-sm{arch}-bf16-softcap", arch, forward_case("bf16", softcap=True)
+        yield f"bwd-sm{arch}-bf16-both-softcap", arch, backward_case("bf16", True, True, softcap=True)
     for arch, (name, mode) in itertools.product(ARCHS, TOKEN_MODES.items()):
         yield f"token-sm{arch}-{name}", arch, token_case(mode)
 
@@ -156,33 +168,35 @@ def head_signature(dtype):
             "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64"}
 
 
-def head_tiles(dtype, has_bias):
-    block_n, block_v, block_h, warps, stages = head.GPU_TILES[HEAD_DTYPES[dtype]]
+def head_tiles(dtype, has_bias, softcap=False, fp32_head=False):
+    """The constexprs at the tiles the launcher picks: those of the compute dtype (fp32 in the fp32 head)."""
+    compute = torch.float32 if fp32_head else HEAD_DTYPES[dtype]
+    block_n, block_v, block_h, warps, stages = head.GPU_TILES[compute]
     constexprs = {"HAS_BIAS": has_bias, "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h,
-                  "DOT_PRECISION": head.dot_precision(HEAD_DTYPES[dtype])}
+                  "DOT_PRECISION": head.dot_precision(compute), "HAS_SOFTCAP": softcap, "FP32_HEAD": fp32_head}
     return constexprs, warps, stages
 
 
-def head_forward_case(dtype, has_bias):
+def head_forward_case(dtype, has_bias, softcap=False, fp32_head=False):
     signature = {**head_signature(dtype), "state_ptr": "*fp32"}
     signature.update({name: "i32" for name in ("n_rows", "n_states", "hidden_size", "vocab", "v_per_split")})
-    signature.update({"inv_temperature": "fp32", "ignore_index": "i32"})
-    constexprs, warps, stages = head_tiles(dtype, has_bias)
+    signature.update({**TRANSFORM, "ignore_index": "i32"})
+    constexprs, warps, stages = head_tiles(dtype, has_bias, softcap, fp32_head)
     signature.update({name: "constexpr" for name in constexprs})
     divisible = ("hidden_ptr", "stride_outer", "stride_inner", "weight_ptr", "bias_ptr", "targets_ptr", "state_ptr",
                  "n_states", "hidden_size", "vocab", "v_per_split")
     return head.linear_stats_fwd_kernel, signature, constexprs, divisible, warps, stages
 
 
-def head_backward_case(kernel, dtype, has_bias, has_logp, has_entropy):
+def head_backward_case(kernel, dtype, has_bias, has_logp, has_entropy, softcap=False, fp32_head=False):
     signature = {**head_signature(dtype), "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32",
                  "grad_entropy_ptr": "*fp32"}
     outputs = ("grad_hidden_ptr",) if kernel is head.linear_grad_hidden_kernel else ("grad_weight_ptr",
                                                                                       "grad_bias_ptr")
     signature.update({name: "*fp32" for name in outputs})
-    signature.update({"n_rows": "i32", "hidden_size": "i32", "vocab": "i32", "inv_temperature": "fp32",
+    signature.update({"n_rows": "i32", "hidden_size": "i32", "vocab": "i32", **TRANSFORM, "grad_scale": "fp32",
                       "ignore_index": "i32"})
-    constexprs, warps, stages = head_tiles(dtype, has_bias)
+    constexprs, warps, stages = head_tiles(dtype, has_bias, softcap, fp32_head)
     constexprs = {"HAS_BIAS": has_bias, "HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy, **constexprs}
     signature.update({name: "constexpr" for name in constexprs})
     divisible = ("hidden_ptr", "stride_outer", "stride_inner", "weight_ptr", "bias_ptr", "targets_ptr", "lse_ptr",
@@ -212,6 +226,14 @@ def head_cases():
                                                                 True, False)
     yield "head-dweight-sm90-bf16-entropy", 90, head_backward_case(head.linear_grad_weight_kernel, "bf16", False,
                                                                    False, True)
+    # Soft-capped heads (HAS_SOFTCAP) and the fp32 head over bf16 inputs (FP32_HEAD, at the fp32 tiles)
+    for arch, (tag, options) in itertools.product(ARCHS, (("softcap", dict(softcap=True)),
+                                                           ("fp32head", dict(fp32_head=True)))):
+        yield f"head-fwd-sm{arch}-bf16-{tag}", arch, head_forward_case("bf16", True, **options)
+        yield f"head-dhidden-sm{arch}-bf16-{tag}", arch, head_backward_case(head.linear_grad_hidden_kernel, "bf16",
+                                                                           True, True, True, **options)
+        yield f"head-dweight-sm{arch}-bf16-{tag}", arch, head_backward_case(head.linear_grad_weight_kernel, "bf16",
+                                                                           True, True, True, **options)
 
 
 def compile_head_case(arch, kernel, signature, constexprs, divisible, num_warps, num_stages):

@@ -31,7 +31,10 @@ Rows: hidden rows are addressed with two strides (RowLayout), so `hidden[:, :-1]
 int64. Rows whose target == ignore_index are not loaded (a tile of only such rows is skipped entirely) and get
 logp = entropy = lse = 0 and zero gradient. NaN policy: a row whose logits hold NaN or +inf gives NaN in that
 row's outputs only (and NaN gradients from it); -inf logits take no part in the softmax; an out-of-range
-target gives NaN logp. Temperature and ignore_index are runtime arguments (no recompile per value).
+target gives NaN logp. Temperature and ignore_index are runtime arguments (no recompile per value), as are a
+logit scale and a soft cap (online_softmax.transform applied to each logits tile; a soft cap compiles its own
+variant, HAS_SOFTCAP). fp32 head (FP32_HEAD, `head_fp32=True`): 16-bit hidden/weight tiles are upcast as loaded
+and the dots run in fp32 ("ieee") with dlogits kept in fp32, at the fp32 tiles; no fp32 copy of the weight.
 """
 import os
 from typing import Optional
@@ -41,7 +44,8 @@ import triton
 import triton.language as tl
 
 from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, finish, grad_terms, merge, rebase, row_offset,
-                                          terms)
+                                          terms, transform, transform_grad)
+from erpo.ops.row_stats import logit_transform
 
 # Tile sizes per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). The GPU ones are the largest
 # of those tried that ptxas compiles without spills for sm_80 and sm_90 (bench/compile_for_gpu.py
@@ -76,10 +80,22 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _operand(x, FP32_HEAD: tl.constexpr):
+    """A loaded hidden/weight tile as the dots take it: upcast to fp32 in the fp32 head (tile by tile: no fp32
+    copy of the weight ever exists), as stored otherwise."""
+    if FP32_HEAD:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
-                 inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] in fp32; columns past V are -inf, rows not loaded compute from zeros."""
+                 x_scale, cap_in, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 FP32_HEAD: tl.constexpr):
+    """x[BLOCK_N, BLOCK_V] in fp32, the softmax's input x_scale * transform(h @ W.T + b) (online_softmax.transform;
+    (h @ W.T + b) / T for the plain head); columns past V are -inf, rows not loaded compute from zeros."""
     ks = tl.arange(0, BLOCK_H)
     w_cols = cols.to(tl.int64) * hidden_size
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -88,23 +104,36 @@ def _logits_tile(hidden_ptr, row_off, load_rows, weight_ptr, bias_ptr, cols, col
         k_ok = k < hidden_size
         h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=load_rows[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(weight_ptr + w_cols[None, :] + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _dot(h, w_t, acc, DOT_PRECISION)
+        acc = _dot(_operand(h, FP32_HEAD), _operand(w_t, FP32_HEAD), acc, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
+    return tl.where(col_ok[None, :], transform(acc, cap_in, HAS_SOFTCAP) * x_scale, -float("inf"))
 
 
 @triton.jit
-def _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
-                  HAS_GRAD_LOGP: tl.constexpr):
-    """dz * inv_temperature, zero outside the vocabulary and on ignored rows: online_softmax.grad_terms at
-    t = (z - lse) log2(e), plus the one-hot term."""
+def _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, x_scale, grad_scale,
+                  HAS_GRAD_LOGP: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The gradient w.r.t. the head's logits y of the tile whose softmax input is z: dz grad_scale f'
+    (online_softmax.transform_grad at u = z / x_scale; 1 / T for the plain head), zero outside the vocabulary
+    and on ignored rows; dz is online_softmax.grad_terms at t = (z - lse) log2(e), plus the one-hot term."""
     a = -g_ent * LN2
     b = -(g_logp + g_ent * entropy)
     dz = grad_terms((z - lse[:, None]) * LOG2E, a[:, None], b[:, None])
     if HAS_GRAD_LOGP:
         dz += tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0)
-    return tl.where(active[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
+    dz = dz * grad_scale
+    if HAS_SOFTCAP:
+        dz *= transform_grad(z * (1.0 / x_scale), HAS_SOFTCAP)
+    return tl.where(active[:, None] & col_ok[None, :], dz, 0.0)
+
+
+@triton.jit
+def _dlogits_operand(dz, weight_ptr, FP32_HEAD: tl.constexpr):
+    """dlogits as the gradient dots take them: rounded to the weight's dtype (tensor cores), fp32 in the fp32 head."""
+    if FP32_HEAD:
+        return dz
+    else:
+        return dz.to(weight_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -126,9 +155,9 @@ def _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entro
 def linear_stats_fwd_kernel(
     hidden_ptr, stride_outer, stride_inner, inner,
     weight_ptr, bias_ptr, targets_ptr, state_ptr,
-    n_rows, n_states, hidden_size, vocab, v_per_split, inv_temperature, ignore_index,
+    n_rows, n_states, hidden_size, vocab, v_per_split, x_scale, cap_in, ignore_index,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr = False, FP32_HEAD: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -148,7 +177,8 @@ def linear_stats_fwd_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < v_end
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
-                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                             x_scale, cap_in, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, HAS_SOFTCAP,
+                             FP32_HEAD)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             d, w = rebase(m, d, w, m_new)
             m = m_new
@@ -197,9 +227,10 @@ def linear_stats_merge_kernel(
 def linear_grad_hidden_kernel(
     hidden_ptr, stride_outer, stride_inner, inner,
     weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr,
-    n_rows, hidden_size, vocab, inv_temperature, ignore_index,
+    n_rows, hidden_size, vocab, x_scale, cap_in, grad_scale, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr = False, FP32_HEAD: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -215,14 +246,17 @@ def linear_grad_hidden_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < vocab
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
-                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
-                               HAS_GRAD_LOGP).to(weight_ptr.dtype.element_ty)
+                             x_scale, cap_in, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, HAS_SOFTCAP,
+                             FP32_HEAD)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, x_scale, grad_scale,
+                               HAS_GRAD_LOGP, HAS_SOFTCAP)
+            dz = _dlogits_operand(dz, weight_ptr, FP32_HEAD)
             w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
             for k0 in range(0, hidden_size, BLOCK_H):
                 k = k0 + ks
                 k_ok = k < hidden_size
-                w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                w = _operand(tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0),
+                             FP32_HEAD)
                 out_mask = row_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_rows + k[None, :], mask=out_mask, other=0.0)
                 acc = _dot(dz, w, acc, DOT_PRECISION)
@@ -234,9 +268,10 @@ def linear_grad_weight_kernel(
     hidden_ptr, stride_outer, stride_inner, inner,
     weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_weight_ptr, grad_bias_ptr,
-    n_rows, hidden_size, vocab, inv_temperature, ignore_index,
+    n_rows, hidden_size, vocab, x_scale, cap_in, grad_scale, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr = False, FP32_HEAD: tl.constexpr = False,
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab
@@ -253,17 +288,18 @@ def linear_grad_weight_kernel(
             lse, entropy, g_logp, g_ent = _row_gradients(rows, active, lse_ptr, entropy_ptr, grad_logp_ptr,
                                                           grad_entropy_ptr, BLOCK_N, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY)
             z = _logits_tile(hidden_ptr, row_off, active, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
-                             inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, inv_temperature,
-                               HAS_GRAD_LOGP)
+                             x_scale, cap_in, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, HAS_SOFTCAP,
+                             FP32_HEAD)
+            dz = _dlogits_tile(z, cols, col_ok, active, target, lse, entropy, g_logp, g_ent, x_scale, grad_scale,
+                               HAS_GRAD_LOGP, HAS_SOFTCAP)
             bias_acc += tl.sum(dz, axis=0)
-            dz_t = tl.trans(dz.to(weight_ptr.dtype.element_ty))
+            dz_t = tl.trans(_dlogits_operand(dz, weight_ptr, FP32_HEAD))
             for k0 in range(0, hidden_size, BLOCK_H):
                 k = k0 + ks
                 k_ok = k < hidden_size
                 # Ignored rows load as zeros: whatever they hold (even NaN) never reaches grad_weight.
-                h = tl.load(hidden_ptr + row_off[:, None] + k[None, :], mask=active[:, None] & k_ok[None, :],
-                            other=0.0)
+                h = _operand(tl.load(hidden_ptr + row_off[:, None] + k[None, :],
+                                     mask=active[:, None] & k_ok[None, :], other=0.0), FP32_HEAD)
                 out_mask = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out_cols + k[None, :], mask=out_mask, other=0.0)
                 acc = _dot(dz_t, h, acc, DOT_PRECISION)
@@ -304,12 +340,12 @@ def forward_plan(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
     return splits, v_per_split
 
 
-def _check_operands(hidden, weight, bias, targets) -> None:
+def _check_operands(hidden, weight, bias, targets, head_fp32: bool = False) -> None:
     """The layout this module relies on (the op validates user input; this catches a caller's slip)."""
     if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != hidden.vocab:
         raise ValueError(f"weight must be a contiguous [V, {hidden.vocab}] tensor, got {tuple(weight.shape)}")
-    if hidden.tensor.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError("hidden, weight and bias must share one dtype")
+    if (hidden.tensor.dtype != weight.dtype and not head_fp32) or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError("hidden, weight and bias must share one dtype (hidden may differ with head_fp32=True)")
     if bias is not None and (not bias.is_contiguous() or bias.shape != (weight.shape[0],)):
         raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] tensor, got {tuple(bias.shape)}")
     if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.numel() != hidden.n_rows:
@@ -320,9 +356,22 @@ def _bias_arg(bias, weight):
     return bias if bias is not None else weight  # never read: HAS_BIAS=False
 
 
-def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
+def compute_dtype(weight: torch.Tensor, head_fp32: bool) -> torch.dtype:
+    """The dtype the dots multiply in, which picks the tiles and the dot precision: fp32 in the fp32 head."""
+    return torch.float32 if head_fp32 else weight.dtype
+
+
+def _head_meta(tr, head_fp32: bool) -> dict:
+    """HAS_SOFTCAP / FP32_HEAD only where set: the plain head's launches stay those of before."""
+    return {**({"HAS_SOFTCAP": True} if tr.has_softcap else {}), **({"FP32_HEAD": True} if head_fp32 else {})}
+
+
+def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int, logit_scale: float = 1.0,
+            softcap=None, head_fp32: bool = False):
     """Flat float32 (logp, entropy, lse), each [N], for the rows of `hidden` (a RowLayout of [..., H])."""
-    _check_operands(hidden, weight, bias, targets)
+    _check_operands(hidden, weight, bias, targets, head_fp32)
+    tr = logit_transform(inv_temperature, logit_scale, softcap)
+    dtype = compute_dtype(weight, head_fp32)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -330,15 +379,15 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
     lse = torch.empty_like(logp)
     if n_rows == 0:
         return logp, entropy, lse
-    block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
-    splits, v_per_split = forward_plan(n_rows, vocab, weight.dtype, device)
+    block_n, block_v, block_h, warps, stages = tiles(dtype)
+    splits, v_per_split = forward_plan(n_rows, vocab, dtype, device)
     state = torch.empty((STATE_FIELDS, splits, n_rows), dtype=torch.float32, device=device)
     linear_stats_fwd_kernel[(triton.cdiv(n_rows, block_n), splits)](
         hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
         weight, _bias_arg(bias, weight), targets, state,
-        n_rows, splits * n_rows, hidden_size, vocab, v_per_split, inv_temperature, ignore_index,
+        n_rows, splits * n_rows, hidden_size, vocab, v_per_split, tr.x_scale, tr.cap_in, ignore_index,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=dot_precision(weight.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages, **_head_meta(tr, head_fp32),
     )
     linear_stats_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
         state, targets, logp, entropy, lse, n_rows, splits, splits * n_rows, ignore_index, BLOCK=MERGE_BLOCK,
@@ -347,9 +396,11 @@ def forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index:
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float,
-             ignore_index: int):
+             ignore_index: int, logit_scale: float = 1.0, softcap=None, head_fp32: bool = False):
     """(grad_hidden [N, H] f32 contiguous, grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
-    _check_operands(hidden, weight, bias, targets)
+    _check_operands(hidden, weight, bias, targets, head_fp32)
+    tr = logit_transform(inv_temperature, logit_scale, softcap)
+    dtype = compute_dtype(weight, head_fp32)
     n_rows, hidden_size, vocab = hidden.n_rows, hidden.vocab, weight.shape[0]
     device = weight.device
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
@@ -357,17 +408,17 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
     grad_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=device)
     if n_rows == 0 or (grad_logp is None and grad_entropy is None):
         return grad_hidden, grad_weight, grad_bias
-    block_n, block_v, block_h, warps, stages = tiles(weight.dtype)
+    block_n, block_v, block_h, warps, stages = tiles(dtype)
     common = (
         hidden.tensor, hidden.stride_outer, hidden.stride_inner, hidden.inner,
         weight, _bias_arg(bias, weight), targets, lse, entropy,
         grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse,
     )
-    sizes = (n_rows, hidden_size, vocab, inv_temperature, ignore_index)
+    sizes = (n_rows, hidden_size, vocab, tr.x_scale, tr.cap_in, tr.grad_scale, ignore_index)
     meta = dict(
         HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=dot_precision(weight.dtype),
-        num_warps=warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=dot_precision(dtype),
+        num_warps=warps, num_stages=stages, **_head_meta(tr, head_fp32),
     )
     linear_grad_hidden_kernel[(triton.cdiv(n_rows, block_n),)](*common, grad_hidden, *sizes, **meta)
     linear_grad_weight_kernel[(triton.cdiv(vocab, block_v),)](

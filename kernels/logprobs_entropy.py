@@ -18,7 +18,8 @@ Memory-bound plan (a 1-D grid over rows, optionally split over V; every byte of 
   onto the largest m), the backward needs no merge. Block size, warps and stages are autotuned per
   (V, chunk, dtype) on a GPU; the interpreter, which cannot autotune, runs one fixed configuration.
 Row offsets are int64 (N * V overflows int32 at 8 x 4k x 150k); temperature and ignore_index are runtime
-arguments (no recompile per value); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
+arguments (no recompile per value), as are a logit scale and a soft cap
+(online_softmax.transform; a soft cap compiles its own variant, HAS_SOFTCAP); rows are addressed with two strides, so `logits[:, :-1]` needs no copy.
 """
 import os
 
@@ -26,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo.kernels.online_softmax import LN2, LOG2E, M_START, finish, grad_terms, rebase, row_offset, shift, terms
+from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, finish, grad_terms, rebase, row_offset, shift, terms,
+                                          transform, transform_grad)
+from erpo.ops.row_stats import logit_transform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ERPO_TRITON_AUTOTUNE=0 runs the fixed configuration on a GPU too (no tuning runs: test suites with many shapes).
@@ -61,31 +64,36 @@ def _accumulate(x, m2, d, w, scale):
 
 
 @triton.jit
-def _chunk_state(row_ptr, start, stop, inv_temperature, BLOCK_V: tl.constexpr):
-    """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block."""
-    scale = inv_temperature * LOG2E
+def _chunk_state(row_ptr, start, stop, x_scale, cap_in, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(m, d, w) of logits[start:stop] of one row: full blocks unmasked, then one masked tail block. The softmax's
+    x is x_scale * transform(logit) (online_softmax.transform; 1 / T for the plain head)."""
+    scale = x_scale * LOG2E
     cols = tl.arange(0, BLOCK_V)
     m2 = tl.full([], M_START, tl.float32)
     d = tl.zeros([BLOCK_V], dtype=tl.float32)
     w = tl.zeros([BLOCK_V], dtype=tl.float32)
     full_stop = start + (stop - start) // BLOCK_V * BLOCK_V
     for block in range(start, full_stop, BLOCK_V):
-        x = tl.load(row_ptr + block + cols).to(tl.float32)
+        x = transform(tl.load(row_ptr + block + cols).to(tl.float32), cap_in, HAS_SOFTCAP)
         m2, d, w = _accumulate(x, m2, d, w, scale)
     if full_stop < stop:
         offs = full_stop + cols
         x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
+        if HAS_SOFTCAP:  # a capped -inf is finite: the lanes past the row are masked again
+            x = tl.where(offs < stop, transform(x, cap_in, HAS_SOFTCAP), -float("inf"))
         m2, d, w = _accumulate(x, m2, d, w, scale)
     return m2 * LN2, tl.sum(d, axis=0), tl.sum(w, axis=0)
 
 
 @triton.jit
-def _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row):
+def _finish(m, d, w, row_ptr, target, vocab, x_scale, cap_in, logp_ptr, entropy_ptr, lse_ptr, row,
+            HAS_SOFTCAP: tl.constexpr):
     lse, entropy = finish(m, d, w)
     # An out-of-range id (possible only with check_targets=False) gives NaN, never a read outside the row.
     in_range = (target >= 0) & (target < vocab)
-    target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
-    tl.store(logp_ptr + row, target_x * inv_temperature - lse)
+    target_x = transform(tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32), cap_in,
+                         HAS_SOFTCAP)
+    tl.store(logp_ptr + row, target_x * x_scale - lse)
     tl.store(entropy_ptr + row, entropy)
     tl.store(lse_ptr + row, lse)
 
@@ -94,8 +102,8 @@ def _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_
 def logprobs_entropy_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    vocab, inv_temperature, ignore_index,
-    BLOCK_V: tl.constexpr,
+    vocab, x_scale, cap_in, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr = False,
 ):
     """One program per row: the whole row's state, then logp, entropy, lse."""
     row = tl.program_id(0)
@@ -106,16 +114,16 @@ def logprobs_entropy_fwd_kernel(
         tl.store(lse_ptr + row, 0.0)
     else:
         row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
-        m, d, w = _chunk_state(row_ptr, 0, vocab, inv_temperature, BLOCK_V)
-        _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
+        m, d, w = _chunk_state(row_ptr, 0, vocab, x_scale, cap_in, HAS_SOFTCAP, BLOCK_V)
+        _finish(m, d, w, row_ptr, target, vocab, x_scale, cap_in, logp_ptr, entropy_ptr, lse_ptr, row, HAS_SOFTCAP)
 
 
 @triton.jit
 def logprobs_entropy_partial_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     targets_ptr, state_ptr,
-    vocab, chunk, n_chunks, inv_temperature, ignore_index,
-    BLOCK_V: tl.constexpr,
+    vocab, chunk, n_chunks, x_scale, cap_in, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr = False,
 ):
     """Split path, grid (rows, chunks): the (m, d, w) of one chunk into state[row, chunk, :]."""
     row = tl.program_id(0)
@@ -127,7 +135,8 @@ def logprobs_entropy_partial_kernel(
     if target != ignore_index:
         row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
         start = split * chunk
-        m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), inv_temperature, BLOCK_V)
+        m, d, w = _chunk_state(row_ptr, start, tl.minimum(start + chunk, vocab), x_scale, cap_in, HAS_SOFTCAP,
+                               BLOCK_V)
     out = state_ptr + (row.to(tl.int64) * n_chunks + split) * 3
     tl.store(out, m)
     tl.store(out + 1, d)
@@ -138,8 +147,8 @@ def logprobs_entropy_partial_kernel(
 def logprobs_entropy_merge_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     targets_ptr, state_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    vocab, n_chunks, inv_temperature, ignore_index,
-    BLOCK_CHUNKS: tl.constexpr,
+    vocab, n_chunks, x_scale, cap_in, ignore_index,
+    BLOCK_CHUNKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr = False,
 ):
     """Split path, one program per row: merge the chunks' states (associative, base 2), then finish."""
     row = tl.program_id(0)
@@ -159,7 +168,7 @@ def logprobs_entropy_merge_kernel(
         d = tl.sum(d_c, axis=0)  # NaN states stay NaN through d_c
         w = tl.sum(w_c, axis=0)
         row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
-        _finish(m, d, w, row_ptr, target, vocab, inv_temperature, logp_ptr, entropy_ptr, lse_ptr, row)
+        _finish(m, d, w, row_ptr, target, vocab, x_scale, cap_in, logp_ptr, entropy_ptr, lse_ptr, row, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -167,10 +176,12 @@ def logprobs_entropy_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    vocab, chunk, inv_temperature, ignore_index,
+    vocab, chunk, x_scale, cap_in, grad_scale, ignore_index,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr = False,
 ):
-    """Grid (rows, chunks of V); chunk = vocab when rows are not split."""
+    """Grid (rows, chunks of V); chunk = vocab when rows are not split. dlogit = dx grad_scale transform_grad(u)
+    (online_softmax.py; 1 / T for the plain head), grad_scale folded into a and b."""
     row = tl.program_id(0)
     start = tl.program_id(1) * chunk
     stop = tl.minimum(start + chunk, vocab)
@@ -185,7 +196,7 @@ def logprobs_entropy_bwd_kernel(
             offs = block + cols
             tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=out_ty), mask=offs < stop)
     else:
-        scale = inv_temperature * LOG2E
+        scale = x_scale * LOG2E
         lse2 = tl.load(lse_ptr + row) * LOG2E
         g_logp = 0.0
         g_ent = 0.0
@@ -193,27 +204,40 @@ def logprobs_entropy_bwd_kernel(
             g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
         if HAS_GRAD_ENTROPY:
             g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
-        a = -g_ent * LN2 * inv_temperature
-        b = -(g_logp + g_ent * tl.load(entropy_ptr + row)) * inv_temperature
+        a = -g_ent * LN2 * grad_scale
+        b = -(g_logp + g_ent * tl.load(entropy_ptr + row)) * grad_scale
         # Read before the loop: an in-place gradient overwrites it. Only the chunk holding the target
         # patches it; out-of-range ids (check_targets=False) patch nothing.
         mine = (target >= start) & (target < stop)
         if HAS_GRAD_LOGP:
-            target_x = tl.load(row_ptr + target, mask=mine, other=0.0).to(tl.float32)
+            target_x = transform(tl.load(row_ptr + target, mask=mine, other=0.0).to(tl.float32), cap_in, HAS_SOFTCAP)
             # Every warp loads it for itself: none may store over it (in place) before the slowest has read it.
             tl.debug_barrier()
         for block in range(start, full_stop, BLOCK_V):
-            x = tl.load(row_ptr + block + cols).to(tl.float32)
-            tl.store(grad_row_ptr + block + cols, grad_terms(x * scale - lse2, a, b).to(out_ty))
+            x = transform(tl.load(row_ptr + block + cols).to(tl.float32), cap_in, HAS_SOFTCAP)
+            tl.store(grad_row_ptr + block + cols, _grad_of_logit(x, scale, lse2, a, b, HAS_SOFTCAP).to(out_ty))
         if full_stop < stop:
             offs = full_stop + cols
-            x = tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32)
-            tl.store(grad_row_ptr + offs, grad_terms(x * scale - lse2, a, b).to(out_ty), mask=offs < stop)
+            x = transform(tl.load(row_ptr + offs, mask=offs < stop, other=-float("inf")).to(tl.float32), cap_in,
+                          HAS_SOFTCAP)
+            tl.store(grad_row_ptr + offs, _grad_of_logit(x, scale, lse2, a, b, HAS_SOFTCAP).to(out_ty),
+                     mask=offs < stop)
         if HAS_GRAD_LOGP:
             if mine:
                 tl.debug_barrier()  # the loop's store of this element (another thread's) lands first
-                patched = grad_terms(target_x * scale - lse2, a, b) + g_logp * inv_temperature
+                patched = grad_terms(target_x * scale - lse2, a, b) + g_logp * grad_scale
+                if HAS_SOFTCAP:
+                    patched *= transform_grad(target_x, HAS_SOFTCAP)
                 tl.store(grad_row_ptr + target, patched.to(out_ty))
+
+
+@triton.jit
+def _grad_of_logit(u, scale, lse2, a, b, HAS_SOFTCAP: tl.constexpr):
+    """The off-target gradient w.r.t. the logit whose transform is u (x = u x_scale; scale = x_scale log2(e))."""
+    grad = grad_terms(u * scale - lse2, a, b)
+    if HAS_SOFTCAP:
+        grad *= transform_grad(u, HAS_SOFTCAP)
+    return grad
 
 
 # ---------------------------------------------------------------- launchers
@@ -277,8 +301,15 @@ def _chunk_size(vocab: int, chunks: int) -> int:
     return vocab if chunks == 1 else triton.cdiv(triton.cdiv(vocab, chunks), 256) * 256  # 16-byte aligned starts
 
 
-def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
+def _softcap_meta(tr) -> dict:
+    """HAS_SOFTCAP only where set: the plain head's launches (and autotune caches) stay those of before."""
+    return {"HAS_SOFTCAP": True} if tr.has_softcap else {}
+
+
+def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index: int, logit_scale: float = 1.0,
+            softcap=None):
     """Flat float32 (logp, entropy, lse), each [N], for the rows described by `layout` (a RowLayout)."""
+    tr = logit_transform(inv_temperature, logit_scale, softcap)
     logits = layout.tensor
     logp = torch.empty(layout.n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
@@ -289,24 +320,26 @@ def forward(layout, targets: torch.Tensor, inv_temperature: float, ignore_index:
     chunks = n_chunks(layout.n_rows, layout.vocab, logits.device)
     if chunks == 1:
         fixed = _fixed_config(layout.vocab)
-        _fwd[(layout.n_rows,)](*rows, targets, logp, entropy, lse, layout.vocab, inv_temperature, ignore_index,
-                               **fixed)
+        _fwd[(layout.n_rows,)](*rows, targets, logp, entropy, lse, layout.vocab, tr.x_scale, tr.cap_in, ignore_index,
+                               **fixed, **_softcap_meta(tr))
         return logp, entropy, lse
     chunk = _chunk_size(layout.vocab, chunks)
     chunks = triton.cdiv(layout.vocab, chunk)
     state = torch.empty((layout.n_rows, chunks, 3), dtype=torch.float32, device=logits.device)
     fixed = _fixed_config(chunk)
-    _partial[(layout.n_rows, chunks)](*rows, targets, state, layout.vocab, chunk, chunks, inv_temperature,
-                                      ignore_index, **fixed)
+    _partial[(layout.n_rows, chunks)](*rows, targets, state, layout.vocab, chunk, chunks, tr.x_scale, tr.cap_in,
+                                      ignore_index, **fixed, **_softcap_meta(tr))
     logprobs_entropy_merge_kernel[(layout.n_rows,)](
-        *rows, targets, state, logp, entropy, lse, layout.vocab, chunks, inv_temperature, ignore_index,
-        BLOCK_CHUNKS=triton.next_power_of_2(chunks), num_warps=1,
+        *rows, targets, state, logp, entropy, lse, layout.vocab, chunks, tr.x_scale, tr.cap_in, ignore_index,
+        BLOCK_CHUNKS=triton.next_power_of_2(chunks), num_warps=1, **_softcap_meta(tr),
     )
     return logp, entropy, lse
 
 
-def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout):
+def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout,
+             logit_scale: float = 1.0, softcap=None):
     """Write dlogits into grad_layout.tensor (which may be layout.tensor itself: the in-place gradient)."""
+    tr = logit_transform(inv_temperature, logit_scale, softcap)
     if not layout.n_rows:
         return
     chunk = _chunk_size(layout.vocab, n_chunks(layout.n_rows, layout.vocab, layout.tensor.device))
@@ -316,6 +349,6 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
         grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
         targets, lse, entropy,
         grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse,
-        layout.vocab, chunk, inv_temperature, ignore_index,
-        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **fixed,
+        layout.vocab, chunk, tr.x_scale, tr.cap_in, tr.grad_scale, ignore_index,
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **fixed, **_softcap_meta(tr),
     )

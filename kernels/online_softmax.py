@@ -6,6 +6,8 @@ largest x seen (M_START, finite, while none), d = sum 2^t and w = sum 2^t t with
 suits the caller (the op: one FMA, logits log2(e) / T - m log2(e); the head: (z - m) log2(e), exactly 0 at the
 max). Relative to m, bf16 logits in the thousands lose no precision, and the states of disjoint parts merge
 exactly in any order. Callers keep m per row or per block, and d, w per lane or per row.
+Soft-capping and a logit scale (transform, transform_grad) are applied to each logit as loaded, once here for
+both kernels; a head without them compiles to the same code as before (HAS_SOFTCAP is a constexpr).
 NaN policy, with no per-element test: a NaN or +inf logit makes t, hence d, lse and H NaN, in its row only; -inf
 entries add 0 (t is clamped at T_FLOOR where it multiplies 2^t = 0); a row of only -inf has d = 0 (lse = -inf).
 """
@@ -77,6 +79,36 @@ def grad_terms(t, a, b):
     x = logits / T off the target, for a = -g_ent ln(2) and b = -(g_logp + g_ent H) (as x - E_p[x] = t ln(2) + H);
     the callers fold 1 / T into a and b or apply it after. A masked entry (t = -inf) gets exactly 0."""
     return exp2(t) * (a * tl.maximum(t, T_FLOOR) + b)
+
+
+@triton.jit
+def tanh(y):
+    """tanh from one exp2 (libdevice's is not in the interpreter): sign(y) (1 - 2^-2|y|log2e) / (1 + 2^-2|y|log2e),
+    absolute error ~1e-7; +-inf gives +-1, NaN stays NaN."""
+    e = exp2(tl.abs(y) * (-2.0 * LOG2E))
+    u = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -u, u)
+
+
+@triton.jit
+def transform(y, cap_in, HAS_SOFTCAP: tl.constexpr):
+    """The model's logit y as the softmax sees it, up to the per-call factor x_scale the callers fold into their own
+    scale: x = x_scale * transform(y) (erpo/ops/row_stats.py logit_transform gives x_scale, cap_in and grad_scale):
+    tanh(y cap_in) under a soft cap (x = c tanh(s y / c) / T), y itself otherwise (x = s y / T, no instruction)."""
+    if HAS_SOFTCAP:
+        return tanh(y * cap_in)
+    else:
+        return y
+
+
+@triton.jit
+def transform_grad(u, HAS_SOFTCAP: tl.constexpr):
+    """f' at u = transform(y): dx/dy = grad_scale * f', f' = 1 - u^2 under a soft cap (the callers skip the
+    multiply without one)."""
+    if HAS_SOFTCAP:
+        return 1.0 - u * u
+    else:
+        return 1.0
 
 
 @triton.jit

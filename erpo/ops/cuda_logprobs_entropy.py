@@ -35,8 +35,14 @@ def _per_row(tensor):
     return None if tensor is None else tensor.reshape(-1).to(torch.float32).contiguous()
 
 
-def forward(layout, targets, inv_temperature, ignore_index):
+def _plain_head_only(logit_scale, softcap) -> None:
+    if softcap is not None or logit_scale != 1.0:
+        raise ValueError("backend='cuda' does not implement softcap/logit_scale; use backend='triton' or 'torch'")
+
+
+def forward(layout, targets, inv_temperature, ignore_index, logit_scale=1.0, softcap=None):
     """Flat float32 (logp, entropy, lse), each [N], for the rows described by `layout` (a RowLayout)."""
+    _plain_head_only(logit_scale, softcap)
     ext = extension()
     logits = layout.tensor
     logp = torch.empty(layout.n_rows, dtype=torch.float32, device=logits.device)
@@ -50,8 +56,10 @@ def forward(layout, targets, inv_temperature, ignore_index):
     return logp, entropy, lse
 
 
-def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout):
+def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, grad_layout,
+             logit_scale=1.0, softcap=None):
     """Write dlogits into grad_layout.tensor (which may be layout.tensor itself: the in-place gradient)."""
+    _plain_head_only(logit_scale, softcap)
     ext = extension()
     if not layout.n_rows:
         return

@@ -16,8 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from erpo.ops import vocab_parallel
-from erpo.ops.logprobs_entropy import FLOAT_DTYPES, _check_target_range, _flat_targets, check_support_args, full_support
+from erpo.ops import row_stats, vocab_parallel
+from erpo.ops.logprobs_entropy import (FLOAT_DTYPES, _check_target_range, _flat_targets, check_plain_for_support,
+                                       check_support_args, full_support)
 from erpo.ops.row_layout import row_layout
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
@@ -53,20 +54,23 @@ def _check_available(backend: str, is_cuda: bool) -> None:
 @torch.library.custom_op("erpo::linear_logprobs_entropy_fwd", mutates_args=())
 def _fwd_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
-    ignore_index: int, backend: str, check_targets: bool,
+    ignore_index: int, backend: str, check_targets: bool, logit_scale: float = 1.0, softcap: Optional[float] = None,
+    head_fp32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     flat_targets = _flat_targets(targets)
     if check_targets:
         _check_target_range(flat_targets, weight.shape[0], ignore_index)
     logp, entropy, lse = load(backend).forward(
-        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index
+        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index,
+        **head_kwargs(logit_scale, softcap, head_fp32)
     )
     shape = targets.shape
     return logp.view(shape), entropy.view(shape), lse.view(shape)
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets):
+def _(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, logit_scale=1.0,
+      softcap=None, head_fp32=False):
     make = lambda: hidden.new_empty(targets.shape, dtype=torch.float32)  # noqa: E731
     return make(), make(), make()
 
@@ -75,14 +79,14 @@ def _(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, che
 def _bwd_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
-    backend: str,
+    backend: str, logit_scale: float = 1.0, softcap: Optional[float] = None, head_fp32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     def flat(values):
         return None if values is None else values.reshape(-1).to(torch.float32).contiguous()
 
     grad_hidden, grad_weight, grad_bias = load(backend).backward(
         row_layout(hidden), weight, bias, _flat_targets(targets), flat(lse), flat(entropy), flat(grad_logp),
-        flat(grad_entropy), inv_temperature, ignore_index,
+        flat(grad_entropy), inv_temperature, ignore_index, **head_kwargs(logit_scale, softcap, head_fp32),
     )
     # A custom op returns tensors only: no bias gives an empty grad_bias.
     grad_bias = grad_weight.new_empty(0) if grad_bias is None else grad_bias
@@ -90,25 +94,34 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend,
+      logit_scale=1.0, softcap=None, head_fp32=False):
     grad_bias = weight.new_empty((0,) if bias is None else (weight.shape[0],), dtype=torch.float32)
     return (hidden.new_empty(hidden.shape, dtype=torch.float32), weight.new_empty(weight.shape, dtype=torch.float32),
             grad_bias)
 
 
+def head_kwargs(logit_scale: float, softcap: Optional[float], head_fp32: bool) -> dict:
+    """The backends' keywords for a head that is not plain (none for the plain head: its calls are unchanged)."""
+    kwargs = {} if softcap is None and logit_scale == 1.0 else {"logit_scale": logit_scale, "softcap": softcap}
+    return {**kwargs, "head_fp32": True} if head_fp32 else kwargs
+
+
 class LinearLogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets):
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets,
+                logit_scale=1.0, softcap=None, head_fp32=False):
         logp, entropy, lse = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, backend,
-                                     check_targets)
+                                     check_targets, logit_scale, softcap, head_fp32)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+        ctx.head = (logit_scale, softcap, head_fp32)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        return _head_grads(ctx, grad_logp, grad_entropy) + (None,) * 5
+        return _head_grads(ctx, grad_logp, grad_entropy) + (None,) * 8
 
 
 def _head_grads(ctx, grad_logp, grad_entropy, group=None) -> tuple:
@@ -119,7 +132,7 @@ def _head_grads(ctx, grad_logp, grad_entropy, group=None) -> tuple:
         return None, None, None
     grad_hidden, grad_weight, grad_bias = _bwd_op(
         hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature,
-        ctx.ignore_index, ctx.backend,
+        ctx.ignore_index, ctx.backend, *ctx.head,
     )
     needs = ctx.needs_input_grad
     if needs[0] and group is not None:
@@ -132,14 +145,15 @@ def _head_grads(ctx, grad_logp, grad_entropy, group=None) -> tuple:
 
 
 def _vocab_parallel_forward(hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets,
-                            group, vocab_size):
+                            group, vocab_size, logit_scale=1.0, softcap=None, head_fp32=False):
     """(logp, entropy, lse, local targets) of this rank's head slice merged over the group (vocab_parallel.py)."""
     local_vocab = weight.shape[0]
     offset, total = vocab_parallel.shard_offset(local_vocab, group, hidden.device, vocab_size)
     if check_targets:
         _check_target_range(_flat_targets(targets), total, ignore_index)
     local = vocab_parallel.local_targets(targets, offset, local_vocab, ignore_index)
-    logp_r, entropy_r, lse_r = _fwd_op(hidden, weight, bias, local, inv_temperature, ignore_index, backend, False)
+    logp_r, entropy_r, lse_r = _fwd_op(hidden, weight, bias, local, inv_temperature, ignore_index, backend, False,
+                                       logit_scale, softcap, head_fp32)
     logp, entropy, lse = vocab_parallel.merge(logp_r.reshape(-1), entropy_r.reshape(-1), lse_r.reshape(-1),
                                               local.reshape(-1), local_vocab, ignore_index, group)
     shape = targets.shape
@@ -152,17 +166,19 @@ class VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, group,
-                vocab_size):
+                vocab_size, logit_scale=1.0, softcap=None, head_fp32=False):
         logp, entropy, lse, local = _vocab_parallel_forward(
-            hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size)
+            hidden, weight, bias, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size,
+            logit_scale, softcap, head_fp32)
         ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
         ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.group = inv_temperature, ignore_index, backend, group
+        ctx.head = (logit_scale, softcap, head_fp32)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        return _head_grads(ctx, grad_logp, grad_entropy, ctx.group) + (None,) * 7
+        return _head_grads(ctx, grad_logp, grad_entropy, ctx.group) + (None,) * 10
 
 
 def _tensor(name: str, value) -> Tensor:
@@ -171,7 +187,8 @@ def _tensor(name: str, value) -> Tensor:
     return value
 
 
-def validate(hidden, weight, targets, bias, temperature, backend) -> str:
+def validate(hidden, weight, targets, bias, temperature, backend, logit_scale=1.0, softcap=None,
+             head_fp32=False) -> str:
     """Every check of the fused head's inputs, before any kernel runs; returns the resolved backend."""
     hidden, weight, targets = _tensor("hidden", hidden), _tensor("weight", weight), _tensor("targets", targets)
     if bias is not None:
@@ -200,9 +217,18 @@ def validate(hidden, weight, targets, bias, temperature, backend) -> str:
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden dtype {hidden.dtype} is not supported; supported: "
                         f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+    if not isinstance(head_fp32, bool):
+        raise TypeError(f"head_fp32 must be True or False, got {type(head_fp32).__name__}")
     for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} dtype {tensor.dtype} differs from hidden's {hidden.dtype}; cast one of them")
+        if tensor is not None and tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype {tensor.dtype} is not supported; supported: "
+                            f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+        if tensor is not None and tensor.dtype != hidden.dtype and not head_fp32:
+            raise TypeError(f"{name} dtype {tensor.dtype} differs from hidden's {hidden.dtype}; cast one of them "
+                            "(or pass head_fp32=True: the head then computes in float32 from any mix)")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} differs from weight's {weight.dtype}; cast one of them")
+    row_stats.check_logit_transform(logit_scale, softcap)
     if isinstance(temperature, Tensor) or isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
@@ -225,6 +251,9 @@ def linear_logprobs_and_entropy(
     vocab_size: Optional[int] = None,
     support=None,
     support_ids: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    head_fp32: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax((hidden @ weight.T + bias) / temperature).
 
@@ -244,15 +273,27 @@ def linear_logprobs_and_entropy(
         vocab_size: the whole vocabulary, checked against the sum of the slices (or against V without a group).
         support, support_ids: score against the sampler's truncated support S, recomputed (`erpo.Support`) or
             replayed (`[..., K]` kept ids, -1 padded), as `logprobs_and_entropy` does (torch backend).
+        softcap, logit_scale: the model's final logit soft-capping c and logit scale s (Gemma 2/3's
+            `final_logit_softcapping`, Cohere's `logit_scale`): the softmax is that of c tanh(s y / c) / T
+            (s y / T without a cap), y = hidden @ weight.T + bias, applied to each logits tile in the head, forward
+            and backward (as `logprobs_and_entropy` does). Defaults (None, 1.0) are the plain head, bit for bit.
+        head_fp32: compute the head in float32 from 16-bit inputs (TRL's `cast_lm_head_to_fp32`, vLLM's
+            `head_dtype=float32`): the logits are fp32 products of the upcast hidden rows and weight rows, and the
+            gradient products take fp32 dlogits, the weight upcast a slice (torch) or a tile (Triton) at a time,
+            never a full fp32 copy of it. Hidden and weight may then differ in dtype (e.g. a bf16 backbone and an
+            fp32 head, as TRL's cast leaves them); each gradient comes back in its input's dtype.
 
     Returns:
         (logp, entropy), float32 shaped like targets, differentiable w.r.t. hidden, weight and bias.
         Never holds [N, V]; under no_grad (old/ref log-probs) only the forward runs and nothing is saved.
     """
     if support_ids is not None or (support is not None and not full_support(support, weight.shape[0])):
+        row_stats.check_logit_transform(logit_scale, softcap)
+        check_plain_for_support(logit_scale, softcap, bool(head_fp32))
         return _on_support(hidden, weight, targets, bias, temperature, ignore_index, backend, check_targets,
                            process_group, support, support_ids)
-    resolved = validate(hidden, weight, targets, bias, temperature, backend)
+    resolved = validate(hidden, weight, targets, bias, temperature, backend, logit_scale, softcap, head_fp32)
+    head = (float(logit_scale), None if softcap is None else float(softcap), head_fp32)
     weight = weight.contiguous()
     inv_temperature = 1.0 / float(temperature)
     needs_grad = torch.is_grad_enabled() and any(
@@ -262,18 +303,19 @@ def linear_logprobs_and_entropy(
         vocab_parallel.check_group(process_group)
         if needs_grad:
             return VocabParallelLinearFunction.apply(hidden, weight, bias, targets, inv_temperature, ignore_index,
-                                                     resolved, check_targets, process_group, vocab_size)
+                                                     resolved, check_targets, process_group, vocab_size, *head)
         logp, entropy, _, _ = _vocab_parallel_forward(hidden, weight, bias, targets, inv_temperature, ignore_index,
-                                                      resolved, check_targets, process_group, vocab_size)
+                                                      resolved, check_targets, process_group, vocab_size, *head)
         return logp, entropy
     if vocab_size is not None and vocab_size != weight.shape[0]:
         raise ValueError(f"vocab_size={vocab_size} but the head weight holds V = {weight.shape[0]} rows "
                          "(no process_group)")
     if needs_grad:
         return LinearLogprobsEntropyFunction.apply(
-            hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets
+            hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets, *head
         )
-    logp, entropy, _ = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets)
+    logp, entropy, _ = _fwd_op(hidden, weight, bias, targets, inv_temperature, ignore_index, resolved, check_targets,
+                               *head)
     return logp, entropy
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from erpo.ops import backends, vocab_parallel
+from erpo.ops import backends, row_stats, vocab_parallel
 from erpo.ops.row_layout import addressable_in_place, contiguous_layout_like, row_layout
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,26 +55,36 @@ def _append_dropped(values: Tensor, fill) -> Tensor:
 @torch.library.custom_op("erpo::logprobs_entropy_fwd", mutates_args=())
 def _fwd_op(
     logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int, backend: str, check_targets: bool,
-    shift: bool = False,
+    shift: bool = False, logit_scale: float = 1.0, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     flat_targets = _flat_targets(targets)
     if check_targets:
         _check_target_range(flat_targets, logits.shape[-1], ignore_index)
     layout = row_layout(_scored_rows(logits, shift))
-    logp, entropy, lse = backends.load(backend).forward(layout, flat_targets, inv_temperature, ignore_index)
+    logp, entropy, lse = backends.load(backend).forward(layout, flat_targets, inv_temperature, ignore_index,
+                                                        **_transform_kwargs(logit_scale, softcap))
     shape = targets.shape
     return logp.view(shape), entropy.view(shape), lse.view(shape)
 
 
 @_fwd_op.register_fake
-def _(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift=False):
+def _(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift=False, logit_scale=1.0,
+      softcap=None):
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     make = lambda: logits.new_empty(targets.shape, dtype=out_dtype)  # noqa: E731
     return make(), make(), make()
 
 
+def _transform_kwargs(logit_scale: float, softcap: Optional[float]) -> dict:
+    """The backends' logit-transform keywords, given only where the head is not plain (a backend without them,
+    e.g. an older out-of-tree one, keeps working on plain heads)."""
+    if softcap is None and logit_scale == 1.0:
+        return {}
+    return {"logit_scale": logit_scale, "softcap": softcap}
+
+
 def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-                   backend, shift=False):
+                   backend, shift=False, logit_scale=1.0, softcap=None):
     if shift:
         # Every position of the full logits gets its gradient from this one kernel launch: the dropped one
         # is an ignored row (zero gradient, not read). Only [N]-sized per-row values are padded.
@@ -88,7 +98,7 @@ def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entr
         layout, _flat_targets(targets), lse.reshape(-1), entropy.reshape(-1),
         None if grad_logp is None else grad_logp.reshape(-1).contiguous(),
         None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
-        inv_temperature, ignore_index, grad_layout,
+        inv_temperature, ignore_index, grad_layout, **_transform_kwargs(logit_scale, softcap),
     )
 
 
@@ -96,16 +106,18 @@ def _backward_into(grad_out, logits, targets, lse, entropy, grad_logp, grad_entr
 def _bwd_op(
     logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False,
+    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False, logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _backward_into(grad, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-                   backend, shift)
+                   backend, shift, logit_scale, softcap)
     return grad
 
 
 @_bwd_op.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend, shift=False):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend, shift=False,
+      logit_scale=1.0, softcap=None):
     return logits.new_empty(logits.shape)
 
 
@@ -113,18 +125,22 @@ def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, i
 def _bwd_inplace_op(
     logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False,
+    inv_temperature: float, ignore_index: int, backend: str, shift: bool = False, logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> None:
     _backward_into(logits, logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-                   backend, shift)
+                   backend, shift, logit_scale, softcap)
 
 
 class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets, shift):
-        logp, entropy, lse = _fwd_op(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift)
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets, shift,
+                logit_scale=1.0, softcap=None):
+        logp, entropy, lse = _fwd_op(logits, targets, inv_temperature, ignore_index, backend, check_targets, shift,
+                                     logit_scale, softcap)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temperature = inv_temperature
+        ctx.transform = (logit_scale, softcap)
         ctx.ignore_index = ignore_index
         # Rows the kernels read from a copy cannot take the gradient in place: it would land in the copy.
         ctx.inplace_grad = inplace_grad and addressable_in_place(logits)
@@ -135,7 +151,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 7
+        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 9
 
 
 def _grad_logits(ctx, grad_logp, grad_entropy) -> Optional[Tensor]:
@@ -143,7 +159,7 @@ def _grad_logits(ctx, grad_logp, grad_entropy) -> Optional[Tensor]:
     if grad_logp is None and grad_entropy is None:
         return None
     args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index, ctx.backend,
-            ctx.shift)
+            ctx.shift, *ctx.transform)
     if ctx.inplace_grad:
         _bwd_inplace_op(logits, *args)
         return logits
@@ -151,14 +167,15 @@ def _grad_logits(ctx, grad_logp, grad_entropy) -> Optional[Tensor]:
 
 
 def _vocab_parallel_forward(logits, targets, inv_temperature, ignore_index, backend, check_targets, group,
-                            vocab_size):
+                            vocab_size, logit_scale=1.0, softcap=None):
     """(logp, entropy, lse, local targets) of a vocabulary slice merged over the group (erpo/ops/vocab_parallel.py)."""
     local_vocab = logits.shape[-1]
     offset, total = vocab_parallel.shard_offset(local_vocab, group, logits.device, vocab_size)
     if check_targets:
         _check_target_range(_flat_targets(targets), total, ignore_index)
     local = vocab_parallel.local_targets(targets, offset, local_vocab, ignore_index)
-    logp_r, entropy_r, lse_r = _fwd_op(logits, local, inv_temperature, ignore_index, backend, False)
+    logp_r, entropy_r, lse_r = _fwd_op(logits, local, inv_temperature, ignore_index, backend, False, False,
+                                       logit_scale, softcap)
     logp, entropy, lse = vocab_parallel.merge(logp_r.reshape(-1), entropy_r.reshape(-1), lse_r.reshape(-1),
                                               local.reshape(-1), local_vocab, ignore_index, group)
     shape = targets.shape
@@ -170,11 +187,13 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, inv_temperature, ignore_index, inplace_grad, backend, check_targets, group,
-                vocab_size):
+                vocab_size, logit_scale=1.0, softcap=None):
         logp, entropy, lse, local = _vocab_parallel_forward(
-            logits, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size)
+            logits, targets, inv_temperature, ignore_index, backend, check_targets, group, vocab_size, logit_scale,
+            softcap)
         ctx.save_for_backward(logits, local, lse, entropy)
         ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+        ctx.transform = (logit_scale, softcap)
         ctx.inplace_grad = inplace_grad and addressable_in_place(logits)
         ctx.shift = False  # refused with a process group (logprobs_and_entropy)
         ctx.set_materialize_grads(False)
@@ -182,7 +201,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 8
+        return (_grad_logits(ctx, grad_logp, grad_entropy),) + (None,) * 10
 
 
 def _validate(logits, targets, temperature, backend, inplace_grad, shift) -> str:
@@ -243,6 +262,8 @@ def logprobs_and_entropy(
     vocab_size: Optional[int] = None,
     support=None,
     support_ids: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of `targets` and entropy of softmax(logits / temperature), without [N, V] temporaries.
 
@@ -275,16 +296,27 @@ def logprobs_and_entropy(
         support_ids: `[..., K]` integer ids of each row's kept set, padded with -1 (the set the engine recorded;
             `erpo.support_ids_from_csr` converts vLLM's CSR form); every scored target must be in its row's set.
             With either, logp and entropy are those over S and gradients reach the logits of S only.
+        softcap, logit_scale: the model's final logit soft-capping c (Gemma 2/3's `final_logit_softcapping`) and
+            logit scale s (Cohere's `logit_scale`): the softmax is that of x = c tanh(s y / c) / T (x = s y / T
+            without a cap), y the given logits, applied element by element in the kernels (no [N, V] copy);
+            gradients are w.r.t. y (the chain rule through tanh: dy = dx (1 - (x T / c)^2) s / T). Defaults
+            (None, 1.0) are the plain head, bit for bit. Under a cap, +-inf logits become +-c, as in the model.
+            Torch and Triton backends (the CUDA one refuses them); not with a support yet.
 
     Returns:
         (logp, entropy), float32 (float64 for float64 logits), shape `[...]`, differentiable w.r.t. logits.
         A row with NaN or +inf logits, or only -inf, gives non-finite outputs for that row only; `-inf`
         entries in an otherwise finite row are a masked vocabulary (p = 0, zero gradient).
     """
+    row_stats.check_logit_transform(logit_scale, softcap)
+    transform = (float(logit_scale), None if softcap is None else float(softcap))
     if support_ids is not None or (support is not None and not full_support(support, logits.shape[-1])):
+        check_plain_for_support(*transform)
         return _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
                            process_group, support, support_ids)
+    check_backend_transform(backend, *transform)
     resolved = _validate(logits, targets, temperature, backend, inplace_grad, shift)
+    check_backend_transform(resolved, *transform)
     inv_temperature = 1.0 / float(temperature)
     if process_group is not None:
         if shift:
@@ -293,19 +325,31 @@ def logprobs_and_entropy(
         if torch.is_grad_enabled() and logits.requires_grad:
             return VocabParallelLogprobsEntropyFunction.apply(
                 logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, process_group,
-                vocab_size)
+                vocab_size, *transform)
         logp, entropy, _, _ = _vocab_parallel_forward(logits, targets, inv_temperature, ignore_index, resolved,
-                                                      check_targets, process_group, vocab_size)
+                                                      check_targets, process_group, vocab_size, *transform)
         return logp, entropy
     if vocab_size is not None and vocab_size != logits.shape[-1]:
         raise ValueError(f"vocab_size={vocab_size} but the logits hold V = {logits.shape[-1]} ids (no process_group)")
     if torch.is_grad_enabled() and logits.requires_grad:
         return LogprobsEntropyFunction.apply(
-            logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, shift
+            logits, targets, inv_temperature, ignore_index, inplace_grad, resolved, check_targets, shift, *transform
         )
     # Inference (old-policy / reference log-probs): nothing is saved for a backward.
-    logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets, shift)
+    logp, entropy, _ = _fwd_op(logits, targets, inv_temperature, ignore_index, resolved, check_targets, shift,
+                               *transform)
     return logp, entropy
+
+
+def check_backend_transform(backend: str, logit_scale: float, softcap: Optional[float]) -> None:
+    if backend == "cuda" and (softcap is not None or logit_scale != 1.0):
+        raise ValueError("backend='cuda' does not implement softcap/logit_scale; use backend='triton' or 'torch'")
+
+
+def check_plain_for_support(logit_scale: float, softcap: Optional[float], head_fp32: bool = False) -> None:
+    if softcap is not None or logit_scale != 1.0 or head_fp32:
+        raise ValueError("softcap/logit_scale/head_fp32 with a truncated support (support=, support_ids=) are not "
+                         "supported yet")
 
 
 def full_support(support, vocab: int) -> bool:

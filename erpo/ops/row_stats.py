@@ -8,6 +8,7 @@ for a part of only -inf), d = sum e^(x - m), w = sum e^(x - m) (x - m). States o
 lse = m + log d, H = log d - w / d. NaN policy, with no flag: a NaN or +inf logit makes x - m NaN (+inf - +inf),
 hence d, lse, H and logp NaN, in its row only. -inf entries add 0; a row of only -inf has lse = -inf, H NaN.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,6 +17,72 @@ from torch import Tensor
 # x - m is clamped here once e^(x - m) is taken: e is 0 below it (float64 too), and 0 * FLOOR = 0 where 0 * -inf
 # would be NaN (one in-place pass, as the kernels' clamp of t).
 FLOOR = -2048.0
+
+
+class LogitTransform(NamedTuple):
+    """What the softmax sees of a logit y: x = x_scale * f(cap_in * y), f = tanh with a soft cap (Gemma 2/3's
+    final_logit_softcapping c: x = c tanh(s y / c) / T), the identity otherwise (x = s y / T), s the model's
+    logit scale (Cohere's logit_scale, applied before the cap as the models and TRL do), T the temperature.
+    dx/dy = grad_scale * f'(cap_in * y), f' = 1 - tanh^2 = 1 - u^2 with u = f(cap_in y).
+    The plain head (s = 1, no cap) has x_scale = grad_scale = 1 / T exactly: today's arithmetic, bit for bit.
+    Shared by every language's backends: the Triton kernels (kernels/online_softmax.py transform) take these
+    three scalars and the has_softcap flag."""
+    x_scale: float
+    cap_in: float
+    grad_scale: float
+    has_softcap: bool
+
+
+def logit_transform(inv_temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None
+                    ) -> LogitTransform:
+    if softcap is None:
+        scale = float(logit_scale) * inv_temperature
+        return LogitTransform(scale, 1.0, scale, False)
+    return LogitTransform(float(softcap) * inv_temperature, float(logit_scale) / float(softcap),
+                          float(logit_scale) * inv_temperature, True)
+
+
+def check_logit_transform(logit_scale, softcap) -> None:
+    """One line naming the bad argument: softcap is None or a finite number > 0, logit_scale a finite number >= 0
+    (the Triton op folds the scale into its running max, which a negative one would turn into a min)."""
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, (bool, Tensor)) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python number{' or None' if name == 'softcap' else ''}, "
+                            f"got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0 (c in c * tanh(y / c)) or None, got {softcap}")
+    if logit_scale < 0:
+        raise ValueError(f"logit_scale must be >= 0 (a model's logit multiplier), got {logit_scale}")
+
+
+def transform_(y: Tensor, tr: LogitTransform, slope_out: Optional[Tensor] = None, want_slope: bool = True
+               ) -> Optional[Tensor]:
+    """y (float32/64) becomes x in place; with a soft cap, returns f' = 1 - u^2 (into slope_out when given, the
+    caller's buffer: transform_grad_ wants it; not computed without want_slope), else None. +-inf logits become
+    +-c under a cap, as in the model."""
+    if not tr.has_softcap:
+        if tr.x_scale != 1.0:
+            y.mul_(tr.x_scale)
+        return None
+    u = y.mul_(tr.cap_in).tanh_()
+    if not want_slope:
+        u.mul_(tr.x_scale)
+        return None
+    slope = torch.mul(u, u, out=slope_out) if slope_out is not None else u * u
+    slope.neg_().add_(1.0)
+    u.mul_(tr.x_scale)
+    return slope
+
+
+def transform_grad_(dx: Tensor, tr: LogitTransform, slope: Optional[Tensor]) -> Tensor:
+    """dx (the gradient w.r.t. x) becomes the gradient w.r.t. the logit y in place: dx * grad_scale * f'."""
+    if slope is not None:
+        dx.mul_(slope)
+    return dx.mul_(tr.grad_scale)
 
 
 class RowState(NamedTuple):

@@ -54,37 +54,77 @@ def _row_source(hidden: RowLayout):
     return lambda idx: rows3d[idx // hidden.inner, idx % hidden.inner]
 
 
-def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float) -> Tensor:
-    """z = (h @ weight.T + bias) * inv_temperature, float32, written into the first rows of `buffer`."""
-    z = buffer[: h.shape[0]]
+def _vocab_slices(vocab: int):
+    for start in range(0, vocab, VOCAB_SLICE):
+        yield slice(start, min(start + VOCAB_SLICE, vocab))
+
+
+def _head_into(z: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], head_fp32: bool = False) -> Tensor:
+    """z = h @ weight.T + bias into z (float32). An fp32 weight multiplies in fp32 (h upcast: [r, H], small); a
+    16-bit one in its dtype (the BLAS accumulates in fp32, the product is rounded to that dtype, as
+    `hidden @ weight.T` is), or with `head_fp32` in fp32, VOCAB_SLICE rows of the weight upcast at a time (never a
+    full fp32 copy of it), so the logits are not rounded to 16 bits."""
     if weight.dtype == torch.float32:
+        h = h.float()
         if bias is None:
             torch.mm(h, weight.t(), out=z)
         else:
-            torch.addmm(bias, h, weight.t(), out=z)
+            torch.addmm(bias.float(), h, weight.t(), out=z)
+    elif head_fp32:
+        h = h.float()
+        for cols in _vocab_slices(weight.shape[0]):
+            z[:, cols].copy_(torch.mm(h, weight[cols].float().t()))
+        if bias is not None:
+            z.add_(bias)
     else:
         z.copy_(torch.mm(h, weight.t()))
         if bias is not None:
             z.add_(bias)
+    return z
+
+
+def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temperature: float,
+                 head_fp32: bool = False) -> Tensor:
+    """z = (h @ weight.T + bias) * inv_temperature, float32, written into the first rows of `buffer`."""
+    z = _head_into(buffer[: h.shape[0]], h, weight, bias, head_fp32)
     if inv_temperature != 1.0:
         z.mul_(inv_temperature)
     return z
 
 
+def _transformed_logits(buffers, h: Tensor, weight: Tensor, bias: Optional[Tensor], tr: row_stats.LogitTransform,
+                        head_fp32: bool):
+    """(x, f' or None): the softmax's input x = transform(h @ weight.T + bias) in the first rows of buffers[0], and
+    under a soft cap f' (row_stats.transform_) in buffers[2]."""
+    r = h.shape[0]
+    z = _head_into(buffers[0][:r], h, weight, bias, head_fp32)
+    slope = row_stats.transform_(z, tr, buffers[2][:r] if len(buffers) > 2 else None, want_slope=len(buffers) > 2)
+    return z, slope
+
+
 class _Grads:
     """The float32 gradient buffers and the accumulation of one chunk's dlogits into them."""
 
-    def __init__(self, n_rows: int, weight: Tensor, bias: Optional[Tensor]):
+    def __init__(self, n_rows: int, weight: Tensor, bias: Optional[Tensor], head_fp32: bool = False):
         hidden_size = weight.shape[1]
         self.weight = weight
+        self.head_fp32 = head_fp32
         self.hidden = torch.zeros(n_rows, hidden_size, dtype=torch.float32, device=weight.device)
         self.weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         self.bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
 
     def add(self, idx: Tensor, h: Tensor, dz: Tensor) -> None:
         if self.weight.dtype == torch.float32:
+            h = h.float()
             self.hidden.index_copy_(0, idx, torch.mm(dz, self.weight))
             self.weight_grad.addmm_(dz.t(), h)
+        elif self.head_fp32:  # fp32 products from a 16-bit weight, VOCAB_SLICE rows upcast at a time
+            h = h.float()
+            grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            for cols in _vocab_slices(self.weight.shape[0]):
+                grad_h.addmm_(dz[:, cols], self.weight[cols].float())
+                self.weight_grad[cols].addmm_(dz[:, cols].t(), h)
+            self.hidden.index_copy_(0, idx, grad_h)
         else:
             low = dz.to(self.weight.dtype)
             self.hidden.index_copy_(0, idx, torch.mm(low, self.weight).float())
@@ -95,13 +135,14 @@ class _Grads:
             self.bias.add_(dz.sum(dim=0))
 
 
-def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int):
-    """The two [R, V] float32 chunk buffers (allocated once per call, reused by every chunk), and a generator
-    of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool, target in [0, V) [r] bool)
-    per chunk."""
+def _chunks(hidden: RowLayout, weight: Tensor, targets: Tensor, ignore_index: int, n_buffers: int = 2):
+    """The two [R, V] float32 chunk buffers (three under a soft cap: f'; allocated once per call, reused by every
+    chunk), and a generator of (flat row ids, hidden rows [r, H], safe targets [r] long, ignored [r] bool, target
+    in [0, V) [r] bool) per chunk."""
     rows = _rows_to_compute(targets, ignore_index)
     step = chunk_rows(rows.numel(), weight.shape[0], weight.device)
-    buffers = [torch.empty((step, weight.shape[0]), dtype=torch.float32, device=weight.device) for _ in range(2)]
+    buffers = [torch.empty((step, weight.shape[0]), dtype=torch.float32, device=weight.device)
+               for _ in range(n_buffers)]
     return buffers, _chunk_rows(hidden, targets, ignore_index, rows, step, weight.shape[0])
 
 
@@ -119,74 +160,86 @@ def _chunk_rows(hidden: RowLayout, targets: Tensor, ignore_index: int, rows: Ten
 
 
 def forward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
-            ignore_index: int):
+            ignore_index: int, logit_scale: float = 1.0, softcap: Optional[float] = None, head_fp32: bool = False):
     """Return flat (logp, entropy, lse), each [N] float32; ignored rows give 0."""
-    return forward_backward(hidden, weight, bias, targets, inv_temperature, ignore_index, None)[:3]
+    return forward_backward(hidden, weight, bias, targets, inv_temperature, ignore_index, None, logit_scale, softcap,
+                            head_fp32)[:3]
 
 
 def forward_backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                     inv_temperature: float, ignore_index: int, coefficients: Optional[Callable]):
+                     inv_temperature: float, ignore_index: int, coefficients: Optional[Callable],
+                     logit_scale: float = 1.0, softcap: Optional[float] = None, head_fp32: bool = False):
     """The forward, and with `coefficients` also the gradient in the same pass (the one-pass schedule).
 
     `coefficients(idx, logp, entropy)` gets a chunk's flat row ids and its (detached) float32 statistics and
     returns (g_logp, g_entropy or None), the loss's derivatives for those rows; it may only depend on them and
     on per-row constants. Returns (logp, entropy, lse, grad_hidden, grad_weight, grad_bias), grads None without
-    `coefficients`.
+    `coefficients`. The softmax is that of row_stats.logit_transform's x (scale, soft cap, temperature); with
+    `head_fp32` a 16-bit head's products are fp32 (_head_into).
     """
     device = weight.device
+    tr = row_stats.logit_transform(inv_temperature, logit_scale, softcap)
     n_rows = hidden.n_rows
     logp = torch.zeros(n_rows, dtype=torch.float32, device=device)
     entropy = torch.zeros_like(logp)
     lse = torch.zeros_like(logp)
-    grads = None if coefficients is None else _Grads(n_rows, weight, bias)
-    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    grads = None if coefficients is None else _Grads(n_rows, weight, bias, head_fp32)
+    buffers, chunks = _chunks(hidden, weight, targets, ignore_index, 3 if tr.has_softcap and grads else 2)
     nan = float("nan")
     for idx, h, tgt, ignored, hit in chunks:
-        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        z, slope = _transformed_logits(buffers, h, weight, bias, tr, head_fp32)
         target_z = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-        e = e_buffer[: z.shape[0]]
+        e = buffers[1][: z.shape[0]]
         state = row_stats.of_rows(z, e)  # z becomes z - m, e = exp(z - m): both reused by the gradient
         row_logp, row_entropy, row_lse = row_stats.finish(state, target_z)
         row_logp = row_logp.masked_fill(~hit, nan).masked_fill(ignored, 0.0)
         row_entropy = row_entropy.masked_fill(ignored, 0.0)
         logp[idx], entropy[idx], lse[idx] = row_logp, row_entropy, row_lse.masked_fill(ignored, 0.0)
         if grads is not None:
-            g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, inv_temperature)
+            g_logp, g_ent = _scaled(*coefficients(idx, row_logp, row_entropy), ignored, tr.grad_scale)
             dz = row_stats.grad_into(z, e, 1.0 / state.d[:, None], -(state.w / state.d)[:, None], g_logp, g_ent,
                                      tgt, hit)
-            grads.add(idx, h, dz)
+            grads.add(idx, h, _times_slope(dz, slope))
     if grads is None:
         return logp, entropy, lse, None, None, None
     return logp, entropy, lse, grads.hidden, grads.weight_grad, grads.bias
 
 
-def _scaled(g_logp, g_ent, ignored, inv_temperature):
-    """The per-row gradients times 1/T (the chain rule through z / T), zero on skipped rows, shaped [r, 1]."""
+def _scaled(g_logp, g_ent, ignored, grad_scale):
+    """The per-row gradients times grad_scale (the chain rule's constant factor, 1/T for the plain head: the
+    transform_grad_ of row_stats folded into [r] values), zero on skipped rows, shaped [r, 1]."""
     def scale(g):
-        return None if g is None else (g.to(torch.float32) * inv_temperature).masked_fill(ignored, 0.0)[:, None]
+        return None if g is None else (g.to(torch.float32) * grad_scale).masked_fill(ignored, 0.0)[:, None]
 
     return scale(g_logp), scale(g_ent)
 
 
+def _times_slope(dz: Tensor, slope: Optional[Tensor]) -> Tensor:
+    """The chain rule's elementwise factor f' (row_stats.transform_grad_ with grad_scale folded into the rows)."""
+    return dz if slope is None else dz.mul_(slope)
+
+
 def backward(hidden: RowLayout, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
              entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float,
-             ignore_index: int):
+             ignore_index: int, logit_scale: float = 1.0, softcap: Optional[float] = None, head_fp32: bool = False):
     """Recompute each chunk's logits from the saved lse and entropy and return (grad_hidden [N, H] f32,
     grad_weight [V, H] f32, grad_bias [V] f32 or None)."""
-    grads = _Grads(hidden.n_rows, weight, bias)
+    tr = row_stats.logit_transform(inv_temperature, logit_scale, softcap)
+    grads = _Grads(hidden.n_rows, weight, bias, head_fp32)
     if grad_logp is None and grad_entropy is None:
         return grads.hidden, grads.weight_grad, grads.bias
-    (z_buffer, e_buffer), chunks = _chunks(hidden, weight, targets, ignore_index)
+    buffers, chunks = _chunks(hidden, weight, targets, ignore_index, 3 if tr.has_softcap else 2)
     for idx, h, tgt, ignored, hit in chunks:
-        z = _logits_into(z_buffer, h, weight, bias, inv_temperature)
+        z, slope = _transformed_logits(buffers, h, weight, bias, tr, head_fp32)
         z.sub_(lse[idx].unsqueeze(1))  # log p
-        p = torch.exp(z, out=e_buffer[: z.shape[0]])
+        p = torch.exp(z, out=buffers[1][: z.shape[0]])
         g_logp = None if grad_logp is None else grad_logp[idx]
         g_ent = None if grad_entropy is None else grad_entropy[idx]
-        g_logp, g_ent = _scaled(g_logp, g_ent, ignored, inv_temperature)
+        g_logp, g_ent = _scaled(g_logp, g_ent, ignored, tr.grad_scale)
         # z - E_p[z] = log p + H: an exact shift of log p.
-        grads.add(idx, h, row_stats.grad_into(z.clamp_(min=row_stats.FLOOR), p, 1.0, entropy[idx].unsqueeze(1),
-                                              g_logp, g_ent, tgt, hit))
+        dz = row_stats.grad_into(z.clamp_(min=row_stats.FLOOR), p, 1.0, entropy[idx].unsqueeze(1), g_logp, g_ent,
+                                 tgt, hit)
+        grads.add(idx, h, _times_slope(dz, slope))
     return grads.hidden, grads.weight_grad, grads.bias
 
 

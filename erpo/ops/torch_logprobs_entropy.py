@@ -46,12 +46,13 @@ def _chunks(layout: RowLayout, tensor: torch.Tensor):
             yield slice(o * inner, p * inner), rows3d[o:p]
 
 
-def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float, ignore_index: int):
+def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, tr: row_stats.LogitTransform, ignore_index: int):
     """(logp, entropy, lse) of the rows of one chunk, shaped chunk.shape[:-1] (row_stats.py)."""
     cdt = _compute_dtype(chunk.dtype)
     ignored = tgt == ignore_index
     hit = row_stats.holds_target(tgt, ignored, chunk.shape[-1])
-    x = chunk.to(cdt, copy=True).mul_(inv_temperature)  # the one chunk-sized buffer besides e
+    x = chunk.to(cdt, copy=True)  # the one chunk-sized buffer besides e (and, under a soft cap, f')
+    row_stats.transform_(x, tr, want_slope=False)
     target_x = x.gather(-1, torch.where(hit, tgt, 0).long().unsqueeze(-1)).squeeze(-1)
     row_logp, row_entropy, row_lse = row_stats.finish(row_stats.of_rows(x), target_x)
     zero = torch.zeros_like(row_lse)
@@ -59,20 +60,26 @@ def _forward_rows(chunk: torch.Tensor, tgt: torch.Tensor, inv_temperature: float
     return torch.where(ignored, zero, row_logp), torch.where(ignored, zero, row_entropy), row_lse
 
 
-def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, inv_temperature: float, ignore_index: int):
+def _backward_rows(chunk, out, tgt, row_lse, row_entropy, g_logp, g_ent, tr: row_stats.LogitTransform,
+                   ignore_index: int):
     """Write the gradient of one chunk's rows into `out` (which may be `chunk` itself: the in-place gradient).
     Per-row values come shaped chunk.shape[:-1] + (1,)."""
     ignored = tgt == ignore_index
-    log_p = chunk.to(_compute_dtype(chunk.dtype), copy=True).mul_(inv_temperature).sub_(row_lse)
+    log_p = chunk.to(_compute_dtype(chunk.dtype), copy=True)
+    slope = row_stats.transform_(log_p, tr)
+    log_p.sub_(row_lse)
     p = torch.exp(log_p)
     # x - E_p[x] = log p + H (E_p[x] = lse - H): an exact shift of log p, clamped as row_stats.grad_into wants.
     grad = row_stats.grad_into(log_p.clamp_(min=row_stats.FLOOR), p, 1.0, row_entropy, g_logp, g_ent, tgt,
                                row_stats.holds_target(tgt, ignored, chunk.shape[-1]))
-    out.copy_(grad.mul_(inv_temperature).masked_fill_(ignored.unsqueeze(-1), 0.0))
+    out.copy_(row_stats.transform_grad_(grad, tr, slope).masked_fill_(ignored.unsqueeze(-1), 0.0))
 
 
-def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int):
-    """Return flat (logp, entropy, lse), each [N], float32 (float64 for float64 logits)."""
+def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ignore_index: int,
+            logit_scale: float = 1.0, softcap=None):
+    """Return flat (logp, entropy, lse), each [N], float32 (float64 for float64 logits), of softmax(x) with x the
+    logits through row_stats.logit_transform (scale, soft cap, temperature)."""
+    tr = row_stats.logit_transform(inv_temperature, logit_scale, softcap)
     logits = layout.tensor
     cdt = _compute_dtype(logits.dtype)
     logp = torch.empty(layout.n_rows, dtype=cdt, device=logits.device)
@@ -80,8 +87,7 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
     lse = torch.empty_like(logp)
     rows_fn = chunk_bodies.pick(_forward_rows, layout, logits)
     for rows, chunk in _chunks(layout, logits):
-        row_logp, row_entropy, row_lse = rows_fn(chunk, targets[rows].view(chunk.shape[:-1]), inv_temperature,
-                                                 ignore_index)
+        row_logp, row_entropy, row_lse = rows_fn(chunk, targets[rows].view(chunk.shape[:-1]), tr, ignore_index)
         logp[rows] = row_logp.reshape(-1)
         entropy[rows] = row_entropy.reshape(-1)
         lse[rows] = row_lse.reshape(-1)
@@ -98,8 +104,12 @@ def backward(
     inv_temperature: float,
     ignore_index: int,
     grad_layout: RowLayout,
+    logit_scale: float = 1.0,
+    softcap=None,
 ) -> None:
-    """Write dlogits = (g_logp (onehot - p) - g_ent p (x - E_p[x])) / T into grad_layout.tensor."""
+    """Write dlogits = (g_logp (onehot - p) - g_ent p (x - E_p[x])) dx/dlogits into grad_layout.tensor (dx/dlogits
+    = 1 / T for the plain head; row_stats.transform_grad_)."""
+    tr = row_stats.logit_transform(inv_temperature, logit_scale, softcap)
     logits = layout.tensor
     cdt = _compute_dtype(logits.dtype)
     rows_fn = chunk_bodies.pick(_backward_rows, layout, logits)
@@ -112,8 +122,7 @@ def backward(
 
         # The in-place gradient passes the chunk once: a compiled body then sees one tensor, not two aliases.
         rows_fn(chunk, chunk if out.data_ptr() == chunk.data_ptr() else out, targets[rows].view(shape),
-                per_row(lse), per_row(entropy), per_row(grad_logp), per_row(grad_entropy), inv_temperature,
-                ignore_index)
+                per_row(lse), per_row(entropy), per_row(grad_logp), per_row(grad_entropy), tr, ignore_index)
 
 
 def _support_chunks(layout: RowLayout, targets, ids, ignore_index):
