@@ -8,6 +8,12 @@ The loss is erpo's: the per-token log-probs and entropy come from erpo's fused h
 model's own logits through `logprobs_and_entropy`; then `erpo.token_policy_loss` computes the loss.
 TRL's `GRPOConfig` is mapped onto a `LossConfig` by `loss_config_from_trl`; a TRL option erpo cannot
 honour raises and names the option. Written against TRL 1.16.0 (tests/peers pin it).
+
+Truncated sampling (docs/support.md): GRPOConfig's `top_k`, `top_p` and `min_p` (or the same keys in its
+`generation_kwargs`, which override them in TRL) are the sampler's support S. By default (`support_loss=True`) the
+loss scores the ratio and the KL over S, and the old and reference log-probs TRL computes in
+`_generate_and_score_completions` are scored over the same S (`_get_per_token_logps_and_entropies`, overridden
+here), each model's S recomputed from its own logits; `support_loss=False` scores the full vocabulary, as TRL does.
 """
 import functools
 import json
@@ -22,6 +28,8 @@ import erpo
 from erpo.losses.config import LossConfig
 from erpo.losses.controllers import AdaptiveEntropyCoef
 from erpo.losses.module import PolicyLoss
+from erpo.ops.support_config import Support
+from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy, support_logprobs_and_entropy
 
 CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, next to TRL's own files
 
@@ -78,19 +86,55 @@ def _refuse_unsupported(args) -> None:
             "on the kept high-entropy tokens only, erpo's controller on every valid token; use one of the two")
 
 
-def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vllm: bool = False) -> LossConfig:
+SAMPLING_KEYS = ("top_k", "top_p", "min_p")
+
+
+def trl_support(args) -> Optional[Support]:
+    """The truncated support S TRL 1.16's sampler draws from for `args` (a `trl.GRPOConfig`), or None (the whole
+    vocabulary). TRL hands `top_k`, `top_p` and `min_p` to transformers' GenerationConfig or to vLLM's
+    SamplingParams, and `generation_kwargs` override them in both (grpo_trainer.py __init__, vllm_generation.py)."""
+    values = {key: getattr(args, key) for key in SAMPLING_KEYS}
+    overrides = args.generation_kwargs or {}
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    values.update({key: overrides[key] for key in SAMPLING_KEYS if key in overrides})
+    top_k, top_p, min_p = values["top_k"], values["top_p"], values["min_p"]
+    # TRL's "off" values: top_k 0 (vLLM: 0 or -1), top_p 1, min_p None or 0
+    support = Support(top_k=top_k if top_k is not None and top_k > 0 else None,
+                      top_p=top_p if top_p is not None and top_p < 1 else None, min_p=min_p or None)
+    return None if support.is_full() else support
+
+
+def _loss_support(args, use_vllm: bool, support_loss: bool) -> Optional[Support]:
+    if not support_loss:
+        return None
+    support = trl_support(args)
+    if support is not None and not use_vllm and support.top_p is not None and support.min_p is not None:
+        # transformers' generate warps temperature, top-k, top-p, then min-p (GenerationMixin._get_logits_processor);
+        # vLLM, whose order erpo.Support follows, min-p before top-k/top-p: with both top-p and min-p the sets differ
+        raise ValueError("GRPOConfig sets top_p < 1 with min_p > 0 under transformers generation: transformers applies "
+                         "min-p after top-p, vLLM (whose order the loss's support follows) before it, so the sets "
+                         "differ; use one of the two, use_vllm=True, or support_loss=False")
+    return support
+
+
+def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vllm: bool = False,
+                         support_loss: bool = True) -> LossConfig:
     """The `LossConfig` that reproduces TRL's loss for `args` (a `trl.GRPOConfig`).
 
     With `loss_config`, erpo's config is the loss, and TRL's loss options must either keep their defaults or
     agree with it: a TRL option that would change the loss in a way `loss_config` does not raises, naming it.
     What only the trainer knows (temperature, max_completion_length for dr_grpo's normaliser, the vLLM
-    importance-sampling correction) is taken from `args` either way.
+    importance-sampling correction, the sampler's truncated support S) is taken from `args` either way: with
+    `support_loss` (the default) `LossConfig.support` is `trl_support(args)`, and a `loss_config` whose `support`
+    says otherwise raises; `support_loss=False` scores the full vocabulary (a `loss_config.support` then raises).
     """
     _refuse_unsupported(args)
     trl_fields = _trl_fields(args)
     rollout = _rollout_fields(args, use_vllm)
+    support = _loss_support(args, use_vllm, support_loss)
     if loss_config is None:
-        return LossConfig(**trl_fields, **rollout)
+        return LossConfig(**trl_fields, **rollout, support=support)
     if not isinstance(loss_config, LossConfig):
         raise TypeError(f"loss_config must be an erpo.LossConfig, got {type(loss_config).__name__}")
     conflicts = []
@@ -113,11 +157,18 @@ def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vll
     if args.importance_sampling_level != "token" and args.importance_sampling_level != loss_config.is_level:
         conflicts.append(f"importance_sampling_level={args.importance_sampling_level!r} "
                          f"(loss_config.is_level={loss_config.is_level!r})")
+    if loss_config.support is not None and loss_config.support != support:
+        sampler = (f"support_loss=False" if not support_loss else
+                   f"top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p}"
+                   + (f", generation_kwargs={args.generation_kwargs}" if args.generation_kwargs else "")
+                   + f" (the sampler's support: {support})")
+        conflicts.append(f"{sampler} (loss_config.support={loss_config.support})")
     if conflicts:
         raise ValueError("GRPOConfig sets loss options that loss_config does not: " + "; ".join(conflicts)
                          + ". Set them in loss_config (erpo's config is the loss) or leave them at TRL's defaults")
     changes = dict(rollout)
     changes["temperature"] = args.temperature
+    changes["support"] = support
     if loss_config.agg == "seq-mean-token-sum-norm" and loss_config.max_len is None:
         changes["max_len"] = args.max_completion_length
     return loss_config.replace(**changes)
@@ -148,13 +199,53 @@ def _add_hidden_states_forward(model) -> None:
         kwargs["use_cache"] = False
         return model.base_model(*args, **kwargs).last_hidden_state
 
+    forward.erpo_hidden_states = True
     model.forward = forward
+
+
+def full_head(tensor):
+    """The whole of an LM head parameter (weight or bias) for the fused head: an FSDP2 DTensor shard is gathered
+    (as TRL's fused head does), a plain tensor (DDP, one process, or the head FSDP2 already unsharded for the root
+    module's forward) is returned as it is.
+
+    The gather is differentiable, and its backward must know what the gradient of the full head is: each rank's
+    is its own batch slice's share, a partial average over the mesh (FSDP averages the other gradients the same
+    way). Without grad_placements, `full_tensor`'s backward takes it as replicated and keeps only this rank's rows
+    of its own share, with no reduction: a wrong head gradient on every rank (erpo/train/distributed.py
+    `full_head`, the same fix; measured there as 0.6 % loss drift after one step; tests/peers/test_trl_fsdp_head.py)."""
+    if tensor is None or not hasattr(tensor, "full_tensor"):
+        return tensor
+    from torch.distributed.tensor import Partial
+
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * len(tensor.placements))
+
+
+def _unwrapped(accelerator, model):
+    model = accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def support_metrics(stats, valid) -> dict:
+    """erpo's support metrics (erpo.policy_loss's, erpo/losses/policy_loss.py loss_on_support) over the valid tokens."""
+    valid = valid.reshape(-1)
+    count = valid.sum().clamp_min(1)
+    size = stats.size.reshape(-1)
+    return {
+        "support_size_mean": torch.where(valid, size, 0.0).sum() / count,
+        "support_singleton_frac": (valid & (size == 1)).sum() / count,
+        "support_target_added": (valid & (stats.target_added.reshape(-1) > 0)).sum() / count,
+        "support_mass_logratio": torch.where(valid, (stats.logp - stats.full_logp).detach().reshape(-1), 0.0).sum()
+        / count,
+    }
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
     """TRL's GRPOTrainer with erpo's policy loss; same arguments plus `loss_config` (see the module docstring)."""
 
-    def __init__(self, *args, loss_config: Optional[LossConfig] = None, **kwargs):
+    def __init__(self, *args, loss_config: Optional[LossConfig] = None, support_loss: bool = True, **kwargs):
+        """`support_loss` (erpo's, like `erpo train --no-support-loss`): score the loss and the old/reference
+        log-probs over the truncated support GRPOConfig's top_k/top_p/min_p sample from (True, the default), or
+        over the full vocabulary as TRL does (False). Without truncation both are the full vocabulary, bit for bit."""
         super().__init__(*args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("the model's config sets output_router_logits with router_aux_loss_coef != 0 (MoE "
@@ -162,7 +253,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # The loss and its state (the stateful controls' controllers, Clip-Cov's generator seeded with TRL's seed):
         # erpo's PolicyLoss. The controllers step once per optimizer step on the mean entropy of the accumulation
         # window over all processes (TRL's rule for its controller).
-        config = loss_config_from_trl(self.args, loss_config, use_vllm=self.use_vllm)
+        config = loss_config_from_trl(self.args, loss_config, use_vllm=self.use_vllm, support_loss=support_loss)
         self.erpo_loss = PolicyLoss(config.replace(seed=self.args.seed))
         self._erpo_global_tokens = self.loss_config.agg == "token-mean" and self.loss_type in GLOBAL_TOKEN_LOSS_TYPES
         # TRL's _entropy_bonus_enabled: a static coefficient or the adaptive one (which logs policy_loss, entropy_coef)
@@ -171,6 +262,17 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._erpo_fused_head = _fusable_head(unwrapped)
         if self._erpo_fused_head:
             _add_hidden_states_forward(unwrapped)
+        # The support the loss and the old/ref log-probs score; None when it keeps the whole vocabulary (top_k >= V):
+        # then TRL's and erpo's full-vocabulary paths run, bit for bit
+        support = self.loss_config.support
+        vocab = unwrapped.get_output_embeddings().weight.shape[0]
+        self._erpo_support = None if support is None or support.is_full(vocab) else support
+        if self.ref_model is not None and self._erpo_support is not None:
+            # The reference log-probs over S are computed here, not by TRL's fused head: the same head path as the
+            # policy's (the reference is the policy's architecture, but check its head anyway)
+            ref = _unwrapped(self.accelerator, self.ref_model)
+            if self._erpo_fused_head and _fusable_head(ref):
+                _add_hidden_states_forward(ref)
         self._erpo_window = None  # [sum of entropy, valid tokens] of the current accumulation window
 
     @property
@@ -192,29 +294,62 @@ class GRPOTrainer(_TRLGRPOTrainer):
                                              self.num_generations, rounding_mode="floor")
         return output
 
-    def _per_token_stats(self, model, input_ids, attention_mask, completion_ids, valid):
-        """(logp, entropy) [B, C] of the completion tokens, differentiable w.r.t. the model."""
+    def _per_token_stats(self, model, input_ids, attention_mask, completion_ids, valid, support=None,
+                         fused_head=None):
+        """(logp, entropy) [B, C] of the completion tokens, differentiable w.r.t. the model; with `support` (an
+        erpo.Support), the support op's SupportResult instead (logp and entropy over S and over the full vocabulary,
+        |S|, the targets added), from the same pass."""
         n_completion = completion_ids.size(1)
         targets = completion_ids.masked_fill(~valid, -100)
         temperature = self.loss_config.temperature
-        if self._erpo_fused_head:
+        if self._erpo_fused_head if fused_head is None else fused_head:
             with self.accelerator.autocast():  # the backbone in the run's mixed precision, as TRL runs it
                 hidden = model(input_ids=input_ids, attention_mask=attention_mask, erpo_hidden_states=True)
             hidden = hidden[:, -n_completion - 1:-1]
-            unwrapped = self.accelerator.unwrap_model(model)
-            unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            head = unwrapped.get_output_embeddings()
-            weight, bias = head.weight, head.bias
-            if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: the head is gathered, as TRL's fused head does
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if bias is not None else None
+            head = _unwrapped(self.accelerator, model).get_output_embeddings()
+            # FSDP2 DTensor: the head is gathered, as TRL's fused head does (with the gradient placement full_head
+            # explains); a plain tensor otherwise
+            weight, bias = full_head(head.weight), full_head(head.bias)
             # The head runs outside autocast, on the head's own dtype (fp32 master weights: fp32 logits statistics)
             hidden = hidden.to(weight.dtype)
+            if support is not None:
+                return support_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, targets,
+                                                           1.0 / temperature, -100, support, None, False)
             return erpo.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature)
         with self.accelerator.autocast():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                            logits_to_keep=n_completion + 1).logits[:, :-1]
+        if support is not None:
+            return support_logprobs_and_entropy(logits, targets, 1.0 / temperature, -100, support, None, False)
         return erpo.logprobs_and_entropy(logits, targets, temperature=temperature)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's old and reference log-probs (and any other caller's): over the sampler's support S when the loss
+        scores S, so the ratio and the KL compare log-probs of the same distribution; TRL's own otherwise."""
+        support = self._erpo_support
+        if support is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        given = sorted(k for k, v in multimodal.items() if v is not None)
+        if given or compute_aux_loss:
+            raise ValueError(f"erpo's GRPOTrainer scores text-only batches over the sampler's support; got "
+                             f"{given + ['compute_aux_loss'] * bool(compute_aux_loss)}")
+        # The policy's head path for the policy (and its PEFT reference), the reference model's own otherwise
+        patched = getattr(_unwrapped(self.accelerator, model).forward, "erpo_hidden_states", False)
+        fused = self._erpo_fused_head and patched
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            completion = ids[:, -logits_to_keep:]
+            stats = self._per_token_stats(model, ids, mask, completion, mask[:, -logits_to_keep:].bool(),
+                                          support=support, fused_head=fused)
+            logps.append(stats.logp)
+            if compute_entropy:
+                entropies.append(stats.full_entropy if self.loss_config.support_entropy == "full" else stats.entropy)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         unsupported = [k for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
@@ -227,7 +362,14 @@ class GRPOTrainer(_TRLGRPOTrainer):
         valid = mask.bool()
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logp, entropy = self._per_token_stats(model, input_ids, attention_mask, completion_ids, valid)
+        support = self._erpo_support
+        stats = self._per_token_stats(model, input_ids, attention_mask, completion_ids, valid, support=support)
+        if support is None:
+            logp, entropy = stats
+        else:
+            # The ratio and the KL over S; the entropy terms over support_entropy's distribution (policy_loss's rule)
+            logp = stats.logp
+            entropy = stats.full_entropy if self.loss_config.support_entropy == "full" else stats.entropy
 
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
@@ -263,9 +405,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # differentiable 0 and no update, as TRL's own loss does; erpo counts it in erpo/n_empty_batches.
         result = erpo.token_policy_loss(logp, entropy, batch, config, generator=self.erpo_loss.generator_for(logp.device))
         loss = result.loss if self._erpo_global_tokens else result.loss / accumulation
+        if support is not None:
+            result.metrics.update(support_metrics(stats, valid))
         self._log_erpo_metrics(mode, result.metrics)
         with torch.no_grad():
             self._log_trl_metrics(mode, config, result, logp.detach(), entropy.detach(), batch, inputs)
+            if support is not None:
+                self._log_support_metrics(mode, stats, batch["mask"].float())
         if self.erpo_controller is not None and mode == "train":
             self._step_controller(result.metrics)
         if self._erpo_entropy_bonus and mode == "train" and self.accelerator.sync_gradients:
@@ -336,6 +482,19 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 importance_sampling_ratio=inputs.get("importance_sampling_ratio"), k_pos=config.vespo_k_pos,
                 lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg, lambda_neg=config.vespo_lambda_neg)
             metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+
+    def _log_support_metrics(self, mode: str, stats, mask) -> None:
+        """TRL-style keys for the support S, token means over every process's valid tokens (as TRL reduces `entropy`):
+        `support/size_mean` (|S|), `support/singleton_frac` (|S| = 1), `support/target_added_frac` (sampled tokens
+        outside the S recomputed from the trainer's logits, added to S: a boundary decided differently by the
+        sampler), `support/mass_logratio_mean` (logp over S - logp over the vocabulary = -log of S's mass)."""
+        values = {"support/size_mean": stats.size, "support/singleton_frac": (stats.size == 1).float(),
+                  "support/target_added_frac": (stats.target_added > 0).float(),
+                  "support/mass_logratio_mean": (stats.logp - stats.full_logp).detach()}
+        sums = torch.stack([torch.where(mask > 0, v.float(), 0.0).sum() for v in values.values()] + [mask.sum()])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        for i, key in enumerate(values):
+            self._metrics[mode][key].append((totals[i] / totals[-1].clamp(min=1.0)).item())
 
     def _step_controller(self, metrics: dict) -> None:
         n_valid = metrics["n_valid_tokens"].float()
