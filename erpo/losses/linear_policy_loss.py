@@ -31,7 +31,7 @@ from erpo.losses.policy_loss import (
 from erpo.losses.token_loss import TokenParams, token_terms
 from erpo.ops import backends
 from erpo.ops import linear_logprobs_entropy as head
-from erpo.ops.logprobs_entropy import check_support_args
+from erpo.ops.logprobs_entropy import check_plain_for_support, check_support_args
 from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy
 from erpo.ops.row_layout import row_layout
 from erpo.ops.vocab_parallel import global_vocab
@@ -83,6 +83,9 @@ def linear_policy_loss(
     schedule: str = "auto",
     head_backend: Optional[str] = None,
     process_group=None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    head_fp32: bool = False,
 ) -> LossResult:
     """The policy loss of `config.method` from hidden states `[B, L, H]` (padded) or `[N, H]` (packed) and the
     head `weight [V, H]` (+ `bias [V]`); the batch is policy_loss's, with token positions hidden.shape[:-1].
@@ -91,6 +94,10 @@ def linear_policy_loss(
     `head_backend`: the fused head's backend ("auto" = "torch", "torch", "triton"); default from config.backend.
     `process_group`: weight/bias are this rank's vocabulary slice (see erpo.linear_logprobs_and_entropy); the
     two-pass schedule runs (the one-pass one needs the whole row's statistics inside a chunk).
+    `softcap`, `logit_scale`, `head_fp32`: the model's head, as erpo.linear_logprobs_and_entropy takes them (its
+    final logit soft-capping and logit scale, read from its config: e.g. Gemma 2/3's `final_logit_softcapping`;
+    a float32 head over 16-bit inputs); both schedules. Properties of the model, not of the loss: keyword
+    arguments next to `bias`, not LossConfig fields (one config serves every model).
     """
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be an erpo.LossConfig, got {type(config).__name__}")
@@ -111,13 +118,16 @@ def linear_policy_loss(
     vocab = weight.shape[0] if process_group is None else global_vocab(weight.shape[0], process_group, hidden.device)
     flat = prepare_tokens(tuple(hidden.shape[:-1]), vocab, hidden.device, torch.float32, batch, config,
                           "hidden")
-    head.validate(hidden, weight, flat.targets, bias, config.temperature, resolved_head)
+    head.validate(hidden, weight, flat.targets, bias, config.temperature, resolved_head, logit_scale, softcap,
+                  head_fp32)
+    model_head = dict(softcap=softcap, logit_scale=logit_scale, head_fp32=head_fp32)
     token_backend = backends.resolve(config.backend, hidden.is_cuda)
     support_ids = batch.get("support_ids") if isinstance(batch, dict) else getattr(batch, "support_ids", None)
     if on_support(config, support_ids, vocab):
         if schedule == "one_pass":
             raise ValueError("schedule='one_pass' does not take a truncated support yet; use 'auto' or 'two_pass'")
         check_support_args(config.support, support_ids, "torch", False, process_group)
+        check_plain_for_support(logit_scale, softcap, head_fp32)
         stats = support_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, flat.targets,
                                                     1.0 / config.temperature, IGNORE_INDEX, config.support,
                                                     support_ids, config.check_inputs)
@@ -135,16 +145,16 @@ def linear_policy_loss(
         raise ValueError(f"schedule='one_pass' needs a head backend with a fused forward-backward (torch), "
                          f"got {resolved_head!r}")
     if schedule == "one_pass" or (schedule == "auto" and exact and needs_grad and fused and process_group is None):
-        return _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator)
+        return _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator, model_head)
     logp, entropy = head.linear_logprobs_and_entropy(
         hidden, weight, flat.targets, bias, temperature=config.temperature, backend=resolved_head,
         check_targets=False,  # valid targets were range-checked by prepare_tokens (within its one sync)
-        process_group=process_group,
+        process_group=process_group, **model_head,
     )
     return loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
 
 
-def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator) -> LossResult:
+def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, generator, model_head) -> LossResult:
     valid = flat.valid
     seq_adv = seq_advantages(config, flat, {}, torch.float32)
     adv = torch.where(valid, seq_adv[flat.seq], torch.zeros((), dtype=torch.float32, device=valid.device))
@@ -159,6 +169,8 @@ def _one_pass(hidden, weight, bias, flat, config, resolved_head, token_backend, 
         hidden.detach(), weight.detach().contiguous(), None if bias is None else bias.detach(), flat.targets, flat.old,
         adv.contiguous(), ref, weights.contiguous(), bonus_weights.contiguous(), 1.0 / config.temperature, IGNORE_INDEX,
         token_backend, resolved_head, *dataclasses.astuple(token_params(config)),
+        float(model_head["logit_scale"]), None if model_head["softcap"] is None else float(model_head["softcap"]),
+        model_head["head_fp32"],
     )
     result = loss_from_token_stats(logp, entropy, flat, config, token_backend, generator)
     attached = _PrecomputedGradient.apply(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
@@ -174,6 +186,8 @@ def _one_pass_op(
     eps_low: float, eps_high: float, dual_clip: bool, dual_clip_c: float, kl_coef: float, kl_estimator: str,
     entropy_coef: float, objective: str, delta: Optional[float], kl_bias_correction: bool, cispo_clip: str,
     cispo_max: float, sapo_tau_pos: float, sapo_tau_neg: float,
+    # the model's head (erpo.linear_logprobs_and_entropy)
+    logit_scale: float = 1.0, softcap: Optional[float] = None, head_fp32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     given = locals()
     # the entropy bonus is aggregated on its own (bonus_weights): the policy term's coefficients run without it
@@ -188,7 +202,8 @@ def _one_pass_op(
 
     flat_targets = targets.reshape(-1).contiguous()
     logp, entropy, _, grad_hidden, grad_weight, grad_bias = head.load(head_backend).forward_backward(
-        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index, coefficients
+        row_layout(hidden), weight, bias, flat_targets, inv_temperature, ignore_index, coefficients,
+        **head.head_kwargs(logit_scale, softcap, head_fp32)
     )
     grad_bias = grad_weight.new_empty(0) if grad_bias is None else grad_bias
     return logp.view(targets.shape), entropy.view(targets.shape), grad_hidden.view(hidden.shape), grad_weight, grad_bias

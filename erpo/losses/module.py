@@ -37,14 +37,15 @@ class PolicyLoss(nn.Module):
                 self._generator_state = None
         return self._generator
 
-    def forward(self, logits: torch.Tensor, batch, process_group=None, shift: bool = False) -> LossResult:
+    def forward(self, logits: torch.Tensor, batch, process_group=None, shift: bool = False, **head) -> LossResult:
+        """erpo.policy_loss with this module's config and generator (`head`: softcap=, logit_scale=)."""
         return policy_loss(logits, batch, self.current_config(), generator=self.generator_for(logits.device),
-                           process_group=process_group, shift=shift)
+                           process_group=process_group, shift=shift, **head)
 
     def linear(self, hidden: torch.Tensor, weight: torch.Tensor, batch, bias: Optional[torch.Tensor] = None,
                **options) -> LossResult:
         """The same loss from hidden states and the LM head (erpo.linear_policy_loss; options: schedule, head_backend,
-        process_group)."""
+        process_group, softcap, logit_scale, head_fp32)."""
         return linear_policy_loss(hidden, weight, batch, self.current_config(), bias=bias,
                                   generator=self.generator_for(hidden.device), **options)
 

@@ -22,7 +22,7 @@ from erpo.losses.importance import token_extras
 from erpo.losses.segments import dense_ids
 from erpo.losses.token_loss import TokenParams, kl_terms, token_loss
 from erpo.ops import backends
-from erpo.ops.logprobs_entropy import check_support_args, logprobs_and_entropy
+from erpo.ops.logprobs_entropy import check_plain_for_support, check_support_args, logprobs_and_entropy
 from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
 from erpo.ops.vocab_parallel import global_vocab
 
@@ -61,7 +61,8 @@ def _valid_extreme(values: Tensor, valid: Tensor, which: str) -> Tensor:
 
 
 def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[torch.Generator] = None,
-                process_group=None, shift: bool = False) -> LossResult:
+                process_group=None, shift: bool = False, softcap: Optional[float] = None,
+                logit_scale: float = 1.0) -> LossResult:
     """The policy loss of `config.method` on one batch; see docs/losses.md for the batch layouts.
 
     `generator` drives Clip-Cov's random pick; without one a generator seeded with config.seed is used,
@@ -71,6 +72,9 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
     `shift=True`: `logits` are a causal LM's unsliced `[B, L+1, V]` (or `[N+1, V]`) output and the batch is that of
     `logits[..., :-1, :]`; the backward then writes one full-size gradient (zero at the dropped position) instead of
     autograd copying a slice's gradient into a fresh buffer (see erpo.logprobs_and_entropy).
+    `softcap`, `logit_scale`: for logits taken before the model's final soft-capping / scaling (e.g. a custom
+    head's raw output), applied inside the fused op as erpo.logprobs_and_entropy does; a model's own logits have
+    them already (leave the defaults). Properties of the model, not of the loss: not LossConfig fields.
     """
     _check_config(config)
     if shift and (not isinstance(logits, Tensor) or logits.dim() < 2):
@@ -88,13 +92,15 @@ def policy_loss(logits: Tensor, batch, config: LossConfig, generator: Optional[t
         # The stats pass over S runs on the torch backend whatever config.backend (docs/support.md); the per-token
         # loss keeps its backend.
         check_support_args(config.support, support_ids, "torch", config.inplace_grad, process_group)
+        check_plain_for_support(logit_scale, softcap)
         stats = support_logprobs_and_entropy(positions, flat.targets, 1.0 / config.temperature, IGNORE_INDEX,
                                              config.support, support_ids, config.check_inputs)
         return loss_on_support(stats, flat, config, backend, generator)
     logp, entropy = logprobs_and_entropy(
         logits, flat.targets, temperature=config.temperature, backend=backend,
         check_targets=False,  # valid targets were range-checked in prepare() (within its one sync); others are ignored
-        inplace_grad=config.inplace_grad, process_group=process_group, shift=shift,
+        inplace_grad=config.inplace_grad, process_group=process_group, shift=shift, softcap=softcap,
+        logit_scale=logit_scale,
     )
     return loss_from_token_stats(logp, entropy, flat, config, backend, generator)
 

@@ -337,3 +337,39 @@ def test_what_cannot_take_a_transform_yet_says_so():
                                          support=erpo.Support(top_k=2))
     with pytest.raises(TypeError, match="head_fp32 must be True or False"):
         erpo.linear_logprobs_and_entropy(torch.randn(2, 3), torch.randn(5, 3), targets, head_fp32=1)
+
+
+# ---- the losses on top -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,schedules", [("dapo", ("one_pass", "two_pass")), ("kl_cov", ("two_pass",))])
+def test_losses_take_the_models_head(method, schedules):
+    """policy_loss(softcap=, logit_scale=) on raw logits and linear_policy_loss (both schedules) give the loss and
+    gradients of policy_loss on the logits the model would output, c tanh(s y / c)."""
+    from erpo.losses.config import LossConfig
+
+    B, L, H, V = 3, 5, 16, 97
+    hidden, weight, bias = torch.randn(B, L, H), torch.randn(V, H) * 2, torch.randn(V)
+    batch = dict(targets=torch.randint(0, V, (B, L)), mask=torch.ones(B, L), old_logp=-torch.rand(B, L) * 3,
+                 advantages=torch.randn(B))
+    config = LossConfig(method=method, temperature=0.9)
+
+    def run(fn):
+        leaves = [t.clone().double().requires_grad_() if fn == "model" else t.clone().requires_grad_()
+                  for t in (hidden, weight, bias)]
+        if fn == "model":
+            y = leaves[0] @ leaves[1].T + leaves[2]
+            result = erpo.policy_loss(5.0 * torch.tanh(0.7 * y / 5.0), batch, config)
+        elif fn == "raw":
+            result = erpo.policy_loss(leaves[0] @ leaves[1].T + leaves[2], batch, config, softcap=5.0, logit_scale=0.7)
+        else:
+            result = erpo.linear_policy_loss(leaves[0], leaves[1], batch, config, bias=leaves[2], schedule=fn,
+                                             softcap=5.0, logit_scale=0.7)
+        result.loss.backward()
+        return result.loss.detach().double(), [t.grad for t in leaves]
+
+    want_loss, want_grads = run("model")
+    for fn in ("raw", *schedules):
+        loss, grads = run(fn)
+        assert abs(loss.item() - want_loss.item()) < VALUE_RTOL * max(abs(want_loss.item()), 1.0)
+        for got, want in zip(grads, want_grads):
+            assert grad_err(got, want) < GRAD_RTOL
