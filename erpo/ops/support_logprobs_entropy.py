@@ -70,16 +70,22 @@ def _(logits, targets, ids, saved, grads, inv_temperature, ignore_index):
     return logits.new_empty(logits.shape)
 
 
+def _keep_for_backward(ctx, inputs: tuple, outs: list, inv_temperature: float, ignore_index: int) -> tuple:
+    """Save the inputs and the per-row state both backward passes read (lse and H over S and over V, tau); return
+    the differentiable results and, marked non-differentiable, tau, |S| and the added-target flags."""
+    logp_s, h_s, lse_s, logp, h, lse, tau, size, added = outs
+    ctx.save_for_backward(*inputs, lse_s, h_s, lse, h, tau)
+    ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(tau, size, added)
+    return logp_s, h_s, logp, h, tau, size, added
+
+
 class SupportFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-        logp_s, h_s, lse_s, logp, h, lse, tau, size, added = _fwd_op(logits, targets, ids, top_k, top_p, min_p,
-                                                                      inv_temperature, ignore_index)
-        ctx.save_for_backward(logits, targets, ids, lse_s, h_s, lse, h, tau)
-        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(tau, size, added)
-        return logp_s, h_s, logp, h, tau, size, added
+        outs = _fwd_op(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index)
+        return _keep_for_backward(ctx, (logits, targets, ids), outs, inv_temperature, ignore_index)
 
     @staticmethod
     def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, *_):
@@ -181,13 +187,8 @@ def _(hidden, weight, bias, targets, ids, saved, grads, inv_temperature, ignore_
 class SupportLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-        logp_s, h_s, lse_s, logp, h, lse, tau, size, added = _linear_fwd_op(
-            hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, ids, lse_s, h_s, lse, h, tau)
-        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(tau, size, added)
-        return logp_s, h_s, logp, h, tau, size, added
+        outs = _linear_fwd_op(hidden, weight, bias, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index)
+        return _keep_for_backward(ctx, (hidden, weight, bias, targets, ids), outs, inv_temperature, ignore_index)
 
     @staticmethod
     def backward(ctx, g_logp_s, g_h_s, g_logp, g_h, *_):
