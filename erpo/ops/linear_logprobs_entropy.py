@@ -238,6 +238,26 @@ def validate(hidden, weight, targets, bias, temperature, backend, logit_scale=1.
     return resolved
 
 
+def head_transform_from_config(config) -> dict:
+    """{"softcap": ..., "logit_scale": ...} of a Hugging Face model config, read as TRL 1.16 reads them
+    (trl/trainer/utils.py add_fused_lm_head): the text config's `final_logit_softcapping` (Gemma 2/3) and its
+    logit multiplier, the first set of `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1), or 1 / `logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies by it); absent: the plain
+    head (None, 1.0)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            break
+    scaling = getattr(text, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / scaling
+    return {"softcap": None if softcap is None else float(softcap),
+            "logit_scale": 1.0 if scale is None else float(scale)}
+
+
 def linear_logprobs_and_entropy(
     hidden: Tensor,
     weight: Tensor,

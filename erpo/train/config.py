@@ -56,6 +56,7 @@ class TrainConfig:
     loss: str = _f("grpo", "policy-loss method, one of erpo.LossConfig's presets: " + ", ".join(METHODS))
     loss_args: dict = _f({}, "extra erpo.LossConfig knobs, e.g. --loss-arg gamma=5 (repeatable)")
     fused_head: bool = _f(True, "policy loss and old/ref log-probs straight from the final hidden states and the LM head (erpo.linear_policy_loss): the [tokens, vocab] logits are never stored; --no-fused-head takes the logits path")
+    head_fp32: bool = _f(False, "fused head in float32 over 16-bit hidden states (TRL's cast_lm_head_to_fp32): the head's products and dlogits in fp32, the weight used as stored (no cast to the hidden states' dtype, no fp32 copy)")
     ref_model: str = _f("auto", "reference model for KL / ERPO progress: 'auto' (a frozen copy of the initial policy when the loss needs one), 'none', 'init', or a path")
     mini_batches: int = _f(4, "optimizer steps per rollout batch and epoch: the batch's groups split into this many mini-batches of whole groups (sizes differ by at most one group) (verl's ppo_mini_batch_size, TRL's steps_per_generation); 1 with ppo_epochs 1 = fully on-policy, where ratios are 1 and clipping cannot act")
     ppo_epochs: int = _f(1, "passes over each rollout batch (each pass takes `mini_batches` optimizer steps); old log-probs stay those of the sampling policy")

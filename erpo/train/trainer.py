@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 import erpo
 from erpo.losses import LossConfig, PolicyLoss, advantages as advantages_lib, policy_loss
+from erpo.ops.linear_logprobs_entropy import head_transform_from_config
 from erpo.train import checkpoint, data, distributed, metrics as metrics_lib, model as model_lib, plots
 from erpo.train import dynamic_sampling, normalizer, offpolicy, reward_shaping
 from erpo.train import rewards as rewards_lib, rollout as rollout_lib, tiny_task
@@ -82,39 +83,57 @@ def response_hidden(model, batch: dict, rows: slice, autocast: bool):
     return out.hidden_states[-1][:, -(width_r + 1):-1]
 
 
-def output_head(model, dtype: torch.dtype):
+def output_head(model, dtype: torch.dtype, head_fp32: bool = False):
     """The LM head's (weight [V, H], bias [V] or None), cast to the hidden states' dtype (a differentiable cast:
-    the gradient reaches the float32 parameters). Under FSDP2 (`--fsdp`) a head still sharded here (a DTensor)
+    the gradient reaches the float32 parameters), or with `head_fp32` as stored (the fused head then computes in
+    float32 over the 16-bit hidden states, without a copy of the weight). Under FSDP2 (`--fsdp`) a head still sharded here (a DTensor)
     is gathered once per micro-batch with `full_tensor()`, whose backward reduce-scatters the head's gradient
     into the sharded parameter (distributed.full_head); the root module's own unsharded head, which FSDP2 keeps
     from the forward to the backward, is used as it is."""
     head = model.get_output_embeddings()
     weight, bias = distributed.full_head(head.weight), distributed.full_head(head.bias)
+    if head_fp32:
+        return weight, bias
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def check_plain_head(model) -> None:
-    """The fused head computes hidden @ W.T + b; refuse models whose logits are something else (soft-capping,
-    a logit scale), before training, instead of training on a different loss."""
+def head_transform(model) -> dict:
+    """The fused head's softcap= / logit_scale= of this model, from its config (Gemma 2/3's
+    final_logit_softcapping, Cohere's logit_scale, ...: erpo.ops.linear_logprobs_entropy.head_transform_from_config,
+    TRL 1.16's reading)."""
+    return head_transform_from_config(model.config)
+
+
+def check_plain_head(model) -> dict:
+    """The fused head computes transform(hidden @ W.T + b) with the config's soft cap and logit scale
+    (head_transform); refuse a head that is not an nn.Linear, and a model whose logits are something else (a
+    transform its config does not name), before training, instead of training on a different loss. Returns
+    head_transform(model)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"fused_head: the model's output embeddings are a {type(head).__name__}, not nn.Linear; "
                          "use --no-fused-head")
+    transform = head_transform(model)
     device = head.weight.device
     ids = torch.arange(3, 11, device=device).remainder(head.weight.shape[0]).view(1, -1)
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1].float()
-        linear = hidden @ head.weight.float().T + (0 if head.bias is None else head.bias.float())
+        linear = (hidden @ head.weight.float().T + (0 if head.bias is None else head.bias.float())) * (
+            transform["logit_scale"])
+        if transform["softcap"] is not None:
+            linear = transform["softcap"] * torch.tanh(linear / transform["softcap"])
         logits = out.logits.float()
     if not torch.allclose(linear, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-6):
-        raise ValueError("fused_head: this model's logits are not final hidden states @ lm_head.weight.T (+ bias) "
-                         "(e.g. logit soft-capping or scaling); use --no-fused-head")
+        raise ValueError(f"fused_head: this model's logits are not final hidden states @ lm_head.weight.T (+ bias) "
+                         f"under its config's softcap={transform['softcap']} and logit_scale="
+                         f"{transform['logit_scale']}; use --no-fused-head")
+    return transform
 
 
 @torch.no_grad()
 def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast: bool,
-                   fused_head: bool = False, support=None) -> torch.Tensor:
+                   fused_head: bool = False, support=None, head_fp32: bool = False) -> torch.Tensor:
     """Log-probs of the sampled tokens under a fixed model (rollout policy or reference), in chunks; over the
     sampler's truncated support when one is given (each model's own, recomputed from its logits)."""
     out = []
@@ -122,9 +141,10 @@ def fixed_logprobs(model, batch: dict, chunk: int, temperature: float, autocast:
         rows = slice(start, start + chunk)
         if fused_head:
             hidden = response_hidden(model, batch, rows, autocast)
-            weight, bias = output_head(model, hidden.dtype)
+            weight, bias = output_head(model, hidden.dtype, head_fp32)
             logp, _ = erpo.linear_logprobs_and_entropy(hidden, weight, batch["targets"][rows], bias,
-                                                       temperature=temperature, support=support)
+                                                       temperature=temperature, support=support,
+                                                       head_fp32=head_fp32, **head_transform(model))
         else:
             logits = response_logits(model, batch, rows, autocast)
             logp, _ = erpo.logprobs_and_entropy(logits, batch["targets"][rows], temperature=temperature, shift=True,
@@ -138,7 +158,8 @@ def policy_shift(policy, batch: dict, old_logp: torch.Tensor, chunk: int, cfg, a
     """How far the step's updates moved the policy from the one that sampled, on the batch's tokens: the
     importance ratio of the updated policy (the most off-policy any mini-batch of the step can be).
     One extra no-grad forward per step."""
-    new = fixed_logprobs(policy, batch, chunk, cfg.temperature, autocast, cfg.fused_head, loss_support(cfg))
+    new = fixed_logprobs(policy, batch, chunk, cfg.temperature, autocast, cfg.fused_head, loss_support(cfg),
+                         cfg.head_fp32)
     valid = batch["mask"].bool()
     log_ratio = (new - old_logp)[valid].double()
     ratio = log_ratio.exp()
@@ -430,9 +451,10 @@ class Trainer:
                          **{k: v[rows] for k, v in tensors.items()}, **norm.batch_keys()}
                 if self.cfg.fused_head:
                     hidden = response_hidden(self.model, batch, rows, self.autocast)
-                    weight, bias = output_head(self.policy, hidden.dtype)
+                    weight, bias = output_head(self.policy, hidden.dtype, self.cfg.head_fp32)
                     result = erpo.linear_policy_loss(hidden, weight, micro, loss_cfg, bias=bias,
-                                                     generator=self.loss.generator_for(hidden.device))
+                                                     generator=self.loss.generator_for(hidden.device),
+                                                     head_fp32=self.cfg.head_fp32, **head_transform(self.policy))
                 else:
                     logits = response_logits(self.model, batch, rows, self.autocast)
                     result = policy_loss(logits, micro, loss_cfg, generator=self.loss.generator_for(logits.device),
@@ -466,10 +488,10 @@ class Trainer:
         # Fixed at sampling time: every mini-batch and epoch measures its ratio against the sampling policy.
         tensors = {"advantages": adv.advantages, "group_ids": group_ids,
                    "old_logp": fixed_logprobs(self.policy, batch, chunk, cfg.temperature, self.autocast,
-                                              cfg.fused_head, loss_support(cfg))}
+                                              cfg.fused_head, loss_support(cfg), cfg.head_fp32)}
         if loss_cfg.needs_ref:
             tensors["ref_logp"] = fixed_logprobs(self.ref, batch, chunk, cfg.temperature, self.autocast,
-                                                 cfg.fused_head, loss_support(cfg))
+                                                 cfg.fused_head, loss_support(cfg), cfg.head_fp32)
         return {"out": out, "batch": batch, "rewards": rewards, "adv": adv, "steps": steps, "chunk": chunk,
                 "tensors": tensors, "collected": collected, "problems": problems}
 
