@@ -14,6 +14,11 @@ so that it hands the per-token entropy verl already computed (`actor_rollout_ref
 and the batch's rollout log-probs to erpo's loss through `per_token_entropy`; a config that needs either raises
 when it was not handed over.
 Config keys: docs/integrations.md.
+
+Truncated sampling (the rollout's top_k / top_p, docs/support.md): verl hands the losses per-token log-probs its
+actor already computed, so a loss cannot change the distribution they are scored on. `install_support_logprobs`
+makes verl's FSDP engine compute its log-probs (the current, old and reference ones alike) over the sampler's
+support S instead (docs/integrations.md says what it covers and what it does not).
 """
 import contextlib
 import contextvars
@@ -83,6 +88,11 @@ def loss_config_from_verl(config, preset: Optional[str]) -> LossConfig:
         kl_coef=0.0, entropy_coef=0.0,
     )
     overrides = dict(_get(policy, "erpo", {}) or {})
+    for key in ("support", "support_entropy"):
+        if key in overrides:
+            raise ValueError(f"policy_loss.erpo.{key}: verl's losses receive log-probs its actor already computed, so "
+                             "the loss cannot score a support; use erpo.integrations.verl.install_support_logprobs in "
+                             "the workers (docs/integrations.md)")
     if preset is None:
         if "method" not in overrides:
             raise ValueError("loss_mode=erpo reads its LossConfig from actor.policy_loss.erpo, which must name a "
@@ -217,6 +227,51 @@ def install_entropy_hook() -> None:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "ppo_loss"):
             module.ppo_loss = _with_entropy(module.ppo_loss)
+
+
+# Where verl 0.9.1 computes the actor's, the old and the reference log-probs from the logits (FSDP engine,
+# prepare_model_outputs, both padding layouts); the module imports logprobs_from_logits by name.
+SUPPORT_LOGPROB_MODULES = ("verl.workers.engine.fsdp.transformer_impl",)
+
+
+def support_logprobs_from_logits(support):
+    """A replacement for verl's `logprobs_from_logits(logits, labels, inplace_backward=True)` that scores each label
+    over the sampler's truncated support S (`support`, an erpo.Support: the rollout's top_k / top_p; docs/support.md)
+    with erpo's op: log-softmax over S, recomputed from `logits` in vLLM's order, gradients through the logits of S.
+    verl passes logits already divided by the rollout temperature, so S is taken on them as they are (T = 1), as
+    vLLM takes it after its temperature."""
+    if not isinstance(support, erpo.Support):
+        raise TypeError(f"support must be an erpo.Support(top_k=, top_p=, min_p=), got {support!r}")
+
+    def logprobs_from_logits(logits, labels, inplace_backward=True):
+        logp, _ = erpo.logprobs_and_entropy(logits, labels, support=support)
+        return logp
+
+    logprobs_from_logits.__erpo_support__ = support
+    return logprobs_from_logits
+
+
+def install_support_logprobs(support=None, *, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                             modules=SUPPORT_LOGPROB_MODULES) -> None:
+    """Make verl's FSDP engine compute every log-prob (the actor's, the old and the reference ones) over the
+    rollout's truncated support: pass the rollout's `top_k` and `top_p` (verl's `actor_rollout_ref.rollout.top_k`,
+    `.top_p`; -1 / 1.0 = off) or an `erpo.Support`. Call it in every worker before the first forward (an
+    external_lib module of your own: docs/integrations.md). A support that keeps everything installs nothing."""
+    if support is None:
+        support = erpo.Support(top_k=top_k if top_k is not None and top_k > 0 else None,
+                               top_p=top_p if top_p is not None and top_p < 1 else None)
+    elif top_k is not None or top_p is not None:
+        raise ValueError("install_support_logprobs takes a support or top_k/top_p, not both")
+    if support.is_full():
+        return
+    replacement = support_logprobs_from_logits(support)
+    import importlib
+
+    for name in modules:
+        module = importlib.import_module(name)
+        if not hasattr(module, "logprobs_from_logits"):
+            raise RuntimeError(f"{name} has no logprobs_from_logits: this verl is not the 0.9.1 erpo hooks into")
+        module.logprobs_from_logits = replacement
 
 
 _register()
