@@ -4,8 +4,10 @@ The subclass keeps TRL's name and arguments, adds `loss_config=` (an `erpo.LossC
 ERPO, Clip-Cov, KL-Cov, REPO, ADAPO, combined controls) and overrides `_compute_loss`, TRL's extension point.
 The loss is erpo's: the per-token log-probs and entropy come from erpo's fused head
 (`linear_logprobs_and_entropy` on the backbone's hidden states and the model's output embedding, no
-[B, L, V] logits) or, for a model whose head erpo cannot fuse (logit soft-capping or scaling), from the
-model's own logits through `logprobs_and_entropy`; then `erpo.token_policy_loss` computes the loss.
+[B, L, V] logits; the config's logit soft-capping and scale applied as TRL applies them, and GRPOConfig's
+`cast_lm_head_to_fp32` as an fp32 head) or, for a model whose head erpo cannot fuse (not an nn.Linear; a
+soft-capped or scaled head over a truncated support), from the model's own logits through
+`logprobs_and_entropy`; then `erpo.token_policy_loss` computes the loss.
 TRL's `GRPOConfig` is mapped onto a `LossConfig` by `loss_config_from_trl`; a TRL option erpo cannot
 honour raises and names the option. Written against TRL 1.16.0 (tests/peers pin it).
 
@@ -29,6 +31,7 @@ from erpo.losses.config import LossConfig
 from erpo.losses.controllers import AdaptiveEntropyCoef
 from erpo.losses.module import PolicyLoss
 from erpo.ops.support_config import Support
+from erpo.ops.linear_logprobs_entropy import head_transform_from_config
 from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy, support_logprobs_and_entropy
 
 CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, next to TRL's own files
@@ -37,8 +40,8 @@ CONTROLLER_FILE = "erpo_controller_state.json"  # in each checkpoint folder, nex
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # Loss types TRL normalises by a token count of the whole generation batch (`num_items_in_batch`).
 GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
-# Model-config attributes that scale or cap the logits; erpo's fused head applies neither, so such models run
-# the loss on the model's own logits.
+# Model-config attributes that scale or cap the logits (TRL 1.16 reads the same): erpo's fused head applies them
+# (erpo.ops.linear_logprobs_entropy.head_transform_from_config -> softcap=, logit_scale=).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
 
@@ -174,14 +177,12 @@ def loss_config_from_trl(args, loss_config: Optional[LossConfig] = None, use_vll
     return loss_config.replace(**changes)
 
 
+PLAIN_HEAD = {"softcap": None, "logit_scale": 1.0}
+
+
 def _fusable_head(model) -> bool:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1.0:
-            return False
-    head = model.get_output_embeddings()
-    return isinstance(head, torch.nn.Linear)
+    """A head erpo's fused head computes: an nn.Linear (its soft cap and logit scale come from the config)."""
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear)
 
 
 def _add_hidden_states_forward(model) -> None:
@@ -259,14 +260,21 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # TRL's _entropy_bonus_enabled: a static coefficient or the adaptive one (which logs policy_loss, entropy_coef)
         self._erpo_entropy_bonus = self.loss_config.entropy_coef != 0 or self.loss_config.entropy_target is not None
         unwrapped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._erpo_fused_head = _fusable_head(unwrapped)
-        if self._erpo_fused_head:
-            _add_hidden_states_forward(unwrapped)
         # The support the loss and the old/ref log-probs score; None when it keeps the whole vocabulary (top_k >= V):
         # then TRL's and erpo's full-vocabulary paths run, bit for bit
         support = self.loss_config.support
         vocab = unwrapped.get_output_embeddings().weight.shape[0]
         self._erpo_support = None if support is None or support.is_full(vocab) else support
+        # The model's soft cap and logit scale, read as TRL reads them; the fused head applies them (over a truncated
+        # support it does not yet: such a model then scores its own logits)
+        self._erpo_head = head_transform_from_config(unwrapped.config)
+        self._erpo_fused_head = _fusable_head(unwrapped) and (self._erpo_head == PLAIN_HEAD
+                                                              or self._erpo_support is None)
+        # GRPOConfig.cast_lm_head_to_fp32: TRL has cast the head to fp32; the fused head then takes the 16-bit hidden
+        # states as they are and upcasts them tile by tile (head_fp32), as TRL's fused head runs that head in fp32
+        self._erpo_head_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        if self._erpo_fused_head:
+            _add_hidden_states_forward(unwrapped)
         if self.ref_model is not None and self._erpo_support is not None:
             # The reference log-probs over S are computed here, not by TRL's fused head: the same head path as the
             # policy's (the reference is the policy's architecture, but check its head anyway)
@@ -310,12 +318,15 @@ class GRPOTrainer(_TRLGRPOTrainer):
             # FSDP2 DTensor: the head is gathered, as TRL's fused head does (with the gradient placement full_head
             # explains); a plain tensor otherwise
             weight, bias = full_head(head.weight), full_head(head.bias)
-            # The head runs outside autocast, on the head's own dtype (fp32 master weights: fp32 logits statistics)
-            hidden = hidden.to(weight.dtype)
+            # The head runs outside autocast, on the head's own dtype (fp32 master weights: fp32 logits statistics);
+            # with cast_lm_head_to_fp32 the fp32 head takes the hidden states as they are (upcast tile by tile)
+            if not self._erpo_head_fp32:
+                hidden = hidden.to(weight.dtype)
             if support is not None:
                 return support_linear_logprobs_and_entropy(hidden, weight.contiguous(), bias, targets,
                                                            1.0 / temperature, -100, support, None, False)
-            return erpo.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature)
+            return erpo.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
+                                                    head_fp32=self._erpo_head_fp32, **self._erpo_head)
         with self.accelerator.autocast():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                            logits_to_keep=n_completion + 1).logits[:, :-1]
