@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from typing import Optional
 
 import numpy as np
@@ -170,6 +171,55 @@ def _lock_holder(fd: int) -> str:
     except OSError:
         pass
     return "another process"
+
+
+def claim_run_dir(out_dir: str, overwrite: bool, resume: Optional[str], dist) -> tuple[str, Optional[int]]:
+    """Where a run writes, and the lock of that directory (rank 0, when it exists already; the caller takes it
+    when it creates the directory). An existing run is never touched unless this run continues it (resume) or
+    replaces it on purpose (overwrite)."""
+    from erpo.train import distributed
+
+    source = os.path.dirname(os.path.dirname(os.path.normpath(resume))) if resume else None  # RUN/checkpoints/step_N
+    if out_dir:
+        run_dir = out_dir
+    elif source:
+        run_dir = source
+    else:
+        stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), dist)[0]
+        run_dir, n = os.path.join("runs", stamp), 1
+        while holds_run(run_dir):  # two runs started in the same second
+            n += 1
+            run_dir = os.path.join("runs", f"{stamp}-{n}")
+    # The lock comes before anything in the directory is read, checked or replaced.
+    lock = lock_run(run_dir) if dist.is_main and os.path.isdir(run_dir) else None
+    try:
+        _check_claim(run_dir, source, overwrite, resume, dist.is_main)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return run_dir, lock
+
+
+def _check_claim(run_dir: str, source: Optional[str], overwrite: bool, resume: Optional[str], is_main: bool) -> None:
+    continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
+    if resume and overwrite:
+        raise ValueError("--overwrite with --resume: a resume continues a run and never replaces one; to start "
+                         "over in that directory, drop --resume")
+    later = later_steps(resume) if continuing else []
+    if later:  # continuing there would re-write those steps and cut the metrics back: the later run is lost
+        steps = f"step{'s' * (len(later) > 1)} {', '.join(map(str, later))}"
+        raise ValueError(f"--resume {resume!r} is not the run's latest checkpoint (it also has {steps}); resuming "
+                         "it in place would overwrite them: continue it into a fresh directory with --out-dir NEW")
+    if not continuing and holds_run(run_dir):
+        if not overwrite or resume:
+            what = "resume it with --resume" if not resume else "continue a checkpoint into a fresh directory"
+            raise ValueError(f"out_dir {run_dir!r} already holds a run: {what}, pick another --out-dir, "
+                             "or pass --overwrite to replace it (its checkpoints and metrics are deleted)")
+        if is_main:
+            remove_run(run_dir)
+    if is_main:
+        check_writable(run_dir)
 
 
 def check_writable(run_dir: str) -> None:

@@ -6,6 +6,7 @@ accumulated over micro-batches of whole groups) -> loss-controller step -> weigh
 engine -> metrics, eval, checkpoint. Read top to bottom; the parts live in the sibling modules.
 """
 import dataclasses
+from dataclasses import dataclass
 import math
 import os
 import shutil
@@ -168,6 +169,21 @@ def policy_shift(policy, batch: dict, old_logp: torch.Tensor, chunk: int, cfg, a
             "extremes": {"shift_ratio_min": float(ratio.min()), "shift_ratio_max": float(ratio.max())}}
 
 
+@dataclass
+class Prepared:
+    """One step's batch, fixed before its updates (Trainer.prepare)."""
+
+    out: rollout_lib.Rollouts  # the sampled groups
+    batch: dict  # packed token tensors (rollout.pack)
+    rewards: torch.Tensor  # [n] the trained (shaped) rewards
+    adv: object  # advantages.Advantages of the rewards
+    steps: list  # the rows of each optimizer step's micro-batches
+    chunk: int  # rows per no-grad forward
+    tensors: dict  # advantages, group_ids, old_logp (and ref_logp): what the loss measures against
+    collected: object  # dynamic_sampling's account of the rounds
+    problems: list  # reward failures
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.lock = None  # the run directory's lock (rank 0), held while this trainer may write the run
@@ -202,7 +218,7 @@ class Trainer:
         self.loss_cfg = loss_config(cfg)
         self.reward_fn = rewards_lib.resolve(cfg.reward)
 
-        self.run_dir = self._run_dir(resume)
+        self.run_dir, self.lock = checkpoint.claim_run_dir(cfg.out_dir, cfg.overwrite, resume, self.dist)
         if cfg.rollout == "vllm":
             rollout_lib.require_vllm()  # before anything is written for it
         distributed.barrier(self.dist)  # every rank has checked the run dir before rank 0 writes into it
@@ -257,42 +273,6 @@ class Trainer:
                                               self.step if resume else None)
 
     # --- setup helpers -----------------------------------------------------------------------------
-    def _run_dir(self, resume):
-        """Where this run writes. An existing run is never touched unless this run continues it (resume)
-        or replaces it on purpose (overwrite)."""
-        source = os.path.dirname(os.path.dirname(os.path.normpath(resume))) if resume else None  # RUN/checkpoints/step_N
-        if self.cfg.out_dir:
-            run_dir = self.cfg.out_dir
-        elif source:
-            run_dir = source
-        else:
-            stamp = distributed.gather(time.strftime("%Y%m%d-%H%M%S"), self.dist)[0]
-            run_dir, n = os.path.join("runs", stamp), 1
-            while checkpoint.holds_run(run_dir):  # two runs started in the same second
-                n += 1
-                run_dir = os.path.join("runs", f"{stamp}-{n}")
-        if self.dist.is_main and os.path.isdir(run_dir):  # before anything in it is read, checked or replaced
-            self.lock = checkpoint.lock_run(run_dir)
-        continuing = source is not None and os.path.realpath(run_dir) == os.path.realpath(source)
-        if resume and self.cfg.overwrite:
-            raise ValueError("--overwrite with --resume: a resume continues a run and never replaces one; to start "
-                             "over in that directory, drop --resume")
-        later = checkpoint.later_steps(resume) if continuing else []
-        if later:  # continuing there would re-write those steps and cut the metrics back: the later run is lost
-            steps = f"step{'s' * (len(later) > 1)} {', '.join(map(str, later))}"
-            raise ValueError(f"--resume {resume!r} is not the run's latest checkpoint (it also has {steps}); resuming "
-                             "it in place would overwrite them: continue it into a fresh directory with --out-dir NEW")
-        if not continuing and checkpoint.holds_run(run_dir):
-            if not self.cfg.overwrite or resume:
-                what = "resume it with --resume" if not resume else "continue a checkpoint into a fresh directory"
-                raise ValueError(f"out_dir {run_dir!r} already holds a run: {what}, pick another --out-dir, "
-                                 "or pass --overwrite to replace it (its checkpoints and metrics are deleted)")
-            if self.dist.is_main:
-                checkpoint.remove_run(run_dir)
-        if self.dist.is_main:
-            checkpoint.check_writable(run_dir)
-        return run_dir
-
     def _data(self):
         cfg = self.cfg
         rows = data.load(cfg.data, cfg.prompt_field, cfg.answer_field)
@@ -473,7 +453,7 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
         return step_loss
 
-    def prepare(self, loss_cfg) -> dict:
+    def prepare(self, loss_cfg) -> "Prepared":
         """Sample the step's batch and fix everything the updates measure against: advantages, the old
         (sampling-time) and reference log-probs, and the rows of each optimizer step."""
         cfg = self.cfg
@@ -492,17 +472,16 @@ class Trainer:
         if loss_cfg.needs_ref:
             tensors["ref_logp"] = fixed_logprobs(self.ref, batch, chunk, cfg.temperature, self.autocast,
                                                  cfg.fused_head, loss_support(cfg), cfg.head_fp32)
-        return {"out": out, "batch": batch, "rewards": rewards, "adv": adv, "steps": steps, "chunk": chunk,
-                "tensors": tensors, "collected": collected, "problems": problems}
+        return Prepared(out, batch, rewards, adv, steps, chunk, tensors, collected, problems)
 
     def train_step(self) -> dict:
         cfg = self.cfg
         loss_cfg = self.loss.current_config()
         start = time.perf_counter()
-        prepared = self.prepare(loss_cfg)
-        out, batch, rewards, adv = prepared["out"], prepared["batch"], prepared["rewards"], prepared["adv"]
-        steps, chunk, tensors = prepared["steps"], prepared["chunk"], prepared["tensors"]
-        collected, problems = prepared["collected"], prepared["problems"]
+        step = self.prepare(loss_cfg)
+        out, batch, rewards, adv, steps, chunk, tensors = (step.out, step.batch, step.rewards, step.adv, step.steps,
+                                                           step.chunk, step.tensors)
+        collected, problems = step.collected, step.problems
         n = batch["targets"].shape[0]
         sums, nonfinite_steps, grad_norms, losses = {}, 0, [], []
         updates = cfg.ppo_epochs * len(steps)

@@ -15,10 +15,10 @@ SMALL = dict(prompts_per_step=4, group_size=4, mini_batches=1, micro_batch_group
 def test_an_all_masked_step_is_a_zero_step(tmp_path, fused_head, loss):
     trainer = Trainer(from_dict({**SMALL, "out_dir": str(tmp_path), "loss": loss, "fused_head": fused_head}))
     prepared = trainer.prepare(trainer.loss_cfg)
-    batch = dict(prepared["batch"], mask=torch.zeros_like(prepared["batch"]["mask"]))
+    batch = dict(prepared.batch, mask=torch.zeros_like(prepared.batch["mask"]))
     sums = {}
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss_value = trainer.accumulate(batch, prepared["tensors"], prepared["steps"][0], trainer.loss_cfg, sums, 1.0)
+    loss_value = trainer.accumulate(batch, prepared.tensors, prepared.steps[0], trainer.loss_cfg, sums, 1.0)
     grads = [p.grad for p in trainer.policy.parameters() if p.grad is not None]
     assert loss_value == 0.0
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)  # backward ran, and moved nothing

@@ -21,15 +21,15 @@ SMALL = dict(prompts_per_step=4, group_size=4, mini_batches=1, sft_warmup_steps=
 def setup(tmp_path_factory):
     trainer = Trainer(from_dict({**SMALL, "out_dir": str(tmp_path_factory.mktemp("effects")), "loss": "dapo"}))
     prepared = trainer.prepare(trainer.loss_cfg)
-    tensors = dict(prepared["tensors"])
+    tensors = dict(prepared.tensors)
     gen = torch.Generator().manual_seed(11)
-    mask = prepared["batch"]["mask"].bool()
+    mask = prepared.batch["mask"].bool()
     with torch.no_grad():
         current = tensors["old_logp"]  # the policy has not moved since sampling: old == current here
         tensors["old_logp"] = torch.where(mask, current + 0.4 * torch.randn(current.shape, generator=gen), current)
         tensors["ref_logp"] = torch.where(mask, current - 0.2 * torch.rand(current.shape, generator=gen), current)
     tensors["advantages"] = torch.randn(tensors["advantages"].shape, generator=gen)
-    return trainer, prepared["batch"], tensors, current
+    return trainer, prepared.batch, tensors, current
 
 
 def token_grads(trainer, batch, tensors, method, controller_cfg=None, **loss_args):

@@ -34,7 +34,7 @@ def test_micro_batches_add_up_to_the_batch_gradient(tmp_path, agg):
     trainer = make(tmp_path, prompts_per_step=4, group_size=4, fused_head=False, max_new_tokens=4)
     loss_cfg = trainer.loss_cfg.replace(agg=agg)
     prepared = trainer.prepare(loss_cfg)
-    batch, tensors = prepared["batch"], prepared["tensors"]
+    batch, tensors = prepared.batch, prepared.tensors
     tensors["advantages"] = torch.randn(tensors["advantages"].shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # off-policy, so clipping and ratios differ between tokens
         tensors["old_logp"] = tensors["old_logp"] + 0.3 * torch.randn(tensors["old_logp"].shape,
