@@ -19,7 +19,8 @@ from triton.compiler import ASTSource
 from bench.static import ptxas_report
 
 from erpo.kernels.logprobs_entropy import (CONFIGS, logprobs_entropy_bwd_kernel, logprobs_entropy_fwd_kernel,
-                                           logprobs_entropy_merge_kernel, logprobs_entropy_partial_kernel)
+                                           logprobs_entropy_merge_kernel, logprobs_entropy_partial_kernel,
+                                           SUPPORT_FWD_BLOCK_V, support_bwd_kernel, support_fwd_kernel)
 from erpo.kernels import linear_logprobs_entropy as head
 from erpo.kernels.policy_loss import policy_loss_token_kernel
 
@@ -86,6 +87,29 @@ def backward_case(dtype, has_logp, has_entropy, softcap=False):
     return logprobs_entropy_bwd_kernel, signature, constexprs, divisible, NUM_WARPS
 
 
+def support_forward_case(dtype):
+    """The forward over a truncated support (recompute: tau per row), at its block and the plain forward's warps."""
+    outputs = ("logp_s_ptr", "entropy_s_ptr", "lse_s_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "size_ptr",
+               "added_ptr")
+    signature = {**row_signature(dtype), "targets_ptr": "*i64", "tau_ptr": "*fp32",
+                 **{name: "*fp32" for name in outputs}, "vocab": "i32", "x_scale": "fp32", "ignore_index": "i32",
+                 "BLOCK_V": "constexpr"}
+    divisible = ("logits_ptr", "stride_outer", "stride_inner", "targets_ptr", "tau_ptr", *outputs, "vocab")
+    return support_fwd_kernel, signature, {"BLOCK_V": SUPPORT_FWD_BLOCK_V}, divisible, NUM_WARPS
+
+
+def support_backward_case(dtype):
+    """The backward over a truncated support: both gradients' terms in one pass."""
+    per_row = ("tau_ptr", "lse_s_ptr", "entropy_s_ptr", "lse_ptr", "entropy_ptr", "grad_logp_s_ptr",
+               "grad_entropy_s_ptr", "grad_logp_ptr", "grad_entropy_ptr")
+    signature = {**row_signature(dtype), "grad_ptr": f"*{dtype}", "grad_stride_outer": "i64",
+                 "grad_stride_inner": "i64", "targets_ptr": "*i64", **{name: "*fp32" for name in per_row},
+                 "vocab": "i32", "chunk": "i32", "x_scale": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
+    divisible = ("logits_ptr", "stride_outer", "stride_inner", "grad_ptr", "grad_stride_outer", "grad_stride_inner",
+                 "targets_ptr", *per_row, "vocab", "chunk")
+    return support_bwd_kernel, signature, {"BLOCK_V": BLOCK_V}, divisible, NUM_WARPS
+
+
 def token_case(mode):
     pointers = ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr", "klcov_ptr", "log_ratio_ptr",
                 "seq_coef_ptr", "eps_low_ptr", "eps_high_ptr", "kl_weight_ptr", "pg_weight_ptr", "loss_ptr",
@@ -133,6 +157,9 @@ def cases():
     for arch in ARCHS:  # soft-capped heads (Gemma 2/3): their own HAS_SOFTCAP variant
         yield f"fwd-sm{arch}-bf16-softcap", arch, forward_case("bf16", softcap=True)
         yield f"bwd-sm{arch}-bf16-both-softcap", arch, backward_case("bf16", True, True, softcap=True)
+    for arch, dtype in itertools.product(ARCHS, ("bf16", "fp32")):  # over a truncated support (recompute mode)
+        yield f"fwd-support-sm{arch}-{dtype}", arch, support_forward_case(dtype)
+        yield f"bwd-support-sm{arch}-{dtype}", arch, support_backward_case(dtype)
     for arch, (name, mode) in itertools.product(ARCHS, TOKEN_MODES.items()):
         yield f"token-sm{arch}-{name}", arch, token_case(mode)
 

@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, finish, grad_terms, rebase, row_offset, shift, terms,
-                                          transform, transform_grad)
+from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, accumulate_support, finish, grad_terms,
+                                          grad_terms_support, in_support, rebase, row_offset, shift, terms, transform,
+                                          transform_grad)
 from erpo.ops.row_stats import logit_transform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -47,6 +48,9 @@ CONFIGS = ((4096, 8, 1), (8192, 8, 1), (8192, 16, 1), (4096, 4, 1), (2048, 4, 1)
 # Rows below this many programs' worth are split over V (two waves of 132 SMs x 2 resident programs);
 # None: computed from the device's SM count. Tests set it to force the split path under the interpreter.
 SPLIT_BELOW_ROWS = None
+# The forward over a truncated support keeps two row states (5 per-lane sums at 4096 would spill at 8 warps):
+# half the block, 8 elements per thread (one 16-byte bf16 load), 64-77 registers on sm_80/sm_90.
+SUPPORT_FWD_BLOCK_V = 2048
 MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and launch than it gains
 
 
@@ -240,6 +244,117 @@ def _grad_of_logit(u, scale, lse2, a, b, HAS_SOFTCAP: tl.constexpr):
     return grad
 
 
+# ---------------------------------------------------------------- over a truncated support (docs/support.md)
+# Separate kernels, so the plain ones above compile to the same code as before. Recompute mode: S = {z >= tau} plus
+# the target, tau [N] float32 found beforehand by erpo/ops/support.py threshold (torch, over row chunks); the
+# forward reads each row once for both states (the whole row's and S's), the backward writes once the sum of both
+# gradients. No soft cap or logit scale (refused with a support): x = logits / T, z = x as support.py computes it.
+
+@triton.jit
+def support_fwd_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    targets_ptr, tau_ptr, logp_s_ptr, entropy_s_ptr, lse_s_ptr, logp_ptr, entropy_ptr, lse_ptr, size_ptr, added_ptr,
+    vocab, x_scale, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row: the row's state and its state over S in the same loop (online_softmax.
+    accumulate_support), then logp, H, lse of each, |S| and whether the target was below tau. An ignored row is
+    not read and gets 0 everywhere, tau included (tau_ptr is overwritten there)."""
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(logp_s_ptr + row, 0.0)
+        tl.store(entropy_s_ptr + row, 0.0)
+        tl.store(lse_s_ptr + row, 0.0)
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(size_ptr + row, 0.0)
+        tl.store(added_ptr + row, 0.0)
+        tl.store(tau_ptr + row, 0.0)
+    else:
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+        tau = tl.load(tau_ptr + row)
+        scale = x_scale * LOG2E
+        cols = tl.arange(0, BLOCK_V)
+        m2 = tl.full([], M_START, tl.float32)
+        d = tl.zeros([BLOCK_V], dtype=tl.float32)
+        w = tl.zeros([BLOCK_V], dtype=tl.float32)
+        d_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        w_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        size = tl.zeros([], dtype=tl.int32)  # a block-wide count per block: 16 fewer registers than per lane
+        for block in range(0, vocab, BLOCK_V):
+            offs = block + cols
+            inside = offs < vocab
+            x = tl.load(row_ptr + offs, mask=inside, other=-float("inf")).to(tl.float32)
+            keep = in_support(x * x_scale, tau, offs, target) & inside
+            m2, d, w, d_s, w_s = accumulate_support(x * scale, keep, m2, d, w, d_s, w_s)
+            size += tl.sum(keep.to(tl.int32), axis=0)
+        m = m2 * LN2
+        lse, entropy = finish(m, tl.sum(d, axis=0), tl.sum(w, axis=0))
+        lse_s, entropy_s = finish(m, tl.sum(d_s, axis=0), tl.sum(w_s, axis=0))
+        in_range = (target >= 0) & (target < vocab)
+        target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
+        target_z = target_x * x_scale
+        tl.store(logp_s_ptr + row, target_z - lse_s)
+        tl.store(entropy_s_ptr + row, entropy_s)
+        tl.store(lse_s_ptr + row, lse_s)
+        tl.store(logp_ptr + row, target_z - lse)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(lse_ptr + row, lse)
+        tl.store(size_ptr + row, size.to(tl.float32))
+        tl.store(added_ptr + row, (target_z < tau).to(tl.float32))
+
+
+@triton.jit
+def support_bwd_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    grad_ptr, grad_stride_outer, grad_stride_inner,
+    targets_ptr, tau_ptr, lse_s_ptr, entropy_s_ptr, lse_ptr, entropy_ptr,
+    grad_logp_s_ptr, grad_entropy_s_ptr, grad_logp_ptr, grad_entropy_ptr,
+    vocab, chunk, x_scale, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """Grid (rows, chunks of V): dlogits = the whole row's term + the term over S (zero outside S), one exp2 per
+    element (online_softmax.grad_terms_support); the one-hot term of both logps lands on the target column in the
+    loop (no patch after it). Absent gradients come as zeros."""
+    row = tl.program_id(0)
+    start = tl.program_id(1) * chunk
+    stop = tl.minimum(start + chunk, vocab)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+    grad_row_ptr = grad_ptr + row_offset(row, inner, grad_stride_outer, grad_stride_inner)
+    out_ty = grad_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_V)
+    if target == ignore_index:
+        for block in range(start, stop, BLOCK_V):
+            offs = block + cols
+            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=out_ty), mask=offs < stop)
+    else:
+        scale = x_scale * LOG2E
+        tau = tl.load(tau_ptr + row)
+        lse2 = tl.load(lse_ptr + row) * LOG2E
+        delta = lse2 - tl.load(lse_s_ptr + row) * LOG2E
+        ratio = tl.exp2(delta)
+        g_logp = tl.load(grad_logp_ptr + row)
+        g_ent = tl.load(grad_entropy_ptr + row)
+        g_logp_s = tl.load(grad_logp_s_ptr + row)
+        g_ent_s = tl.load(grad_entropy_s_ptr + row)
+        a = -g_ent * LN2 * x_scale
+        b = -(g_logp + g_ent * tl.load(entropy_ptr + row)) * x_scale
+        a_s = -g_ent_s * LN2 * x_scale
+        b_s = -(g_logp_s + g_ent_s * tl.load(entropy_s_ptr + row)) * x_scale
+        one_hot = (g_logp + g_logp_s) * x_scale
+        for block in range(start, stop, BLOCK_V):
+            offs = block + cols
+            inside = offs < stop
+            x = tl.load(row_ptr + offs, mask=inside, other=-float("inf")).to(tl.float32)
+            keep = in_support(x * x_scale, tau, offs, target)
+            grad = grad_terms_support(x * scale - lse2, keep, delta, ratio, a, b, a_s, b_s)
+            grad += tl.where(offs == target, one_hot, 0.0)
+            tl.store(grad_row_ptr + offs, grad.to(out_ty), mask=inside)
+
+
 # ---------------------------------------------------------------- launchers
 
 def _prune(configs, named_args, **kwargs):
@@ -352,3 +467,70 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
         layout.vocab, chunk, tr.x_scale, tr.cap_in, tr.grad_scale, ignore_index,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **fixed, **_softcap_meta(tr),
     )
+
+
+def _support_chunks(layout):
+    """(flat row slice, [rows, V] view) over the layout, row chunks of erpo/ops/torch_logprobs_entropy.py."""
+    from erpo.ops.torch_logprobs_entropy import _chunks
+
+    for rows, chunk in _chunks(layout, layout.tensor):
+        yield rows, chunk.reshape(-1, chunk.shape[-1])
+
+
+def thresholds(layout, inv_temperature: float, support) -> torch.Tensor:
+    """tau [N] float32 of the recompute mode: erpo/ops/support.py threshold over row chunks of x = logits / T (the
+    float32 product the torch backend forms, so both backends keep the same S); no [N, V] temporary, no sync."""
+    from erpo.ops.support import threshold
+
+    tau = torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device)
+    for rows, chunk in _support_chunks(layout):
+        tau[rows] = threshold(chunk.to(torch.float32, copy=True).mul_(inv_temperature), support)
+    return tau
+
+
+def _check_recompute(ids) -> None:
+    if ids is not None:
+        raise ValueError("backend='triton' has no replay kernel (support_ids=) yet; use backend='torch'")
+
+
+def forward_support(layout, targets, inv_temperature: float, ignore_index: int, support, ids):
+    """Flat float32 [N] (logp, H, lse) over S, the same over the whole row, tau, |S| and the target-added flag:
+    erpo/ops/torch_logprobs_entropy.py forward_support's outputs, from one read of each row."""
+    _check_recompute(ids)
+    tau = thresholds(layout, inv_temperature, support)
+    outs = [torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device) for _ in range(8)]
+    if layout.n_rows:
+        logp_s, h_s, lse_s, logp, h, lse, size, added = outs
+        support_fwd_kernel[(layout.n_rows,)](
+            layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner, targets, tau,
+            logp_s, h_s, lse_s, logp, h, lse, size, added, layout.vocab, 1.0 * inv_temperature, ignore_index,
+            **_support_config(layout.vocab, SUPPORT_FWD_BLOCK_V))
+    return (*outs[:6], tau, *outs[6:])
+
+
+def backward_support(layout, targets, saved, grads, inv_temperature: float, ignore_index: int, ids,
+                     grad_layout) -> None:
+    """dlogits for the gradients (g_logp_S, g_H_S, g_logp, g_H) of forward_support's outputs (None: zero), written
+    into grad_layout.tensor; `saved` = (lse_S, H_S, lse, H, tau)."""
+    _check_recompute(ids)
+    if not layout.n_rows:
+        return
+    lse_s, h_s, lse, h, tau = (t.float().contiguous() for t in saved)
+    zeros = None
+    flat = []
+    for g in grads:
+        if g is None:
+            zeros = torch.zeros_like(lse) if zeros is None else zeros
+        flat.append(zeros if g is None else g.float().contiguous())
+    chunk = _chunk_size(layout.vocab, n_chunks(layout.n_rows, layout.vocab, layout.tensor.device))
+    support_bwd_kernel[(layout.n_rows, triton.cdiv(layout.vocab, chunk))](
+        layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner,
+        grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
+        targets, tau, lse_s, h_s, lse, h, *flat, layout.vocab, chunk, 1.0 * inv_temperature, ignore_index,
+        **_support_config(chunk, CONFIGS[0][0]))
+
+
+def _support_config(width: int, block: int) -> dict:
+    """The support kernels are not autotuned: `block` (SUPPORT_FWD_BLOCK_V, or the first candidate's for the
+    backward) with the first candidate's warps, narrower for a narrow row (or a lowered MAX_BLOCK_V)."""
+    return {"BLOCK_V": min(block, MAX_BLOCK_V, triton.next_power_of_2(max(width, 1))), "num_warps": CONFIGS[0][1]}

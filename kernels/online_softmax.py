@@ -82,6 +82,39 @@ def grad_terms(t, a, b):
 
 
 @triton.jit
+def in_support(z, tau, cols, target):
+    """The truncated support S of docs/support.md, elementwise: z >= tau, z = x the softmax's scaled logits as
+    erpo/ops/support.py compares them (a float32 product, never an FMA's), tau the row's threshold; a NaN z (or
+    tau) stays in, so it reaches the row's outputs (support.kept: ~(z < tau)); the row's target column always in."""
+    return ((z < tau) == 0) | (cols == target)
+
+
+@triton.jit
+def accumulate_support(x2, keep, m2, d, w, d_s, w_s):
+    """Fold one block of base-2 scaled logits x2 (x log2(e); -inf in masked lanes) into two states that share the
+    running max m2 (base 2, block-wide; d, w per lane): the whole row's (d, w) and (d_s, w_s) over the lanes in
+    S (`keep`). Sharing the max is exact for any S; it loses nothing because a recomputed S holds the row max
+    (tau <= max). The sums are rebased only when the block raises m2; one exp2 per element feeds both."""
+    m2_new = tl.maximum(m2, tl.max(x2, axis=0))
+    if m2_new > m2:
+        d, w = shift(d, w, m2 - m2_new)
+        d_s, w_s = shift(d_s, w_s, m2 - m2_new)
+        m2 = m2_new
+    e, et = terms(x2 - m2)
+    return m2, d + e, w + et, d_s + tl.where(keep, e, 0.0), w_s + tl.where(keep, et, 0.0)
+
+
+@triton.jit
+def grad_terms_support(t, keep, delta, ratio, a, b, a_s, b_s):
+    """grad_terms of the whole row plus those over S, from one exp2: p (a t + b) + [j in S] q (a_s t_s + b_s),
+    t = (x - lse) log2(e), t_s = t + delta with delta = (lse - lse_S) log2(e) >= 0, q = ratio p (ratio = 2^delta).
+    For a recomputed S (it holds the row max) ratio <= V, so q underflows only where it is below V 2^-126."""
+    e = exp2(t)
+    over_s = tl.where(keep, ratio * (a_s * tl.maximum(t + delta, T_FLOOR) + b_s), 0.0)
+    return e * (a * tl.maximum(t, T_FLOOR) + b + over_s)
+
+
+@triton.jit
 def tanh(y):
     """tanh from one exp2 (libdevice's is not in the interpreter): sign(y) (1 - 2^-2|y|log2e) / (1 + 2^-2|y|log2e),
     absolute error ~1e-7; +-inf gives +-1, NaN stays NaN."""

@@ -295,7 +295,8 @@ def logprobs_and_entropy(
             drew from (recomputed from these logits, vLLM's order and rule; docs/support.md), renormalised.
         support_ids: `[..., K]` integer ids of each row's kept set, padded with -1 (the set the engine recorded;
             `erpo.support_ids_from_csr` converts vLLM's CSR form); every scored target must be in its row's set.
-            With either, logp and entropy are those over S and gradients reach the logits of S only.
+            With either, logp and entropy are those over S and gradients reach the logits of S only. Backends:
+            torch; triton in recompute mode ("auto" picks it on CUDA tensors); not cuda.
         softcap, logit_scale: the model's final logit soft-capping c (Gemma 2/3's `final_logit_softcapping`) and
             logit scale s (Cohere's `logit_scale`): the softmax is that of x = c tanh(s y / c) / T (x = s y / T
             without a cap), y the given logits, applied element by element in the kernels (no [N, V] copy);
@@ -363,25 +364,30 @@ def full_support(support, vocab: int) -> bool:
 def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
                 process_group, support, support_ids):
     """logprobs_and_entropy over the sampler's truncated support (erpo/ops/support_logprobs_entropy.py)."""
-    from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
+    from erpo.ops.support_logprobs_entropy import SUPPORT_BACKENDS, support_backend, support_logprobs_and_entropy
 
-    check_support_args(support, support_ids, backend, inplace_grad, process_group)
-    _validate(logits, targets, temperature, "torch", False, shift)
+    check_support_args(support, support_ids, backend, inplace_grad, process_group, kernels=SUPPORT_BACKENDS)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits and targets must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
+    resolved = support_backend(backend, logits, support_ids is not None)
+    _validate(logits, targets, temperature, resolved, False, shift)
     if check_targets:
         _check_target_range(_flat_targets(targets), logits.shape[-1], ignore_index)
     result = support_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
-                                          ignore_index, support, support_ids, check_targets)
+                                          ignore_index, support, support_ids, check_targets, resolved)
     return result.logp, result.entropy
 
 
-def check_support_args(support, support_ids, backend: str, inplace_grad: bool, process_group) -> None:
-    """What a support cannot be combined with yet, each refused in one line."""
+def check_support_args(support, support_ids, backend: str, inplace_grad: bool, process_group,
+                       kernels: tuple = ("torch",)) -> None:
+    """What a support cannot be combined with yet, each refused in one line; `kernels`: the backends the caller
+    has over a support (the logits op: torch and triton; the fused head: torch)."""
     if support is not None and support_ids is not None:
         raise ValueError("give support= (recompute the truncation) or support_ids= (replay the engine's kept sets), "
                          "not both")
-    if backend in ("triton", "cuda"):
+    if backend in ("triton", "cuda") and backend not in kernels:
         raise ValueError(f"backend={backend!r} has no kernel over a truncated support yet; use backend='torch' (or "
-                         "'auto', which picks it when a support is given)")
+                         "'auto', which picks a backend that has one)")
     if inplace_grad:
         raise ValueError("inplace_grad=True is not supported with a support yet")
     if process_group is not None:

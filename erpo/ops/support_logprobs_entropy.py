@@ -6,16 +6,17 @@ Same shape as the full op: one forward read of each row (threshold, both row sta
 (lse and H of both, tau), one backward pass writing dlogits = the full distribution's term + the term over S
 (zero outside S). The two passes are torch.library custom ops (torch.compile(fullgraph=True) sees opaque ops);
 a support travels through them as three numbers (top_k 0 = none, top_p 1 = none, min_p 0 = none) or the ids.
-Backends: torch (CPU and CUDA tensors). The Triton and CUDA kernels do not take a support yet: "auto" picks
-torch when a support is given, and an explicit "triton" or "cuda" is refused.
+Backends of the logits op (`backend`, resolved by `support_backend`): torch (CPU and CUDA tensors) and, in
+recompute mode, Triton (kernels/logprobs_entropy.py forward_support/backward_support; "auto" picks it on CUDA
+tensors of bf16/fp16/fp32 logits); the CUDA kernels take no support (refused). The fused head over S runs on torch.
 """
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from erpo.ops import backends
 from erpo.ops import torch_linear_logprobs_entropy as torch_head
-from erpo.ops import torch_logprobs_entropy as torch_backend
 from erpo.ops.row_layout import contiguous_layout_like, row_layout
 from erpo.ops.support import Support
 
@@ -38,35 +39,52 @@ def _flat(targets: Tensor, ids: Optional[Tensor]):
     return targets.reshape(-1).contiguous(), None if ids is None else ids.reshape(-1, ids.shape[-1]).contiguous()
 
 
+SUPPORT_BACKENDS = ("torch", "triton")  # the logits op's kernels over S; the head's: torch
+
+
+def support_backend(backend: str, logits: Tensor, replay: bool) -> str:
+    """The backend that runs the logits op over S: "auto" is triton on CUDA tensors where it has the mode and the
+    dtype (recompute; bf16/fp16/fp32), torch otherwise; "cuda" (and "triton" in replay mode) is refused in one line."""
+    resolved = backends.resolve(backend, logits.is_cuda)
+    if resolved == "triton" and backend == "auto" and (replay or logits.dtype == torch.float64):
+        resolved = "torch"
+    if resolved == "cuda" or (resolved == "triton" and replay):
+        raise ValueError(f"backend={backend!r} has no kernel over a truncated support"
+                         f"{' in replay mode (support_ids=)' if resolved == 'triton' else ''} yet; use "
+                         f"backend='torch' (or 'auto', which picks a backend that has one)")
+    return resolved
+
+
 @torch.library.custom_op("erpo::support_logprobs_entropy_fwd", mutates_args=())
 def _fwd_op(logits: Tensor, targets: Tensor, ids: Optional[Tensor], top_k: int, top_p: float, min_p: float,
-            inv_temperature: float, ignore_index: int) -> list[Tensor]:
+            inv_temperature: float, ignore_index: int, backend: str) -> list[Tensor]:
     flat_targets, flat_ids = _flat(targets, ids)
-    outs = torch_backend.forward_support(row_layout(logits), flat_targets, inv_temperature, ignore_index,
-                                         _support(top_k, top_p, min_p), flat_ids)
+    outs = backends.load(backend).forward_support(row_layout(logits), flat_targets, inv_temperature, ignore_index,
+                                                  _support(top_k, top_p, min_p), flat_ids)
     return [out.view(targets.shape) for out in outs]
 
 
 @_fwd_op.register_fake
-def _(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
+def _(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index, backend):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return [logits.new_empty(targets.shape, dtype=dtype) for _ in range(9)]
 
 
 @torch.library.custom_op("erpo::support_logprobs_entropy_bwd", mutates_args=())
 def _bwd_op(logits: Tensor, targets: Tensor, ids: Optional[Tensor], saved: list[Tensor],
-            grads: list[Optional[Tensor]], inv_temperature: float, ignore_index: int) -> Tensor:
+            grads: list[Optional[Tensor]], inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
     flat_targets, flat_ids = _flat(targets, ids)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     layout = row_layout(logits)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    torch_backend.backward_support(layout, flat_targets, [flat(t) for t in saved], [flat(g) for g in grads],
-                                   inv_temperature, ignore_index, flat_ids, contiguous_layout_like(layout, grad))
+    backends.load(backend).backward_support(layout, flat_targets, [flat(t) for t in saved],
+                                            [flat(g) for g in grads], inv_temperature, ignore_index, flat_ids,
+                                            contiguous_layout_like(layout, grad))
     return grad
 
 
 @_bwd_op.register_fake
-def _(logits, targets, ids, saved, grads, inv_temperature, ignore_index):
+def _(logits, targets, ids, saved, grads, inv_temperature, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
@@ -83,8 +101,9 @@ def _keep_for_backward(ctx, inputs: tuple, outs: list, inv_temperature: float, i
 
 class SupportFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index):
-        outs = _fwd_op(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index)
+    def forward(ctx, logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index, backend):
+        outs = _fwd_op(logits, targets, ids, top_k, top_p, min_p, inv_temperature, ignore_index, backend)
+        ctx.backend = backend
         return _keep_for_backward(ctx, (logits, targets, ids), outs, inv_temperature, ignore_index)
 
     @staticmethod
@@ -92,9 +111,9 @@ class SupportFunction(torch.autograd.Function):
         logits, targets, ids, *saved = ctx.saved_tensors
         grads = [g_logp_s, g_h_s, g_logp, g_h]
         if all(g is None for g in grads):
-            return (None,) * 8
-        grad = _bwd_op(logits, targets, ids, saved, grads, ctx.inv_temperature, ctx.ignore_index)
-        return (grad,) + (None,) * 7
+            return (None,) * 9
+        grad = _bwd_op(logits, targets, ids, saved, grads, ctx.inv_temperature, ctx.ignore_index, ctx.backend)
+        return (grad,) + (None,) * 8
 
 
 def check_replay_targets(targets: Tensor, ids: Tensor, ignore_index: int) -> None:
@@ -137,11 +156,14 @@ def _knobs(support: Optional[Support], ids: Optional[Tensor], targets: Tensor, v
 
 
 def support_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int,
-                                 support: Optional[Support], ids: Optional[Tensor], check: bool) -> SupportResult:
+                                 support: Optional[Support], ids: Optional[Tensor], check: bool,
+                                 backend: str = "torch") -> SupportResult:
     """Both results over S and over the whole vocabulary (see the module docstring); inputs already validated
-    by logprobs_and_entropy except the support itself."""
+    by logprobs_and_entropy except the support itself. `backend`: see support_backend; its default keeps the
+    callers that pass none (the losses, the TRL drop-in) on torch, as before the Triton kernels existed."""
+    backend = support_backend(backend, logits, ids is not None)
     knobs = _knobs(support, ids, targets, logits.shape[-1], ignore_index, check)
-    args = (logits, targets, ids, *knobs, inv_temperature, ignore_index)
+    args = (logits, targets, ids, *knobs, inv_temperature, ignore_index, backend)
     if torch.is_grad_enabled() and logits.requires_grad:
         return SupportResult(*SupportFunction.apply(*args))
     logp_s, h_s, _, logp, h, _, tau, size, added = _fwd_op(*args)

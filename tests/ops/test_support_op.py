@@ -45,10 +45,21 @@ SUPPORTS = [Support(top_k=1), Support(top_k=9), Support(top_p=0.7), Support(min_
             Support(top_k=40, top_p=0.9, min_p=0.01)]
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """The logits op's backends over S; Triton (the interpreter here) with a narrow block, so each row takes
+    several blocks and a tail (the rebasing of both states)."""
+    if request.param == "triton":
+        from erpo.kernels import logprobs_entropy as triton_op
+
+        monkeypatch.setattr(triton_op, "MAX_BLOCK_V", 64)
+    return request.param
+
+
 @pytest.mark.parametrize("support", SUPPORTS, ids=str)
 @pytest.mark.parametrize("shape,dtype,temperature", [((3, 7), torch.float32, 0.7), ((1,), torch.float32, 1.0),
                                                       ((5,), torch.bfloat16, 1.3)])
-def test_recompute_matches_the_dense_reference(support, shape, dtype, temperature):
+def test_recompute_matches_the_dense_reference(support, shape, dtype, temperature, backend):
     offset = 30.0 if dtype == torch.bfloat16 else 0.0  # bf16 logits of large magnitude
     logits, targets, g_logp, g_ent = inputs(shape, dtype, seed=len(shape) * 10 + (support.top_k or 3), offset=offset)
     if targets.numel() > 2:
@@ -56,7 +67,7 @@ def test_recompute_matches_the_dense_reference(support, shape, dtype, temperatur
         logits.view(-1, V)[0, ::7] = -math.inf  # a masked vocabulary
         targets.view(-1)[0] = 3
     x = logits.clone().requires_grad_()
-    logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=temperature, support=support)
+    logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=temperature, support=support, backend=backend)
     (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
     logp, entropy = logp.detach(), entropy.detach()
     keep = threshold_keep(logits, targets, support, temperature)
@@ -105,10 +116,10 @@ def test_a_support_that_keeps_everything_is_the_full_op_bit_for_bit(support):
         assert torch.equal(ours, theirs)
 
 
-def test_both_at_once_the_full_results_are_the_full_op():
+def test_both_at_once_the_full_results_are_the_full_op(backend):
     logits, targets, g_logp, g_ent = inputs((2, 5), torch.float32, seed=11)
     x = logits.clone().requires_grad_()
-    result = support_logprobs_and_entropy(x, targets, 1.0, -100, Support(top_p=0.6), None, True)
+    result = support_logprobs_and_entropy(x, targets, 1.0, -100, Support(top_p=0.6), None, True, backend)
     (result.logp * g_logp.float() + result.full_entropy * g_ent.float()).sum().backward()
     full_logp, full_entropy = erpo.logprobs_and_entropy(logits, targets)
     assert torch.allclose(result.full_logp, full_logp, atol=1e-6) and torch.allclose(result.full_entropy, full_entropy, atol=1e-6)
@@ -118,10 +129,10 @@ def test_both_at_once_the_full_results_are_the_full_op():
     assert torch.allclose(x.grad.double(), grad_s + grad_f, atol=1e-6)  # one backward pass, both terms
 
 
-def test_nan_stays_in_its_row():
+def test_nan_stays_in_its_row(backend):
     logits, targets, _, _ = inputs((3,), torch.float32, seed=2)
     logits[1, 5] = math.nan
-    logp, entropy = erpo.logprobs_and_entropy(logits, targets, support=Support(top_k=4))
+    logp, entropy = erpo.logprobs_and_entropy(logits, targets, support=Support(top_k=4), backend=backend)
     assert bool(torch.isnan(logp[1])) and bool(torch.isfinite(logp[[0, 2]]).all())
 
 
@@ -132,7 +143,9 @@ def test_nan_stays_in_its_row():
     ({"support_ids": torch.tensor([[-1, -1], [1, -1], [2, -1]])}, "row 0 has no kept id"),
     ({"support_ids": torch.tensor([[5, -1], [1, -1], [2, -1]])}, "target 0 of row 0 is not in its kept set"),
     ({"support": Support(top_k=3), "support_ids": torch.tensor([[0], [1], [2]])}, "not both"),
-    ({"support": Support(top_k=3), "backend": "triton"}, "backend='triton' has no kernel over a truncated"),
+    ({"support": Support(top_k=3), "backend": "cuda"}, "backend='cuda' has no kernel over a truncated"),
+    ({"support_ids": torch.tensor([[0], [1], [2]]), "backend": "triton"},
+     "backend='triton' has no kernel over a truncated support in replay mode"),
     ({"support": Support(top_k=3), "inplace_grad": True}, "inplace_grad=True is not supported with a support"),
     ({"support": {"top_k": 3}}, "support must be an erpo.Support"),
 ])
@@ -142,11 +155,12 @@ def test_bad_supports_are_one_clear_error(kwargs, message):
         erpo.logprobs_and_entropy(logits, torch.tensor([0, 1, 2]), **kwargs)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(backend):
     logits, targets, _, _ = inputs((2, 3), torch.float32, seed=4)
 
     def loss(x):
-        logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_p=0.9), check_targets=False)
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_p=0.9), check_targets=False,
+                                                  backend=backend)
         return (logp + 0.1 * entropy).sum()
 
     x = logits.clone().requires_grad_()
@@ -155,6 +169,91 @@ def test_torch_compile_fullgraph():
     y = logits.clone().requires_grad_()
     loss(y).backward()
     assert torch.allclose(x.grad, y.grad)
+
+
+def _both_backends(logits, targets, support, temperature, grads):
+    """Every SupportResult field and the gradient of sum(grads . (logp_S, H_S, logp, H)), torch then triton."""
+    results = []
+    for backend in ("torch", "triton"):
+        x = logits.clone().requires_grad_()
+        result = support_logprobs_and_entropy(x, targets, 1.0 / temperature, -100, support, None, True, backend)
+        sum(g * v for g, v in zip(grads, result[:4])).sum().backward()
+        results.append([t.detach() for t in result] + [x.grad])
+    return results
+
+
+@pytest.mark.parametrize("support", [Support(top_k=40), Support(top_p=0.8, min_p=0.02)], ids=str)
+def test_triton_equals_the_torch_backend_at_the_production_block(support, monkeypatch):
+    """Odd V over several production-size blocks (2048 forward, 4096 backward, the backward split over V), -inf
+    entries, an ignored row: the same S (tau, |S| and the added flags exactly), values and gradients to float32
+    rounding; and the gradient holds both terms, full and over S."""
+    from erpo.kernels import logprobs_entropy as triton_op
+
+    assert triton_op.SUPPORT_FWD_BLOCK_V == 2048 and triton_op.MAX_BLOCK_V == triton_op.CONFIGS[0][0] == 4096
+    monkeypatch.setattr(triton_op, "SPLIT_BELOW_ROWS", 64)  # the backward's rows split over V
+    assert triton_op.n_chunks(3, 4099, torch.device("cpu")) == 2
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(3, 4099, generator=gen) * 4
+    logits[0, ::5] = -math.inf
+    targets = torch.tensor([7, -100, 4098])
+    grads = [torch.randn(3, generator=gen) for _ in range(4)]
+    ours, theirs = _both_backends(logits, targets, support, 0.9, grads)
+    for name, a, b in zip(("logp", "entropy", "full_logp", "full_entropy", "threshold", "size", "target_added",
+                           "grad"), ours, theirs):
+        if name in ("threshold", "size", "target_added"):
+            assert torch.equal(a, b), name
+        else:
+            scale = b.abs().max().clamp_min(1e-30)
+            assert float((a - b).abs().max() / scale) < 1e-5, name
+    assert float(theirs[5][0]) < 4099 and bool(theirs[1].ne(ours[3]).any())  # S is truncated: two states
+    assert not bool(theirs[7][1].any())  # the ignored row
+
+
+def test_triton_bf16_of_large_magnitude_equals_torch(monkeypatch):
+    """bf16 logits near 30: the same S on both backends, values to float32 rounding (both read bf16 once)."""
+    from erpo.kernels import logprobs_entropy as triton_op
+
+    monkeypatch.setattr(triton_op, "MAX_BLOCK_V", 128)
+    logits, targets, g_logp, g_ent = inputs((6,), torch.bfloat16, seed=3, offset=30.0)
+    grads = [g_logp.float(), g_ent.float(), -g_ent.float(), g_logp.float()]
+    ours, theirs = _both_backends(logits, targets, Support(top_k=16, top_p=0.9), 1.1, grads)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if i in (4, 5, 6):
+            assert torch.equal(a, b)
+        else:
+            assert float((a.double() - b.double()).abs().max() / b.double().abs().max()) < (1e-2 if i == 7 else 1e-5)
+
+
+def test_auto_picks_triton_on_cuda_tensors_in_recompute_mode_only():
+    from types import SimpleNamespace
+
+    from erpo.ops.support_logprobs_entropy import support_backend
+
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert support_backend("auto", cuda, replay=False) == "triton"
+    assert support_backend("auto", cuda, replay=True) == "torch"
+    assert support_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64), replay=False) == "torch"
+    assert support_backend("auto", torch.zeros(1), replay=False) == "torch"
+    with pytest.raises(ValueError, match="backend='cuda' has no kernel"):
+        support_backend("cuda", cuda, replay=False)
+
+
+def test_the_triton_backend_runs_the_kernels(monkeypatch):
+    """backend='triton' reaches the support kernels (not the torch backend under another name)."""
+    from erpo.kernels import logprobs_entropy as triton_op
+    from erpo.ops import torch_logprobs_entropy as torch_op
+
+    calls = []
+    for module, name in ((triton_op, "forward_support"), (triton_op, "backward_support")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(torch_op, "forward_support", None)
+    monkeypatch.setattr(torch_op, "backward_support", None)
+    logits, targets, _, _ = inputs((2,), torch.float32, seed=8)
+    x = logits.clone().requires_grad_()
+    logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_k=5), backend="triton")
+    (logp + entropy).sum().backward()
+    assert calls == ["forward_support", "backward_support"]
 
 
 @pytest.mark.parametrize("mode", ["recompute", "replay"])
