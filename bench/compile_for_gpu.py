@@ -20,7 +20,8 @@ from bench.static import ptxas_report
 
 from erpo.kernels.logprobs_entropy import (CONFIGS, logprobs_entropy_bwd_kernel, logprobs_entropy_fwd_kernel,
                                            logprobs_entropy_merge_kernel, logprobs_entropy_partial_kernel,
-                                           SUPPORT_FWD_BLOCK_V, support_bwd_kernel, support_fwd_kernel)
+                                           REPLAY_BLOCK_K, SUPPORT_FWD_BLOCK_V, replay_bwd_kernel,
+                                           replay_fwd_kernel, support_bwd_kernel, support_fwd_kernel)
 from erpo.kernels import linear_logprobs_entropy as head
 from erpo.kernels.policy_loss import policy_loss_token_kernel
 
@@ -110,6 +111,28 @@ def support_backward_case(dtype):
     return support_bwd_kernel, signature, {"BLOCK_V": BLOCK_V}, divisible, NUM_WARPS
 
 
+def replay_forward_case(dtype):
+    """Replay over recorded kept sets: a gather of the K kept logits per row (sorted int64 ids)."""
+    outputs = ("logp_s_ptr", "entropy_s_ptr", "lse_s_ptr", "size_ptr")
+    signature = {**row_signature(dtype), "targets_ptr": "*i64", "ids_ptr": "*i64",
+                 **{name: "*fp32" for name in outputs}, "vocab": "i32", "k": "i32", "x_scale": "fp32",
+                 "ignore_index": "i32", "BLOCK_K": "constexpr"}
+    divisible = ("logits_ptr", "stride_outer", "stride_inner", "targets_ptr", "ids_ptr", *outputs, "vocab", "k")
+    return replay_fwd_kernel, signature, {"BLOCK_K": REPLAY_BLOCK_K}, divisible, 4
+
+
+def replay_backward_case(dtype):
+    """The replay gradient over S, added at the K kept ids to the plain backward's (ACCUMULATE)."""
+    per_row = ("lse_s_ptr", "entropy_s_ptr", "grad_logp_s_ptr", "grad_entropy_s_ptr")
+    signature = {**row_signature(dtype), "grad_ptr": f"*{dtype}", "grad_stride_outer": "i64",
+                 "grad_stride_inner": "i64", "targets_ptr": "*i64", "ids_ptr": "*i64",
+                 **{name: "*fp32" for name in per_row}, "vocab": "i32", "k": "i32", "x_scale": "fp32",
+                 "ignore_index": "i32", "ACCUMULATE": "constexpr", "BLOCK_K": "constexpr"}
+    divisible = ("logits_ptr", "stride_outer", "stride_inner", "grad_ptr", "grad_stride_outer", "grad_stride_inner",
+                 "targets_ptr", "ids_ptr", *per_row, "vocab", "k")
+    return replay_bwd_kernel, signature, {"ACCUMULATE": True, "BLOCK_K": REPLAY_BLOCK_K}, divisible, 4
+
+
 def token_case(mode):
     pointers = ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr", "klcov_ptr", "log_ratio_ptr",
                 "seq_coef_ptr", "eps_low_ptr", "eps_high_ptr", "kl_weight_ptr", "pg_weight_ptr", "loss_ptr",
@@ -160,6 +183,9 @@ def cases():
     for arch, dtype in itertools.product(ARCHS, ("bf16", "fp32")):  # over a truncated support (recompute mode)
         yield f"fwd-support-sm{arch}-{dtype}", arch, support_forward_case(dtype)
         yield f"bwd-support-sm{arch}-{dtype}", arch, support_backward_case(dtype)
+    for arch in ARCHS:  # replay: gathers, at the widest block of K (REPLAY_BLOCK_K)
+        yield f"replay-fwd-sm{arch}-bf16", arch, replay_forward_case("bf16")
+        yield f"replay-bwd-sm{arch}-bf16", arch, replay_backward_case("bf16")
     for arch, (name, mode) in itertools.product(ARCHS, TOKEN_MODES.items()):
         yield f"token-sm{arch}-{name}", arch, token_case(mode)
 

@@ -51,6 +51,7 @@ SPLIT_BELOW_ROWS = None
 # The forward over a truncated support keeps two row states (5 per-lane sums at 4096 would spill at 8 warps):
 # half the block, 8 elements per thread (one 16-byte bf16 load), 64-77 registers on sm_80/sm_90.
 SUPPORT_FWD_BLOCK_V = 2048
+REPLAY_BLOCK_K = 1024  # kept ids per step of the replay kernels' loop (K up to 512 in one step)
 MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and launch than it gains
 
 
@@ -355,6 +356,122 @@ def support_bwd_kernel(
             tl.store(grad_row_ptr + offs, grad.to(out_ty), mask=inside)
 
 
+# Replay mode: S = the recorded ids (sorted per row on the host, -1 padding first, so a repeated id is the one
+# equal to its left neighbour and counts once) plus the target. These kernels read only the K kept logits of a
+# row; the whole row's state, where wanted, comes from the plain kernels (the one pass over V).
+
+@triton.jit
+def _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K: tl.constexpr):
+    """One block of a row's sorted kept ids: (x at the first copy of each id, -inf elsewhere; the first-copy
+    mask; whether the target is among them)."""
+    offs = block + tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_row_ptr + offs, mask=offs < k, other=-1).to(tl.int64)
+    prev = tl.load(ids_row_ptr + offs - 1, mask=(offs > 0) & (offs < k), other=-1).to(tl.int64)
+    first = (ids >= 0) & (ids != prev)
+    x = tl.load(row_ptr + ids, mask=first, other=-float("inf")).to(tl.float32)
+    return x, first, tl.sum((first & (ids == target)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _fold_natural(z, m, d, w):
+    """Fold a block of scaled logits z (-inf in masked lanes) into (m, d, w) of online_softmax.py with m kept in
+    natural units (block-wide) and t = z log2(e) - m log2(e): the replay kernels' form, in which the backward's
+    t = (z - lse) log2(e) is exactly 0 at the only token of a one-token set."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    if m_new > m:
+        d, w = rebase(m, d, w, m_new)
+        m = m_new
+    e, et = terms(z * LOG2E - m * LOG2E)
+    return m, d + e, w + et
+
+
+@triton.jit
+def replay_fwd_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    targets_ptr, ids_ptr, logp_s_ptr, entropy_s_ptr, lse_s_ptr, size_ptr,
+    vocab, k, x_scale, ignore_index,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per row: the state over S from the K kept logits (a gather), then logp, H, lse over S and |S|.
+    A target outside the ids (check_targets=False) is added to S, as the torch backend does; out of [0, V) it
+    gives NaN logp. An ignored row gets 0."""
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(logp_s_ptr + row, 0.0)
+        tl.store(entropy_s_ptr + row, 0.0)
+        tl.store(lse_s_ptr + row, 0.0)
+        tl.store(size_ptr + row, 0.0)
+    else:
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+        ids_row_ptr = ids_ptr + row.to(tl.int64) * k
+        m = tl.full([], M_START, tl.float32)
+        d = tl.zeros([BLOCK_K], dtype=tl.float32)
+        w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        size = tl.zeros([], dtype=tl.int32)
+        has_target = tl.zeros([], dtype=tl.int32)
+        for block in range(0, k, BLOCK_K):
+            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K)
+            m, d, w = _fold_natural(x * x_scale, m, d, w)
+            size += tl.sum(first.to(tl.int32), axis=0)
+            has_target |= found.to(tl.int32)
+        in_range = (target >= 0) & (target < vocab)
+        target_z = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32) * x_scale
+        if (has_target == 0) & in_range:  # the target joins S
+            lane = tl.arange(0, BLOCK_K)
+            m, d, w = _fold_natural(tl.where(lane == 0, target_z, -float("inf")), m, d, w)
+            size += 1
+        d = tl.sum(d, axis=0)
+        lse, entropy = finish(m, d, tl.sum(w, axis=0))
+        # Relative to the max, in base 2: a set of one token has logp = H = 0 exactly, and lse = its z
+        tl.store(logp_s_ptr + row, (target_z * LOG2E - m * LOG2E - tl.log2(d)) * LN2)
+        tl.store(entropy_s_ptr + row, entropy)
+        tl.store(lse_s_ptr + row, lse)
+        tl.store(size_ptr + row, size.to(tl.float32))
+
+
+@triton.jit
+def replay_bwd_kernel(
+    logits_ptr, stride_outer, stride_inner, inner,
+    grad_ptr, grad_stride_outer, grad_stride_inner,
+    targets_ptr, ids_ptr, lse_s_ptr, entropy_s_ptr, grad_logp_s_ptr, grad_entropy_s_ptr,
+    vocab, k, x_scale, ignore_index,
+    ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per row: the gradient over S at the K kept logits (and the target's one-hot term), stored at
+    those ids (ACCUMULATE: added to what the plain backward wrote there, the whole row's term; else into zeros).
+    Each kept id is written once (repeated ids skipped), so no two lanes touch one element."""
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target != ignore_index:
+        row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+        grad_row_ptr = grad_ptr + row_offset(row, inner, grad_stride_outer, grad_stride_inner)
+        ids_row_ptr = ids_ptr + row.to(tl.int64) * k
+        out_ty = grad_ptr.dtype.element_ty
+        lse2 = tl.load(lse_s_ptr + row) * LOG2E
+        g_logp = tl.load(grad_logp_s_ptr + row)
+        g_ent = tl.load(grad_entropy_s_ptr + row)
+        a = -g_ent * LN2 * x_scale
+        b = -(g_logp + g_ent * tl.load(entropy_s_ptr + row)) * x_scale
+        one_hot = g_logp * x_scale
+        has_target = tl.zeros([], dtype=tl.int32)
+        for block in range(0, k, BLOCK_K):
+            offs = block + tl.arange(0, BLOCK_K)
+            ids = tl.load(ids_row_ptr + offs, mask=offs < k, other=-1).to(tl.int64)
+            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K)
+            grad = grad_terms((x * x_scale) * LOG2E - lse2, a, b) + tl.where(ids == target, one_hot, 0.0)
+            if ACCUMULATE:
+                grad += tl.load(grad_row_ptr + ids, mask=first, other=0.0).to(tl.float32)
+            tl.store(grad_row_ptr + ids, grad.to(out_ty), mask=first)
+            has_target |= found.to(tl.int32)
+        if (has_target == 0) & (target >= 0) & (target < vocab):  # the target added to S
+            target_x = tl.load(row_ptr + target).to(tl.float32)
+            grad = grad_terms((target_x * x_scale) * LOG2E - lse2, a, b) + one_hot
+            if ACCUMULATE:
+                grad += tl.load(grad_row_ptr + target).to(tl.float32)
+            tl.store(grad_row_ptr + target, grad.to(out_ty))
+
+
 # ---------------------------------------------------------------- launchers
 
 def _prune(configs, named_args, **kwargs):
@@ -488,15 +605,55 @@ def thresholds(layout, inv_temperature: float, support) -> torch.Tensor:
     return tau
 
 
-def _check_recompute(ids) -> None:
-    if ids is not None:
-        raise ValueError("backend='triton' has no replay kernel (support_ids=) yet; use backend='torch'")
+def sorted_ids(ids: torch.Tensor) -> torch.Tensor:
+    """[N, K] kept ids sorted per row (padding -1 first, repeats adjacent), int64, contiguous: the replay kernels'
+    form (O(N K log K), no [N, V] tensor)."""
+    return ids.long().sort(dim=-1).values.contiguous()
+
+
+def _block_k(k: int) -> int:
+    return min(REPLAY_BLOCK_K, triton.next_power_of_2(max(k, 1)))
+
+
+def replay_forward(layout, targets, inv_temperature: float, ignore_index: int, ids):
+    """Flat float32 [N] (logp, H, lse) over the replayed S and |S|, from the K kept logits of each row only."""
+    outs = [torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device) for _ in range(4)]
+    if layout.n_rows:
+        ids = sorted_ids(ids)
+        replay_fwd_kernel[(layout.n_rows,)](
+            layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner, targets, ids, *outs,
+            layout.vocab, ids.shape[-1], 1.0 * inv_temperature, ignore_index, BLOCK_K=_block_k(ids.shape[-1]),
+            num_warps=4)
+    return tuple(outs)
+
+
+def replay_backward(layout, targets, ids, lse_s, entropy_s, grad_logp_s, grad_entropy_s, inv_temperature: float,
+                    ignore_index: int, grad_layout, accumulate: bool) -> None:
+    """The gradient over the replayed S, written at the kept ids of grad_layout.tensor (added to what is there
+    with `accumulate`; the caller zeroes the rest otherwise). None gradients are zeros."""
+    if not layout.n_rows:
+        return
+    zeros = torch.zeros_like(lse_s, dtype=torch.float32)
+    ids = sorted_ids(ids)
+    replay_bwd_kernel[(layout.n_rows,)](
+        layout.tensor, layout.stride_outer, layout.stride_inner, layout.inner,
+        grad_layout.tensor, grad_layout.stride_outer, grad_layout.stride_inner,
+        targets, ids, lse_s.float().contiguous(), entropy_s.float().contiguous(),
+        *(zeros if g is None else g.float().contiguous() for g in (grad_logp_s, grad_entropy_s)),
+        layout.vocab, ids.shape[-1], 1.0 * inv_temperature, ignore_index, ACCUMULATE=accumulate,
+        BLOCK_K=_block_k(ids.shape[-1]), num_warps=4)
 
 
 def forward_support(layout, targets, inv_temperature: float, ignore_index: int, support, ids):
     """Flat float32 [N] (logp, H, lse) over S, the same over the whole row, tau, |S| and the target-added flag:
-    erpo/ops/torch_logprobs_entropy.py forward_support's outputs, from one read of each row."""
-    _check_recompute(ids)
+    erpo/ops/torch_logprobs_entropy.py forward_support's outputs, from one read of each row. Replay (ids): the
+    plain forward for the whole row, and the K kept logits gathered for S (tau NaN, nothing added)."""
+    if ids is not None:
+        logp, h, lse = forward(layout, targets, inv_temperature, ignore_index)
+        logp_s, h_s, lse_s, size = replay_forward(layout, targets, inv_temperature, ignore_index, ids)
+        ignored = targets == ignore_index
+        tau = torch.full_like(lse, float("nan")).masked_fill_(ignored, 0.0)
+        return logp_s, h_s, lse_s, logp, h, lse, tau, size, torch.zeros_like(lse)
     tau = thresholds(layout, inv_temperature, support)
     outs = [torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device) for _ in range(8)]
     if layout.n_rows:
@@ -511,9 +668,18 @@ def forward_support(layout, targets, inv_temperature: float, ignore_index: int, 
 def backward_support(layout, targets, saved, grads, inv_temperature: float, ignore_index: int, ids,
                      grad_layout) -> None:
     """dlogits for the gradients (g_logp_S, g_H_S, g_logp, g_H) of forward_support's outputs (None: zero), written
-    into grad_layout.tensor; `saved` = (lse_S, H_S, lse, H, tau)."""
-    _check_recompute(ids)
+    into grad_layout.tensor; `saved` = (lse_S, H_S, lse, H, tau). Replay (ids): the plain backward for the whole
+    row's term (or zeros), then the term over S added at the K kept ids."""
     if not layout.n_rows:
+        return
+    if ids is not None:
+        lse_s, h_s, lse, h, _ = saved
+        if grads[2] is None and grads[3] is None:
+            grad_layout.tensor.zero_()
+        else:
+            backward(layout, targets, lse, h, grads[2], grads[3], inv_temperature, ignore_index, grad_layout)
+        replay_backward(layout, targets, ids, lse_s, h_s, grads[0], grads[1], inv_temperature, ignore_index,
+                        grad_layout, accumulate=True)
         return
     lse_s, h_s, lse, h, tau = (t.float().contiguous() for t in saved)
     zeros = None

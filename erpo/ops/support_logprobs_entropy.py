@@ -6,9 +6,9 @@ Same shape as the full op: one forward read of each row (threshold, both row sta
 (lse and H of both, tau), one backward pass writing dlogits = the full distribution's term + the term over S
 (zero outside S). The two passes are torch.library custom ops (torch.compile(fullgraph=True) sees opaque ops);
 a support travels through them as three numbers (top_k 0 = none, top_p 1 = none, min_p 0 = none) or the ids.
-Backends of the logits op (`backend`, resolved by `support_backend`): torch (CPU and CUDA tensors) and, in
-recompute mode, Triton (kernels/logprobs_entropy.py forward_support/backward_support; "auto" picks it on CUDA
-tensors of bf16/fp16/fp32 logits); the CUDA kernels take no support (refused). The fused head over S runs on torch.
+Backends of the logits op (`backend`, resolved by `support_backend`): torch (CPU and CUDA tensors) and Triton,
+both modes (kernels/logprobs_entropy.py forward_support/backward_support; "auto" picks it on CUDA tensors of
+bf16/fp16/fp32 logits); the CUDA kernels take no support (refused). The fused head over S runs on torch.
 """
 from typing import NamedTuple, Optional
 
@@ -43,15 +43,14 @@ SUPPORT_BACKENDS = ("torch", "triton")  # the logits op's kernels over S; the he
 
 
 def support_backend(backend: str, logits: Tensor, replay: bool) -> str:
-    """The backend that runs the logits op over S: "auto" is triton on CUDA tensors where it has the mode and the
-    dtype (recompute; bf16/fp16/fp32), torch otherwise; "cuda" (and "triton" in replay mode) is refused in one line."""
+    """The backend that runs the logits op over S: "auto" is triton on CUDA tensors of bf16/fp16/fp32 logits (both
+    modes), torch otherwise; "cuda" is refused in one line. (`replay`: the mode, for a backend that lacks one.)"""
     resolved = backends.resolve(backend, logits.is_cuda)
-    if resolved == "triton" and backend == "auto" and (replay or logits.dtype == torch.float64):
+    if resolved == "triton" and backend == "auto" and logits.dtype == torch.float64:
         resolved = "torch"
-    if resolved == "cuda" or (resolved == "triton" and replay):
-        raise ValueError(f"backend={backend!r} has no kernel over a truncated support"
-                         f"{' in replay mode (support_ids=)' if resolved == 'triton' else ''} yet; use "
-                         f"backend='torch' (or 'auto', which picks a backend that has one)")
+    if resolved == "cuda":
+        raise ValueError(f"backend={backend!r} has no kernel over a truncated support yet; use backend='torch' or "
+                         "'triton' (or 'auto', which picks one)")
     return resolved
 
 

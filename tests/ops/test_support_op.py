@@ -80,7 +80,7 @@ def test_recompute_matches_the_dense_reference(support, shape, dtype, temperatur
     assert bool((x.grad[~keep] == 0).all())  # nothing reaches the logits outside S
 
 
-def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients():
+def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients(backend):
     logits, targets, g_logp, g_ent = inputs((4, 6), torch.float32, seed=5)
     support = Support(top_k=12, top_p=0.8)
     keep = threshold_keep(logits, targets, support, 1.0)
@@ -90,14 +90,14 @@ def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients():
     results = []
     for kwargs in ({"support": support}, {"support_ids": ids}):
         x = logits.clone().requires_grad_()
-        logp, entropy = erpo.logprobs_and_entropy(x, targets, **kwargs)
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, backend=backend, **kwargs)
         (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
         results.append((logp, entropy, x.grad))
     for ours, theirs in zip(*results):
         assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
     singletons = targets.unsqueeze(-1)  # every set {target}: logp 0, entropy 0, no gradient
     x = logits.clone().requires_grad_()
-    logp, entropy = erpo.logprobs_and_entropy(x, targets, support_ids=singletons)
+    logp, entropy = erpo.logprobs_and_entropy(x, targets, support_ids=singletons, backend=backend)
     (logp + entropy).sum().backward()
     assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(entropy, torch.zeros_like(entropy))
     assert not bool(x.grad.any())
@@ -144,8 +144,7 @@ def test_nan_stays_in_its_row(backend):
     ({"support_ids": torch.tensor([[5, -1], [1, -1], [2, -1]])}, "target 0 of row 0 is not in its kept set"),
     ({"support": Support(top_k=3), "support_ids": torch.tensor([[0], [1], [2]])}, "not both"),
     ({"support": Support(top_k=3), "backend": "cuda"}, "backend='cuda' has no kernel over a truncated"),
-    ({"support_ids": torch.tensor([[0], [1], [2]]), "backend": "triton"},
-     "backend='triton' has no kernel over a truncated support in replay mode"),
+    ({"support_ids": torch.tensor([[0], [1], [2]]), "backend": "cuda"}, "backend='cuda' has no kernel over a"),
     ({"support": Support(top_k=3), "inplace_grad": True}, "inplace_grad=True is not supported with a support"),
     ({"support": {"top_k": 3}}, "support must be an erpo.Support"),
 ])
@@ -224,14 +223,53 @@ def test_triton_bf16_of_large_magnitude_equals_torch(monkeypatch):
             assert float((a.double() - b.double()).abs().max() / b.double().abs().max()) < (1e-2 if i == 7 else 1e-5)
 
 
-def test_auto_picks_triton_on_cuda_tensors_in_recompute_mode_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_replay_equals_the_torch_backend(dtype, monkeypatch):
+    """Replay on Triton (the plain kernels for the whole row, the gather kernels for the K kept logits): ids
+    repeated, padding anywhere, K over several blocks, a target outside its set (check_targets=False: added to
+    S), an ignored row, -inf entries; both results, |S| and the gradient as the torch backend's."""
+    from erpo.kernels import logprobs_entropy as triton_op
+
+    monkeypatch.setattr(triton_op, "REPLAY_BLOCK_K", 4)
+    monkeypatch.setattr(triton_op, "MAX_BLOCK_V", 128)
+    gen = torch.Generator().manual_seed(23)
+    logits = (torch.randn(5, V, generator=gen) * 3 + (30.0 if dtype == torch.bfloat16 else 0.0)).to(dtype)
+    logits[2, ::9] = -math.inf
+    targets = torch.randint(0, V, (5,), generator=gen)
+    targets[2] = 4  # not a multiple of 9: finite
+    ids = torch.randint(0, V, (5, 11), generator=gen)
+    ids[:, 0] = targets
+    ids[1, 3] = ids[1, 7] = ids[1, 0]  # repeats count once
+    ids[2, 5:] = -1
+    ids[3, 1::2] = -1
+    ids[4] = torch.where(ids[4] == targets[4], -1, ids[4])
+    ids[4, :2] = torch.tensor([7, 7]) if int(targets[4]) != 7 else torch.tensor([8, 8])  # target not in its set
+    targets[0] = -100
+    grads = [torch.randn(5, generator=gen) for _ in range(4)]
+    results = []
+    for backend in ("torch", "triton"):
+        x = logits.clone().requires_grad_()
+        result = support_logprobs_and_entropy(x, targets, 1 / 0.8, -100, None, ids, False, backend)
+        sum(g * v for g, v in zip(grads, result[:4])).sum().backward()
+        results.append([t.detach() for t in result] + [x.grad])
+    ours, theirs = results
+    assert torch.equal(theirs[5], ours[5]) and theirs[5].tolist()[1:4] == [9.0, 5.0, 6.0]  # |S|
+    assert torch.equal(theirs[4].isnan(), ours[4].isnan()) and torch.equal(theirs[6], ours[6])
+    for i in (0, 1, 2, 3, 7):
+        a, b = theirs[i].double(), ours[i].double()
+        tol = 1e-2 if i == 7 and dtype == torch.bfloat16 else 1e-5  # bf16: the S term added to a bf16 gradient
+        assert float((a - b).abs().max() / b.abs().max()) < tol, i
+    assert bool(theirs[0].ne(theirs[2]).any())  # S is truncated
+
+
+def test_auto_picks_triton_on_cuda_tensors():
     from types import SimpleNamespace
 
     from erpo.ops.support_logprobs_entropy import support_backend
 
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
     assert support_backend("auto", cuda, replay=False) == "triton"
-    assert support_backend("auto", cuda, replay=True) == "torch"
+    assert support_backend("auto", cuda, replay=True) == "triton"
     assert support_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64), replay=False) == "torch"
     assert support_backend("auto", torch.zeros(1), replay=False) == "torch"
     with pytest.raises(ValueError, match="backend='cuda' has no kernel"):
