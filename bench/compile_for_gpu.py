@@ -121,8 +121,9 @@ def replay_forward_case(dtype):
     return replay_fwd_kernel, signature, {"BLOCK_K": REPLAY_BLOCK_K}, divisible, 4
 
 
-def replay_backward_case(dtype):
-    """The replay gradient over S, added at the K kept ids to the plain backward's (ACCUMULATE)."""
+def replay_backward_case(dtype, accumulate=True):
+    """The replay gradient over S at the K kept ids: added to the plain backward's (ACCUMULATE), or stored into
+    zeros (the S-only path of logprobs_and_entropy)."""
     per_row = ("lse_s_ptr", "entropy_s_ptr", "grad_logp_s_ptr", "grad_entropy_s_ptr")
     signature = {**row_signature(dtype), "grad_ptr": f"*{dtype}", "grad_stride_outer": "i64",
                  "grad_stride_inner": "i64", "targets_ptr": "*i64", "ids_ptr": "*i64",
@@ -130,7 +131,7 @@ def replay_backward_case(dtype):
                  "ignore_index": "i32", "ACCUMULATE": "constexpr", "BLOCK_K": "constexpr"}
     divisible = ("logits_ptr", "stride_outer", "stride_inner", "grad_ptr", "grad_stride_outer", "grad_stride_inner",
                  "targets_ptr", "ids_ptr", *per_row, "vocab", "k")
-    return replay_bwd_kernel, signature, {"ACCUMULATE": True, "BLOCK_K": REPLAY_BLOCK_K}, divisible, 4
+    return replay_bwd_kernel, signature, {"ACCUMULATE": accumulate, "BLOCK_K": REPLAY_BLOCK_K}, divisible, 4
 
 
 def token_case(mode):
@@ -186,6 +187,7 @@ def cases():
     for arch in ARCHS:  # replay: gathers, at the widest block of K (REPLAY_BLOCK_K)
         yield f"replay-fwd-sm{arch}-bf16", arch, replay_forward_case("bf16")
         yield f"replay-bwd-sm{arch}-bf16", arch, replay_backward_case("bf16")
+    yield "replay-bwd-sm90-bf16-store", 90, replay_backward_case("bf16", accumulate=False)
     for arch, (name, mode) in itertools.product(ARCHS, TOKEN_MODES.items()):
         yield f"token-sm{arch}-{name}", arch, token_case(mode)
 

@@ -361,13 +361,13 @@ def support_bwd_kernel(
 # row; the whole row's state, where wanted, comes from the plain kernels (the one pass over V).
 
 @triton.jit
-def _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K: tl.constexpr):
+def _replay_block(row_ptr, ids_row_ptr, k, block, target, vocab, BLOCK_K: tl.constexpr):
     """One block of a row's sorted kept ids: (x at the first copy of each id, -inf elsewhere; the first-copy
-    mask; whether the target is among them)."""
+    mask; whether the target is among them). An id past the row (unchecked input) is never read."""
     offs = block + tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row_ptr + offs, mask=offs < k, other=-1).to(tl.int64)
     prev = tl.load(ids_row_ptr + offs - 1, mask=(offs > 0) & (offs < k), other=-1).to(tl.int64)
-    first = (ids >= 0) & (ids != prev)
+    first = (ids >= 0) & (ids < vocab) & (ids != prev)
     x = tl.load(row_ptr + ids, mask=first, other=-float("inf")).to(tl.float32)
     return x, first, tl.sum((first & (ids == target)).to(tl.int32), axis=0) > 0
 
@@ -411,7 +411,7 @@ def replay_fwd_kernel(
         size = tl.zeros([], dtype=tl.int32)
         has_target = tl.zeros([], dtype=tl.int32)
         for block in range(0, k, BLOCK_K):
-            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K)
+            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, vocab, BLOCK_K)
             m, d, w = _fold_natural(x * x_scale, m, d, w)
             size += tl.sum(first.to(tl.int32), axis=0)
             has_target |= found.to(tl.int32)
@@ -458,7 +458,7 @@ def replay_bwd_kernel(
         for block in range(0, k, BLOCK_K):
             offs = block + tl.arange(0, BLOCK_K)
             ids = tl.load(ids_row_ptr + offs, mask=offs < k, other=-1).to(tl.int64)
-            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, BLOCK_K)
+            x, first, found = _replay_block(row_ptr, ids_row_ptr, k, block, target, vocab, BLOCK_K)
             grad = grad_terms((x * x_scale) * LOG2E - lse2, a, b) + tl.where(ids == target, one_hot, 0.0)
             if ACCUMULATE:
                 grad += tl.load(grad_row_ptr + ids, mask=first, other=0.0).to(tl.float32)

@@ -364,7 +364,8 @@ def full_support(support, vocab: int) -> bool:
 def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backend, check_targets, shift,
                 process_group, support, support_ids):
     """logprobs_and_entropy over the sampler's truncated support (erpo/ops/support_logprobs_entropy.py)."""
-    from erpo.ops.support_logprobs_entropy import SUPPORT_BACKENDS, support_backend, support_logprobs_and_entropy
+    from erpo.ops.support_logprobs_entropy import (SUPPORT_BACKENDS, replay_logprobs_and_entropy, support_backend,
+                                                   support_logprobs_and_entropy)
 
     check_support_args(support, support_ids, backend, inplace_grad, process_group, kernels=SUPPORT_BACKENDS)
     if not isinstance(logits, Tensor):
@@ -373,6 +374,9 @@ def _on_support(logits, targets, temperature, ignore_index, inplace_grad, backen
     _validate(logits, targets, temperature, resolved, False, shift)
     if check_targets:
         _check_target_range(_flat_targets(targets), logits.shape[-1], ignore_index)
+    if support_ids is not None and resolved == "triton":  # S only: the forward gathers the K kept logits
+        return replay_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
+                                           ignore_index, support_ids, check_targets)
     result = support_logprobs_and_entropy(_scored_rows(logits, shift), targets, 1.0 / float(temperature),
                                           ignore_index, support, support_ids, check_targets, resolved)
     return result.logp, result.entropy

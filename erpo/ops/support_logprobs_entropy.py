@@ -131,7 +131,8 @@ def check_replay_targets(targets: Tensor, ids: Tensor, ignore_index: int) -> Non
                          f"{flat_ids[row][flat_ids[row] >= 0].tolist()[:8]} (the engine sampled it from that set)")
 
 
-def check_support_ids(ids, targets: Tensor, vocab: int) -> None:
+def check_support_ids(ids, targets: Tensor, vocab: int, values: bool = True) -> None:
+    """dtype, shape and device; with `values` (check_targets, one host sync) also every id in [-1, V)."""
     if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"support_ids must be an integer tensor [..., K] of kept ids padded with -1, got "
                         f"{getattr(ids, 'dtype', type(ids).__name__)}")
@@ -139,7 +140,7 @@ def check_support_ids(ids, targets: Tensor, vocab: int) -> None:
         raise ValueError(f"support_ids shape {tuple(ids.shape)} must be the targets' {tuple(targets.shape)} plus K")
     if ids.device != targets.device:
         raise ValueError(f"support_ids are on {ids.device} but targets on {targets.device}")
-    if ids.numel() and bool(((ids < -1) | (ids >= vocab)).any()):
+    if values and ids.numel() and bool(((ids < -1) | (ids >= vocab)).any()):
         raise ValueError(f"support_ids hold an id outside [0, {vocab}) that is not the padding -1")
 
 
@@ -148,7 +149,7 @@ def _knobs(support: Optional[Support], ids: Optional[Tensor], targets: Tensor, v
     """The support as the custom ops take it (top_k 0 = none, top_p 1 = none, min_p 0 = none); replay ids checked."""
     if ids is None:
         return support.top_k or 0, float(support.top_p or 1.0), float(support.min_p or 0.0)
-    check_support_ids(ids, targets, vocab)
+    check_support_ids(ids, targets, vocab, values=check)
     if check:
         check_replay_targets(targets, ids, ignore_index)
     return 0, 1.0, 0.0
@@ -167,6 +168,71 @@ def support_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperatur
         return SupportResult(*SupportFunction.apply(*args))
     logp_s, h_s, _, logp, h, _, tau, size, added = _fwd_op(*args)
     return SupportResult(logp_s, h_s, logp, h, tau, size, added)
+
+
+# ---- replay on Triton, S only: the forward reads the K kept logits of each row, not V -----------------------
+
+@torch.library.custom_op("erpo::replay_logprobs_entropy_fwd", mutates_args=())
+def _replay_logits_fwd_op(logits: Tensor, targets: Tensor, ids: Tensor, inv_temperature: float,
+                          ignore_index: int) -> list[Tensor]:
+    flat_targets, flat_ids = _flat(targets, ids)
+    logp, entropy, lse, _ = backends.load("triton").replay_forward(row_layout(logits), flat_targets, inv_temperature,
+                                                                   ignore_index, flat_ids)
+    return [out.view(targets.shape) for out in (logp, entropy, lse)]
+
+
+@_replay_logits_fwd_op.register_fake
+def _(logits, targets, ids, inv_temperature, ignore_index):
+    return [logits.new_empty(targets.shape, dtype=torch.float32) for _ in range(3)]
+
+
+@torch.library.custom_op("erpo::replay_logprobs_entropy_bwd", mutates_args=())
+def _replay_logits_bwd_op(logits: Tensor, targets: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor,
+                          grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], inv_temperature: float,
+                          ignore_index: int) -> Tensor:
+    flat_targets, flat_ids = _flat(targets, ids)
+    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)  # zero outside S
+    layout = row_layout(logits)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    backends.load("triton").replay_backward(layout, flat_targets, flat_ids, flat(lse), flat(entropy), flat(grad_logp),
+                                            flat(grad_entropy), inv_temperature, ignore_index,
+                                            contiguous_layout_like(layout, grad), accumulate=False)
+    return grad
+
+
+@_replay_logits_bwd_op.register_fake
+def _(logits, targets, ids, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+class ReplayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ids, inv_temperature, ignore_index):
+        logp, entropy, lse = _replay_logits_fwd_op(logits, targets, ids, inv_temperature, ignore_index)
+        ctx.save_for_backward(logits, targets, ids, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, ids, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 5
+        return (_replay_logits_bwd_op(logits, targets, ids, lse, entropy, grad_logp, grad_entropy,
+                                      ctx.inv_temperature, ctx.ignore_index),) + (None,) * 4
+
+
+def replay_logprobs_and_entropy(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int,
+                                ids: Tensor, check: bool):
+    """(logp, entropy) over the replayed kept sets on the Triton backend, reading only the K kept logits of each
+    row in the forward (the backward writes the dense gradient, zero outside S)."""
+    _knobs(None, ids, targets, logits.shape[-1], ignore_index, check)
+    args = (logits, targets, ids, inv_temperature, ignore_index)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return ReplayFunction.apply(*args)
+    logp, entropy, _ = _replay_logits_fwd_op(*args)
+    return logp, entropy
 
 
 # ---- the fused head over S: the same from the hidden states and the LM head --------------------------------

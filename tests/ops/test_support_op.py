@@ -154,12 +154,14 @@ def test_bad_supports_are_one_clear_error(kwargs, message):
         erpo.logprobs_and_entropy(logits, torch.tensor([0, 1, 2]), **kwargs)
 
 
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("mode", ["recompute", "replay"])
+def test_torch_compile_fullgraph(backend, mode):
     logits, targets, _, _ = inputs((2, 3), torch.float32, seed=4)
+    kwargs = {"support": Support(top_p=0.9)} if mode == "recompute" else \
+        {"support_ids": torch.stack([targets, (targets + 1) % V, torch.full_like(targets, -1)], -1)}
 
     def loss(x):
-        logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_p=0.9), check_targets=False,
-                                                  backend=backend)
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, check_targets=False, backend=backend, **kwargs)
         return (logp + 0.1 * entropy).sum()
 
     x = logits.clone().requires_grad_()
@@ -260,6 +262,38 @@ def test_triton_replay_equals_the_torch_backend(dtype, monkeypatch):
         tol = 1e-2 if i == 7 and dtype == torch.bfloat16 else 1e-5  # bf16: the S term added to a bf16 gradient
         assert float((a - b).abs().max() / b.abs().max()) < tol, i
     assert bool(theirs[0].ne(theirs[2]).any())  # S is truncated
+
+
+def test_triton_replay_reads_only_the_kept_logits(monkeypatch):
+    """logprobs_and_entropy(support_ids=) on Triton: S only, so the forward is the gather kernel alone (the plain
+    forward over V is never called) and the backward stores at the kept ids into zeros; equal to the torch backend,
+    shift=True included."""
+    from erpo.kernels import logprobs_entropy as triton_op
+
+    gen = torch.Generator().manual_seed(31)
+    logits = torch.randn(2, 4, V, generator=gen) * 2
+    targets = torch.randint(0, V, (2, 3), generator=gen)
+    targets[1, 2] = -100
+    ids = torch.randint(0, V, (2, 3, 6), generator=gen)
+    ids[..., 0] = targets.clamp_min(0)
+    ids[0, 1, 4:] = -1
+    g_logp, g_ent = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    results = []
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            for name in ("forward", "forward_support", "backward_support"):
+                monkeypatch.setattr(triton_op, name, None)  # only the replay kernels may run
+        x = logits.clone().requires_grad_()
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=0.9, shift=True, support_ids=ids,
+                                                  backend=backend)
+        (logp * g_logp + entropy * g_ent).sum().backward()
+        results.append((logp.detach(), entropy.detach(), x.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    grad = results[1][2]
+    outside = torch.ones_like(grad, dtype=torch.bool)
+    outside[:, :3].scatter_(-1, ids.clamp_min(0), False)
+    assert not bool(grad[outside].any()) and bool(grad.any())
 
 
 def test_auto_picks_triton_on_cuda_tensors():
