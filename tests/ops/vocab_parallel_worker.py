@@ -253,4 +253,7 @@ def main(rank: int, world: int, store: str, out_dir: str) -> None:
             records[name] = {"exception": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
+    # Every rank done with its collectives before any tears the group down: a rank leaving while another still
+    # talks to it has been seen to abort at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()

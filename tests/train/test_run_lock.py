@@ -52,11 +52,12 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
 
 def test_ctrl_c_names_the_latest_checkpoint_and_the_resume_command(tmp_path):
     run = str(tmp_path / "run")
-    proc = start(run)
+    proc = start(run, "--steps", "5000")  # far more than can run before the signal
     wait_for_checkpoint(run, proc)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"{err[-2000:]}\nstdout: {out[-1000:]}"
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("erpo train: error: interrupted at step ") and "the latest checkpoint is " in last, last
     assert last.endswith(f"continue with `erpo train --resume {run}`"), last
