@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import erpo
 from erpo.ops.support import Support, support_ids_from_csr, threshold
 from erpo.ops.support_logprobs_entropy import support_logprobs_and_entropy
+from tests.conftest import DEVICE
 
 V = 301  # not a multiple of any block
 
@@ -56,6 +57,11 @@ def backend(request, monkeypatch):
     return request.param
 
 
+def on(backend):
+    """Where a backend's inputs live: Triton on the GPU where there is one (the interpreter on CPU tensors here)."""
+    return DEVICE if backend == "triton" else "cpu"
+
+
 @pytest.mark.parametrize("support", SUPPORTS, ids=str)
 @pytest.mark.parametrize("shape,dtype,temperature", [((3, 7), torch.float32, 0.7), ((1,), torch.float32, 1.0),
                                                       ((5,), torch.bfloat16, 1.3)])
@@ -66,18 +72,20 @@ def test_recompute_matches_the_dense_reference(support, shape, dtype, temperatur
         targets.view(-1)[1] = -100  # an ignored row
         logits.view(-1, V)[0, ::7] = -math.inf  # a masked vocabulary
         targets.view(-1)[0] = 3
-    x = logits.clone().requires_grad_()
-    logp, entropy = erpo.logprobs_and_entropy(x, targets, temperature=temperature, support=support, backend=backend)
-    (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
-    logp, entropy = logp.detach(), entropy.detach()
+    dev = on(backend)
+    x = logits.to(dev).requires_grad_()
+    logp, entropy = erpo.logprobs_and_entropy(x, targets.to(dev), temperature=temperature, support=support,
+                                              backend=backend)
+    (logp * g_logp.float().to(dev) + entropy * g_ent.float().to(dev)).sum().backward()
+    logp, entropy, grad = logp.detach().cpu(), entropy.detach().cpu(), x.grad.cpu()
     keep = threshold_keep(logits, targets, support, temperature)
     ref_logp, ref_ent, ref_grad = dense(logits, targets, keep, temperature, g_logp, g_ent)
     scale = lambda t: t.abs().max().clamp_min(1e-30)  # noqa: E731
     assert float((logp.double() - ref_logp).abs().max() / scale(ref_logp)) < 1e-5
     assert float((entropy.double() - ref_ent).abs().max() / scale(ref_ent)) < 1e-5
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # the gradient is stored in the logits' dtype
-    assert float((x.grad.double() - ref_grad).abs().max() / scale(ref_grad)) < tol
-    assert bool((x.grad[~keep] == 0).all())  # nothing reaches the logits outside S
+    assert float((grad.double() - ref_grad).abs().max() / scale(ref_grad)) < tol
+    assert bool((grad[~keep] == 0).all())  # nothing reaches the logits outside S
 
 
 def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients(backend):
@@ -87,6 +95,7 @@ def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients(backe
     rows = keep.view(-1, V)
     indptr = torch.cat([torch.zeros(1, dtype=torch.long), rows.sum(-1).cumsum(0)])
     ids = support_ids_from_csr(indptr, rows.nonzero()[:, 1]).view(4, 6, -1)
+    logits, targets, ids, g_logp, g_ent = (t.to(on(backend)) for t in (logits, targets, ids, g_logp, g_ent))
     results = []
     for kwargs in ({"support": support}, {"support_ids": ids}):
         x = logits.clone().requires_grad_()
@@ -118,21 +127,24 @@ def test_a_support_that_keeps_everything_is_the_full_op_bit_for_bit(support):
 
 def test_both_at_once_the_full_results_are_the_full_op(backend):
     logits, targets, g_logp, g_ent = inputs((2, 5), torch.float32, seed=11)
-    x = logits.clone().requires_grad_()
-    result = support_logprobs_and_entropy(x, targets, 1.0, -100, Support(top_p=0.6), None, True, backend)
-    (result.logp * g_logp.float() + result.full_entropy * g_ent.float()).sum().backward()
+    dev = on(backend)
+    x = logits.to(dev).requires_grad_()
+    result = support_logprobs_and_entropy(x, targets.to(dev), 1.0, -100, Support(top_p=0.6), None, True, backend)
+    (result.logp * g_logp.float().to(dev) + result.full_entropy * g_ent.float().to(dev)).sum().backward()
     full_logp, full_entropy = erpo.logprobs_and_entropy(logits, targets)
-    assert torch.allclose(result.full_logp, full_logp, atol=1e-6) and torch.allclose(result.full_entropy, full_entropy, atol=1e-6)
+    assert torch.allclose(result.full_logp.cpu(), full_logp, atol=1e-6)
+    assert torch.allclose(result.full_entropy.cpu(), full_entropy, atol=1e-6)
     keep = threshold_keep(logits, targets, Support(top_p=0.6), 1.0)
     _, _, grad_s = dense(logits, targets, keep, 1.0, g_logp, torch.zeros_like(g_ent))
     _, _, grad_f = dense(logits, targets, torch.ones_like(keep), 1.0, torch.zeros_like(g_logp), g_ent)
-    assert torch.allclose(x.grad.double(), grad_s + grad_f, atol=1e-6)  # one backward pass, both terms
+    assert torch.allclose(x.grad.cpu().double(), grad_s + grad_f, atol=1e-6)  # one backward pass, both terms
 
 
 def test_nan_stays_in_its_row(backend):
     logits, targets, _, _ = inputs((3,), torch.float32, seed=2)
     logits[1, 5] = math.nan
-    logp, entropy = erpo.logprobs_and_entropy(logits, targets, support=Support(top_k=4), backend=backend)
+    logp, entropy = erpo.logprobs_and_entropy(logits.to(on(backend)), targets.to(on(backend)), support=Support(top_k=4),
+                                              backend=backend)
     assert bool(torch.isnan(logp[1])) and bool(torch.isfinite(logp[[0, 2]]).all())
 
 
@@ -157,6 +169,7 @@ def test_bad_supports_are_one_clear_error(kwargs, message):
 @pytest.mark.parametrize("mode", ["recompute", "replay"])
 def test_torch_compile_fullgraph(backend, mode):
     logits, targets, _, _ = inputs((2, 3), torch.float32, seed=4)
+    logits, targets = logits.to(on(backend)), targets.to(on(backend))
     kwargs = {"support": Support(top_p=0.9)} if mode == "recompute" else \
         {"support_ids": torch.stack([targets, (targets + 1) % V, torch.full_like(targets, -1)], -1)}
 
@@ -174,8 +187,9 @@ def test_torch_compile_fullgraph(backend, mode):
 
 def _both_backends(logits, targets, support, temperature, grads):
     """Every SupportResult field and the gradient of sum(grads . (logp_S, H_S, logp, H)), torch then triton."""
+    logits, targets, grads = logits.to(DEVICE), targets.to(DEVICE), [g.to(DEVICE) for g in grads]
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton"):  # both on the same device: the same thresholds
         x = logits.clone().requires_grad_()
         result = support_logprobs_and_entropy(x, targets, 1.0 / temperature, -100, support, None, True, backend)
         sum(g * v for g, v in zip(grads, result[:4])).sum().backward()
@@ -247,7 +261,8 @@ def test_triton_replay_equals_the_torch_backend(dtype, monkeypatch):
     ids[4] = torch.where(ids[4] == targets[4], -1, ids[4])
     ids[4, :2] = torch.tensor([7, 7]) if int(targets[4]) != 7 else torch.tensor([8, 8])  # target not in its set
     targets[0] = -100
-    grads = [torch.randn(5, generator=gen) for _ in range(4)]
+    grads = [torch.randn(5, generator=gen).to(DEVICE) for _ in range(4)]
+    logits, targets, ids = logits.to(DEVICE), targets.to(DEVICE), ids.to(DEVICE)
     results = []
     for backend in ("torch", "triton"):
         x = logits.clone().requires_grad_()
@@ -278,6 +293,7 @@ def test_triton_replay_reads_only_the_kept_logits(monkeypatch):
     ids[..., 0] = targets.clamp_min(0)
     ids[0, 1, 4:] = -1
     g_logp, g_ent = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    logits, targets, ids, g_logp, g_ent = (t.to(DEVICE) for t in (logits, targets, ids, g_logp, g_ent))
     results = []
     for backend in ("torch", "triton"):
         if backend == "triton":
@@ -322,8 +338,8 @@ def test_the_triton_backend_runs_the_kernels(monkeypatch):
     monkeypatch.setattr(torch_op, "forward_support", None)
     monkeypatch.setattr(torch_op, "backward_support", None)
     logits, targets, _, _ = inputs((2,), torch.float32, seed=8)
-    x = logits.clone().requires_grad_()
-    logp, entropy = erpo.logprobs_and_entropy(x, targets, support=Support(top_k=5), backend="triton")
+    x = logits.to(DEVICE).requires_grad_()
+    logp, entropy = erpo.logprobs_and_entropy(x, targets.to(DEVICE), support=Support(top_k=5), backend="triton")
     (logp + entropy).sum().backward()
     assert calls == ["forward_support", "backward_support"]
 
