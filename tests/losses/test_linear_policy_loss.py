@@ -259,3 +259,15 @@ def test_no_host_sync_on_the_cuda_path(schedule, monkeypatch):
         result.loss.backward()
     assert torch.isfinite(result.loss) and all(t.grad.abs().sum() > 0 for t in leaves)
     assert_same((result, [t.grad for t in leaves]), on_logits(hidden, weight, bias, batch, config))
+
+
+def test_the_documented_one_pass_presets_are_the_row_local_ones():
+    from pathlib import Path
+
+    from erpo.losses.config import METHODS
+
+    row_local = [m for m in METHODS if erpo.LossConfig(method=m).row_local]
+    assert row_local == ["grpo", "dapo", "dr_grpo", "adapo", "bnpo", "cispo", "sapo", "gpg"]
+    names = "GRPO, DAPO, Dr. GRPO, ADAPO, BNPO, CISPO, SAPO, GPG"
+    for doc in ("README.md", "docs/fused_head.md"):
+        assert names in (Path(__file__).resolve().parents[2] / doc).read_text(), doc
