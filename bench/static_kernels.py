@@ -79,6 +79,11 @@ def triton_rows():
     for arch in ARCHS:  # the split-V forward's chunk kernel: the same loop as the forward
         partial = specs.partial_case("bf16")
         yield TritonRow("partial", "bf16", arch, partial, partial[2]["BLOCK_V"], 2, 2, num_stages=stages)
+    for arch in ARCHS:  # over a truncated support, recompute mode (docs/support.md): both row states, one pass
+        fwd = specs.support_forward_case("bf16")
+        yield TritonRow("fwd-support", "bf16", arch, fwd, fwd[2]["BLOCK_V"], 2, 2, num_stages=stages)
+        bwd = specs.support_backward_case("bf16")
+        yield TritonRow("bwd-support", "bf16", arch, bwd, bwd[2]["BLOCK_V"], 2, 4, num_stages=stages)
     for arch, (mode, flags) in itertools.product(ARCHS, specs.TOKEN_MODES.items()):
         token = specs.token_case(flags)
         flags = {**specs.TOKEN_MODE_DEFAULTS, **flags}  # the modes name only what differs from the defaults

