@@ -312,6 +312,35 @@ def test_triton_replay_reads_only_the_kept_logits(monkeypatch):
     assert not bool(grad[outside].any()) and bool(grad.any())
 
 
+@pytest.mark.parametrize("mode", ["recompute", "replay"])
+@pytest.mark.parametrize("layout", ["shift-fp16", "strided-fp32"])
+def test_triton_row_layouts_equal_torch(mode, layout):
+    """shift=True (the unsliced [B, L+1, V] logits) in fp16, and strided rows (logits[:, ::2]): the Triton kernels
+    address the rows in place, as the torch backend reads them."""
+    gen = torch.Generator().manual_seed(41)
+    if layout == "shift-fp16":
+        logits, kwargs = (torch.randn(2, 6, V, generator=gen) * 3).half(), {"shift": True}
+    else:
+        logits, kwargs = torch.randn(2, 10, V, generator=gen)[:, ::2], {}
+    targets = torch.randint(0, V, (2, 5), generator=gen)
+    targets[0, 2] = -100
+    if mode == "recompute":
+        kwargs["support"] = Support(top_k=7, top_p=0.9)
+    else:
+        ids = torch.randint(0, V, (2, 5, 4), generator=gen)
+        ids[..., 0] = targets.clamp_min(0)
+        kwargs["support_ids"] = ids.to(DEVICE)
+    logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        x = logits.clone().requires_grad_()
+        logp, entropy = erpo.logprobs_and_entropy(x, targets, backend=backend, **kwargs)
+        (0.3 * logp + 0.7 * entropy).sum().backward()
+        results.append((logp.detach(), entropy.detach(), x.grad))
+    for ours, theirs in zip(*results):
+        assert float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()) < 1e-5
+
+
 def test_auto_picks_triton_on_cuda_tensors():
     from types import SimpleNamespace
 
