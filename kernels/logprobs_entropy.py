@@ -51,6 +51,9 @@ SPLIT_BELOW_ROWS = None
 # The forward over a truncated support keeps two row states (5 per-lane sums at 4096 would spill at 8 warps):
 # half the block, 8 elements per thread (one 16-byte bf16 load), 64-77 registers on sm_80/sm_90.
 SUPPORT_FWD_BLOCK_V = 2048
+# Rows per chunk of the threshold select run before the support forward (torch, on the logits' device): about 4M
+# logits, ~200 MB of temporaries; a few hundred chunks at N = 8192, V = 151936 (each a few dozen small launches).
+THRESHOLD_CHUNK_ELEMENTS = 1 << 22
 REPLAY_BLOCK_K = 1024  # kept ids per step of the replay kernels' loop (K up to 512 in one step)
 MIN_CHUNK = 2048  # a chunk smaller than this costs more in merge traffic and launch than it gains
 
@@ -608,21 +611,35 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     )
 
 
-def _support_chunks(layout):
-    """(flat row slice, [rows, V] view) over the layout, row chunks of erpo/ops/torch_logprobs_entropy.py."""
-    from erpo.ops.torch_logprobs_entropy import _chunks
-
-    for rows, chunk in _chunks(layout, layout.tensor):
-        yield rows, chunk.reshape(-1, chunk.shape[-1])
+def _row_chunks(layout, elements: int):
+    """(flat row slice, [rows, V] view) over the layout's rows, about `elements` logits per chunk (views, never a
+    copy of the logits; a chunk never spans two outer rows of a [outer, inner, V] layout unless inner rows fit)."""
+    vocab, inner = layout.vocab, layout.inner
+    outer = layout.n_rows // inner
+    rows3d = torch.as_strided(layout.tensor, (outer, inner, vocab), (layout.stride_outer, layout.stride_inner, 1))
+    step = max(1, elements // max(vocab, 1))
+    if inner >= step:
+        for o in range(outer):
+            for i in range(0, inner, step):
+                j = min(i + step, inner)
+                yield slice(o * inner + i, o * inner + j), rows3d[o, i:j]
+    else:
+        per = max(1, step // inner)
+        for o in range(0, outer, per):
+            p = min(o + per, outer)
+            yield slice(o * inner, p * inner), rows3d[o:p].reshape(-1, vocab)
 
 
 def thresholds(layout, inv_temperature: float, support) -> torch.Tensor:
     """tau [N] float32 of the recompute mode: erpo/ops/support.py threshold over row chunks of x = logits / T (the
-    float32 product the torch backend forms, so both backends keep the same S); no [N, V] temporary, no sync."""
+    float32 product the torch backend forms, so both backends keep the same S); no [N, V] temporary, no sync.
+    Chunks of THRESHOLD_CHUNK_ELEMENTS (the select's temporaries are about 50 bytes per logit)."""
     from erpo.ops.support import threshold
 
     tau = torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device)
-    for rows, chunk in _support_chunks(layout):
+    if not layout.n_rows:
+        return tau
+    for rows, chunk in _row_chunks(layout, THRESHOLD_CHUNK_ELEMENTS):
         tau[rows] = threshold(chunk.to(torch.float32, copy=True).mul_(inv_temperature), support)
     return tau
 

@@ -206,6 +206,7 @@ def test_triton_equals_the_torch_backend_at_the_production_block(support, monkey
 
     assert triton_op.SUPPORT_FWD_BLOCK_V == 2048 and triton_op.MAX_BLOCK_V == triton_op.CONFIGS[0][0] == 4096
     monkeypatch.setattr(triton_op, "SPLIT_BELOW_ROWS", 64)  # the backward's rows split over V
+    monkeypatch.setattr(triton_op, "THRESHOLD_CHUNK_ELEMENTS", 5000)  # tau over several row chunks
     assert triton_op.n_chunks(3, 4099, torch.device("cpu")) == 2
     gen = torch.Generator().manual_seed(17)
     logits = torch.randn(3, 4099, generator=gen) * 4
@@ -314,10 +315,13 @@ def test_triton_replay_reads_only_the_kept_logits(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["recompute", "replay"])
 @pytest.mark.parametrize("layout", ["shift-fp16", "strided-fp32"])
-def test_triton_row_layouts_equal_torch(mode, layout):
+def test_triton_row_layouts_equal_torch(mode, layout, monkeypatch):
     """shift=True (the unsliced [B, L+1, V] logits) in fp16, and strided rows (logits[:, ::2]): the Triton kernels
-    address the rows in place, as the torch backend reads them."""
+    address the rows in place, as the torch backend reads them; tau found over chunks of 3 rows."""
+    from erpo.kernels import logprobs_entropy as triton_op
+
     gen = torch.Generator().manual_seed(41)
+    monkeypatch.setattr(triton_op, "THRESHOLD_CHUNK_ELEMENTS", 3 * V)  # chunks across the outer rows
     if layout == "shift-fp16":
         logits, kwargs = (torch.randn(2, 6, V, generator=gen) * 3).half(), {"shift": True}
     else:
