@@ -611,36 +611,19 @@ def backward(layout, targets, lse, entropy, grad_logp, grad_entropy, inv_tempera
     )
 
 
-def _row_chunks(layout, elements: int):
-    """(flat row slice, [rows, V] view) over the layout's rows, about `elements` logits per chunk (views, never a
-    copy of the logits; a chunk never spans two outer rows of a [outer, inner, V] layout unless inner rows fit)."""
-    vocab, inner = layout.vocab, layout.inner
-    outer = layout.n_rows // inner
-    rows3d = torch.as_strided(layout.tensor, (outer, inner, vocab), (layout.stride_outer, layout.stride_inner, 1))
-    step = max(1, elements // max(vocab, 1))
-    if inner >= step:
-        for o in range(outer):
-            for i in range(0, inner, step):
-                j = min(i + step, inner)
-                yield slice(o * inner + i, o * inner + j), rows3d[o, i:j]
-    else:
-        per = max(1, step // inner)
-        for o in range(0, outer, per):
-            p = min(o + per, outer)
-            yield slice(o * inner, p * inner), rows3d[o:p].reshape(-1, vocab)
-
-
 def thresholds(layout, inv_temperature: float, support) -> torch.Tensor:
     """tau [N] float32 of the recompute mode: erpo/ops/support.py threshold over row chunks of x = logits / T (the
     float32 product the torch backend forms, so both backends keep the same S); no [N, V] temporary, no sync.
     Chunks of THRESHOLD_CHUNK_ELEMENTS (the select's temporaries are about 50 bytes per logit)."""
     from erpo.ops.support import threshold
+    from erpo.ops.torch_logprobs_entropy import row_chunks
 
     tau = torch.empty(layout.n_rows, dtype=torch.float32, device=layout.tensor.device)
     if not layout.n_rows:
         return tau
-    for rows, chunk in _row_chunks(layout, THRESHOLD_CHUNK_ELEMENTS):
-        tau[rows] = threshold(chunk.to(torch.float32, copy=True).mul_(inv_temperature), support)
+    for rows, chunk in row_chunks(layout, layout.tensor, THRESHOLD_CHUNK_ELEMENTS):
+        x = chunk.reshape(-1, chunk.shape[-1]).to(torch.float32, copy=True).mul_(inv_temperature)
+        tau[rows] = threshold(x, support)
     return tau
 
 

@@ -12,6 +12,7 @@ pass-bound on CPU. On large CPU inputs the two per-chunk bodies run through `tor
 same memory plan, eager fallback.
 """
 import math
+from typing import Optional
 
 import torch
 
@@ -26,14 +27,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(layout: RowLayout, tensor: torch.Tensor):
-    """Yield (flat_row_slice, view) with view of shape [rows, V] or [k, inner, V], rows in flat order."""
+def row_chunks(layout: RowLayout, tensor: torch.Tensor, elements: Optional[int] = None):
+    """Yield (flat_row_slice, view) with view of shape [rows, V] or [k, inner, V], rows in flat order, about
+    `elements` logits per chunk (default CHUNK_ELEMENTS; views of the tensor, never a copy)."""
     if layout.n_rows == 0:
         return
     vocab, inner = layout.vocab, layout.inner
     outer = layout.n_rows // inner
     rows3d = torch.as_strided(tensor, (outer, inner, vocab), (layout.stride_outer, layout.stride_inner, 1))
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    step = max(1, (elements or CHUNK_ELEMENTS) // max(vocab, 1))
     if inner >= step:
         for o in range(outer):
             for i in range(0, inner, step):
@@ -86,7 +88,7 @@ def forward(layout: RowLayout, targets: torch.Tensor, inv_temperature: float, ig
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
     rows_fn = chunk_bodies.pick(_forward_rows, layout, logits)
-    for rows, chunk in _chunks(layout, logits):
+    for rows, chunk in row_chunks(layout, logits):
         row_logp, row_entropy, row_lse = rows_fn(chunk, targets[rows].view(chunk.shape[:-1]), tr, ignore_index)
         logp[rows] = row_logp.reshape(-1)
         entropy[rows] = row_entropy.reshape(-1)
@@ -113,8 +115,8 @@ def backward(
     logits = layout.tensor
     cdt = _compute_dtype(logits.dtype)
     rows_fn = chunk_bodies.pick(_backward_rows, layout, logits)
-    out_chunks = _chunks(grad_layout, grad_layout.tensor)
-    for (rows, chunk), (_, out) in zip(_chunks(layout, logits), out_chunks):
+    out_chunks = row_chunks(grad_layout, grad_layout.tensor)
+    for (rows, chunk), (_, out) in zip(row_chunks(layout, logits), out_chunks):
         shape = chunk.shape[:-1]
 
         def per_row(values):
@@ -127,7 +129,7 @@ def backward(
 
 def _support_chunks(layout: RowLayout, targets, ids, ignore_index):
     """(rows, chunk [r, V], tgt [r], ignored, hit, ids [r, K] or None) over the layout, 2-D chunks."""
-    for rows, chunk in _chunks(layout, layout.tensor):
+    for rows, chunk in row_chunks(layout, layout.tensor):
         chunk = chunk.reshape(-1, chunk.shape[-1])
         tgt = targets[rows].long()
         ignored = tgt == ignore_index
@@ -164,7 +166,7 @@ def backward_support(layout: RowLayout, targets, saved, grads, inv_temperature: 
     from erpo.ops import support as support_lib
 
     cdt = _compute_dtype(layout.tensor.dtype)
-    outs = (out.reshape(-1, out.shape[-1]) for _, out in _chunks(grad_layout, grad_layout.tensor))
+    outs = (out.reshape(-1, out.shape[-1]) for _, out in row_chunks(grad_layout, grad_layout.tensor))
     for (rows, chunk, tgt, ignored, hit, row_ids), out in zip(_support_chunks(layout, targets, ids, ignore_index), outs):
         def per_row(values):
             return None if values is None else values[rows].to(cdt).masked_fill(ignored, 0.0).unsqueeze(-1)

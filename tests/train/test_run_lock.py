@@ -13,8 +13,11 @@ SLOW = [a for a in QUICK if a != "--no-progress"] + ["--steps", "400"]
 
 
 def start(run, *extra):
+    # SIGINT back to its default before exec: a test run launched in the background (`cmd &` in a script) inherits
+    # SIGINT ignored, and Python then never installs its KeyboardInterrupt handler in the child.
     return subprocess.Popen([sys.executable, "-m", "erpo", "train", *SLOW, "--out-dir", run, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_checkpoint(run, proc, timeout=240):
@@ -56,7 +59,11 @@ def test_ctrl_c_names_the_latest_checkpoint_and_the_resume_command(tmp_path):
     wait_for_checkpoint(run, proc)
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 130, f"{err[-2000:]}\nstdout: {out[-1000:]}"
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("erpo train: error: interrupted at step ") and "the latest checkpoint is " in last, last
