@@ -82,6 +82,7 @@ CASES = (
          unavailable=_import_reason("liger_kernel.transformers.grpo_loss", "liger_kernel")),
     Case("liger-fused-linear", ("linear",), optional=True, linear_methods=("dapo",),
          unavailable=_import_reason("liger_kernel.chunked_loss.grpo_loss", "liger_kernel")),
+    Case("erpo-token-loss", ("linear",), linear_methods=("dapo",)),
     Case("trl-chunked", ("linear",), optional=True,
          unavailable=_import_reason("trl.kernels.chunked_logprob", "TRL's ChunkedLogProbFunction")),
     Case("verl-linear-ce", ("linear",), needs_cuda=True, optional=True,
@@ -227,6 +228,26 @@ def _verl_linear(method: str, batch: dict):
     return run
 
 
+def _erpo_token_loss(method: str, batch: dict):
+    """DAPO written as a per-token function of (logp, entropy) for erpo.linear_token_loss: what a TRL-style trainer
+    hands the one-pass entry (clip 0.2 / 0.28, token-mean over the valid tokens, no KL)."""
+    from erpo import linear_token_loss
+
+    if method != "dapo":
+        raise ValueError("the token-loss case runs DAPO only")
+    b, seq_len = batch["targets"].shape
+    mask = batch["mask"].float()
+    targets = torch.where(batch["mask"].bool(), batch["targets"], -100)
+    inputs = {"adv": batch["advantages"][:, None].expand(b, seq_len).float(), "old": batch["old_logp"].float(),
+              "weight": mask / mask.sum()}
+
+    def dapo(logp, entropy, adv, old, weight):
+        ratio = torch.exp(logp - old)
+        return -torch.minimum(ratio * adv, ratio.clamp(1 - 0.2, 1 + 0.28) * adv) * weight
+
+    return lambda hidden, weight: linear_token_loss(hidden.view(b, seq_len, -1), weight, targets, dapo, inputs)[0]
+
+
 def _trl_chunked(method: str, batch: dict):
     import trl.trainer.utils as trl_utils
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -278,4 +299,6 @@ def build_linear(name: str, method: str, batch: dict) -> Callable:
         return _verl_linear(method, batch)
     if name == "trl-chunked":
         return _trl_chunked(method, batch)
+    if name == "erpo-token-loss":
+        return _erpo_token_loss(method, batch)
     raise ValueError(f"case {name!r} has no linear builder")

@@ -16,6 +16,7 @@ _HOMES = {
     "Support": "erpo.ops.support_config",
     "support_ids_from_csr": "erpo.ops.support",
     **{name: "erpo.losses" for name in ("LossConfig", "LossResult", "PolicyLoss", "advantages", "linear_policy_loss",
+                                         "linear_token_loss",
                                          "make_controller", "policy_loss", "token_policy_loss")},
 }
 __all__ = list(_HOMES)

@@ -14,6 +14,7 @@ _HOMES = {
     "LossConfig": "erpo.losses.config",
     "make_controller": "erpo.losses.controllers",
     "linear_policy_loss": "erpo.losses.linear_policy_loss",
+    "linear_token_loss": "erpo.losses.linear_token_loss",
     "PolicyLoss": "erpo.losses.module",
     "LossResult": "erpo.losses.policy_loss",
     "policy_loss": "erpo.losses.policy_loss",
