@@ -30,6 +30,7 @@ import erpo
 from erpo.losses.config import LossConfig
 from erpo.losses.controllers import AdaptiveEntropyCoef
 from erpo.losses.module import PolicyLoss
+from erpo.losses.policy_loss import support_metrics
 from erpo.ops.support_config import Support
 from erpo.ops.linear_logprobs_entropy import head_transform_from_config
 from erpo.ops.support_logprobs_entropy import support_linear_logprobs_and_entropy, support_logprobs_and_entropy
@@ -224,20 +225,6 @@ def full_head(tensor):
 def _unwrapped(accelerator, model):
     model = accelerator.unwrap_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def support_metrics(stats, valid) -> dict:
-    """erpo's support metrics (erpo.policy_loss's, erpo/losses/policy_loss.py loss_on_support) over the valid tokens."""
-    valid = valid.reshape(-1)
-    count = valid.sum().clamp_min(1)
-    size = stats.size.reshape(-1)
-    return {
-        "support_size_mean": torch.where(valid, size, 0.0).sum() / count,
-        "support_singleton_frac": (valid & (size == 1)).sum() / count,
-        "support_target_added": (valid & (stats.target_added.reshape(-1) > 0)).sum() / count,
-        "support_mass_logratio": torch.where(valid, (stats.logp - stats.full_logp).detach().reshape(-1), 0.0).sum()
-        / count,
-    }
 
 
 class GRPOTrainer(_TRLGRPOTrainer):

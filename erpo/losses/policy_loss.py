@@ -115,17 +115,23 @@ def loss_on_support(stats, flat, config: LossConfig, backend: str, generator) ->
     config.support_entropy's distribution; plus the support's metrics over the valid tokens."""
     entropy = stats.full_entropy if config.support_entropy == "full" else stats.entropy
     result = loss_from_token_stats(stats.logp, entropy, flat, config, backend, generator)
-    valid = flat.valid.reshape(-1)
+    result.metrics.update(support_metrics(stats, flat.valid))
+    return result
+
+
+def support_metrics(stats, valid: Tensor) -> dict:
+    """The support's metrics over the valid tokens: mean |S|, the fraction of singletons, the fraction of sampled
+    tokens added to S, and the mean logp over S - logp over the vocabulary (-log of S's mass at the token)."""
+    valid = valid.reshape(-1)
     count = valid.sum().clamp_min(1)
     size = stats.size.reshape(-1)
-    result.metrics.update({
+    return {
         "support_size_mean": torch.where(valid, size, 0.0).sum() / count,
         "support_singleton_frac": (valid & (size == 1)).sum() / count,
         "support_target_added": (valid & (stats.target_added.reshape(-1) > 0)).sum() / count,
         "support_mass_logratio": torch.where(valid, (stats.logp - stats.full_logp).detach().reshape(-1), 0.0).sum()
         / count,
-    })
-    return result
+    }
 
 
 def _check_config(config) -> None:
